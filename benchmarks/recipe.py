@@ -1,0 +1,116 @@
+"""Recipe costs measured side by side in one run, printed as ratios.
+
+    python benchmarks/recipe.py                 # MiniLM-shaped BERT (6×384, FFN 1536), seq 128
+    python benchmarks/recipe.py --hidden 768 --layers 12 --heads 12 --ffn 3072   # BERT-base shape
+
+Reports, on the machine it runs on:
+1. a distill step (teacher forward, all four losses, importance) vs a plain MLM step of the
+   same student (goal ≤ 1.4×);
+2. the step time of students shrunk to 50% and 25% width vs full width, beside the ratio of
+   their live parameters (goal: within 20% of it);
+3. the cost of one shrink (gather + rebuild + restore) in training steps.
+Timings are medians over the steps after a warm-up, from the recipe's own ``time/step_s``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(overrides: list[str], out: Path, measure_shrink: bool = False):
+    from homodistil.config import load_config
+    from homodistil.engine.recipe import Recipe
+
+    recipe = Recipe(load_config(REPO / "configs" / "demo.yaml", overrides + [f"trainer.output_dir={out}"])).setup()
+    shrink_times = []
+    if measure_shrink:
+        shrink = recipe._shrink
+
+        def timed():
+            started = time.perf_counter()
+            shrink()
+            shrink_times.append(time.perf_counter() - started)
+
+        recipe._shrink = timed
+    recipe.train()
+    recipe.close()
+    import json
+
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return rows, shrink_times, recipe
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hidden", type=int, default=384)
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--heads", type=int, default=12)
+    ap.add_argument("--ffn", type=int, default=1536)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=8, help="timed steps per configuration")
+    ap.add_argument("--warmup", type=int, default=3)
+    args = ap.parse_args()
+
+    total = args.warmup + args.steps + 2
+    base = [f"model.tiny.hidden_size={args.hidden}", f"model.tiny.num_hidden_layers={args.layers}",
+            f"model.tiny.num_attention_heads={args.heads}", f"model.tiny.intermediate_size={args.ffn}",
+            "model.dropout=0.0", "data.max_documents=400", f"data.max_seq_length={args.seq}",
+            f"deepspeed.train_micro_batch_size_per_gpu={args.batch}", "trainer.progress=false",
+            "trainer.export=false", "trainer.log_every=100000", f"trainer.max_steps={total}", "trainer.save_every=0"]
+    no_pruning = ["pruning.sparsity.ffn=0", "pruning.sparsity.attention=0", "pruning.sparsity.hidden=0",
+                  f"pruning.t_f={total}"]  # nothing to prune: no importance, no masks
+
+    def shrunk_to(s: float) -> list[str]:  # pruned to sparsity s at step 2, then timed at that width
+        return [f"pruning.sparsity.ffn={s}", f"pruning.sparsity.attention={s}", f"pruning.sparsity.hidden={s}",
+                "pruning.t_i=0", "pruning.t_f=2", "pruning.mask_interval=1", "pruning.shrink_interval=2"]
+
+    def median_step(rows, first):
+        return statistics.median(r["time/step_s"] for r in rows[first:])
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        distill, _, _ = run(base + no_pruning + ["pruning.metric=platon"], tmp / "distill")
+        # importance accumulates every step; the one mask update and shrink come at the last step
+        distill_imp, _, _ = run(base + [f"pruning.t_i={total - 1}", f"pruning.t_f={total}",
+                                        f"pruning.mask_interval={total}", "pruning.shrink_interval=100000"],
+                                tmp / "distill_imp")
+        mlm, _, _ = run(base + no_pruning + ["loss.alpha_pred=0", "loss.alpha_hidden=0", "loss.alpha_attention=0"],
+                        tmp / "mlm")
+        widths = {}
+        for s in (0.5, 0.75):
+            rows, shrinks, recipe = run(base + shrunk_to(s), tmp / f"s{s}", measure_shrink=True)
+            widths[s] = (median_step(rows, args.warmup + 2), rows[-1]["prune/live_params"], shrinks)
+        full_params = distill[-1]["prune/live_params"]
+
+    t_distill = median_step(distill_imp, args.warmup)
+    t_distill_noimp = median_step(distill, args.warmup)
+    t_mlm = median_step(mlm, args.warmup)
+    print(f"\nshape: hidden {args.hidden}, {args.layers} layers, {args.heads} heads, FFN {args.ffn}; "
+          f"batch {args.batch} × {args.seq} tokens; {os.cpu_count()} CPU threads; torch threads {__import__('torch').get_num_threads()}")
+    print(f"{'measure':58s} {'value':>10s} {'goal':>12s}")
+    print(f"{'distill step (with importance) / plain MLM step':58s} {t_distill / t_mlm:10.2f} {'<= 1.40':>12s}")
+    print(f"{'distill step (no importance) / plain MLM step':58s} {t_distill_noimp / t_mlm:10.2f} {'':>12s}")
+    print(f"{'  (seconds: distill, distill w/o importance, MLM)':58s} "
+          f"{t_distill:.3f} {t_distill_noimp:.3f} {t_mlm:.3f}")
+    for s, (t, live, shrinks) in widths.items():
+        pct = int(round(100 * (1 - s)))
+        time_ratio, param_ratio = t / t_distill_noimp, live / full_params
+        print(f"{f'{pct}% width: step time / full width':58s} {time_ratio:10.2f} "
+              f"{f'~{param_ratio:.2f} ±20%':>12s}")
+        print(f"{f'{pct}% width: live parameters / full width':58s} {param_ratio:10.2f} {'':>12s}")
+        print(f"{f'{pct}% width: one shrink / one full-width step':58s} {shrinks[0] / t_distill_noimp:10.2f} "
+              f"{f'({shrinks[0]:.2f}s)':>12s}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

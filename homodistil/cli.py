@@ -1,0 +1,112 @@
+"""The ``homodistil`` command line: distill, export, plan."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+EPILOG = """examples:
+  homodistil distill configs/demo.yaml                      # the embedded demo
+  homodistil distill configs/demo.yaml trainer.max_steps=20 deepspeed.zero_optimization.stage=2
+  torchrun --nproc_per_node 2 -m homodistil.cli distill configs/demo.yaml   # 2 processes
+  homodistil export runs/demo runs/demo/exported            # dense HF model from a checkpoint
+  homodistil plan configs/homobert_base.yaml --gpu a100-80gb --nodes 1
+"""
+
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from homodistil.config import ConfigError
+    from homodistil.data.corpora import DataError
+    from homodistil.pruning.adapters import AdapterError
+
+    errors = [ConfigError, DataError, AdapterError]
+    try:
+        from homodistil.engine.export import ExportError
+        from homodistil.engine.losses import LossError
+        from homodistil.engine.models import ModelError
+
+        errors += [ExportError, LossError, ModelError]
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def _distill(args) -> int:
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")
+    from homodistil.config import load_config
+    from homodistil.engine.recipe import Recipe
+
+    cfg = load_config(args.config, args.overrides)
+    recipe = Recipe(cfg)
+    try:
+        recipe.setup()
+        recipe.train()
+    finally:
+        recipe.close()
+    return 0
+
+
+def _export(args) -> int:
+    from homodistil.engine.export import export_checkpoint
+
+    model = export_checkpoint(args.checkpoint, args.out_dir)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"exported {type(model).__name__} ({n / 1e6:.2f}M parameters, hidden {model.config.hidden_size}, "
+          f"FFN {model.config.intermediate_size}) to {args.out_dir}")
+    return 0
+
+
+def _plan(args) -> int:
+    from homodistil.plan import plan_main
+
+    return plan_main(args.rest)
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="homodistil", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Compress a pre-trained transformer by homotopic distillation: the student starts as "
+                    "the teacher and is pruned step by step while it is distilled.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("distill", help="distill while pruning (resumes from the output dir's last checkpoint)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    p.add_argument("config", help="YAML config (see configs/); 'defaults' for the built-in defaults")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="override any config key, e.g. trainer.max_steps=100 pruning.metric=sensitivity")
+    p.set_defaults(func=_distill)
+    p = sub.add_parser("export", help="write a dense Hugging Face model from a checkpoint")
+    p.add_argument("checkpoint", help="run directory, its checkpoints/ directory, or one checkpoint directory")
+    p.add_argument("out_dir", help="where to write config.json, model.safetensors and the tokenizer")
+    p.set_defaults(func=_export)
+    p = sub.add_parser("plan", help="memory per GPU and run time for a config on a cluster", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_plan)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "config", None) == "defaults":
+        args.config = None
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("homodistil").setLevel(logging.INFO)
+    try:
+        return args.func(args)
+    except _user_errors() as err:
+        print(f"homodistil: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("homodistil: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

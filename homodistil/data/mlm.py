@@ -1,0 +1,131 @@
+"""Text -> fixed-length token blocks -> MLM batches, deterministic for any world size.
+
+Documents are tokenized, joined with ``[SEP]`` and cut into blocks of ``max_seq_length``
+tokens (``[CLS] … [SEP]``), so no batch carries padding. Sample ``i`` of the global batch of
+step ``k`` is a pure function of (seed, k, i): an epoch-seeded permutation picks the block,
+and a per-sample generator picks exactly ``round(p · n)`` masked positions (BERT's 80/10/10
+replacement). The same global batch therefore gives the same data at world size 1 and 2,
+and the data position in a checkpoint is just the step.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from .corpora import DataError, load_text
+
+
+
+def _blocks_from_ids(docs: list[list[int]], block: int, cls_id: int, sep_id: int) -> torch.Tensor:
+    flat: list[int] = []
+    for ids in docs:
+        if ids:
+            flat.extend(ids)
+            flat.append(sep_id)
+    body = block - 2
+    n = len(flat) // body
+    if n == 0:
+        raise DataError(f"the text holds {len(flat)} tokens: too few for one block of {block}")
+    core = torch.tensor(flat[: n * body], dtype=torch.int32).view(n, body)
+    cls = torch.full((n, 1), cls_id, dtype=torch.int32)
+    sep = torch.full((n, 1), sep_id, dtype=torch.int32)
+    return torch.cat([cls, core, sep], dim=1)  # (N, T)
+
+
+def build_blocks(source, tokenizer, max_seq_length: int, text_field: str = "text",
+                 max_documents: int | None = None, cache_dir: str | Path | None = None) -> torch.Tensor:
+    """All blocks of ``source`` as an int32 tensor (N, T), cached under ``cache_dir``."""
+    key = json.dumps([source, tokenizer.name_or_path, len(tokenizer), max_seq_length, text_field, max_documents])
+    cache = Path(cache_dir) / f"blocks-{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt" if cache_dir else None
+    if cache is not None and cache.exists():
+        return torch.load(cache)
+    sources = source if isinstance(source, list) else [source]
+    docs: list[list[int]] = []
+    for src in sources:
+        ds = load_text(src, text_field, max_documents)
+        # Whole documents are tokenized on purpose (they are cut into blocks below), so the
+        # tokenizer's "sequence longer than the model" warning does not apply.
+        ds = ds.map(lambda b: {"ids": tokenizer(b["text"], add_special_tokens=False, verbose=False)["input_ids"]},
+                    batched=True, remove_columns=["text"], desc=f"tokenizing {src}")
+        docs.extend(ds["ids"])
+    blocks = _blocks_from_ids(docs, max_seq_length, tokenizer.cls_token_id, tokenizer.sep_token_id)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
+        torch.save(blocks, tmp)
+        tmp.replace(cache)
+    return blocks
+
+
+def _generator(*key: int) -> torch.Generator:
+    seed = int.from_bytes(hashlib.sha1(repr(key).encode()).digest()[:8], "little") & (2**63 - 1)
+    return torch.Generator().manual_seed(seed)
+
+
+def mask_tokens(ids: torch.Tensor, tokenizer_info: dict, p: float, gen: torch.Generator):
+    """BERT masking of one block ``ids`` (T,): exactly round(p·n) of the n maskable positions.
+
+    Returns ``(input_ids, labels)``; labels are -100 where no prediction is asked.
+    """
+    ids = ids.long()
+    maskable = torch.ones_like(ids, dtype=torch.bool)
+    for special in tokenizer_info["special_ids"]:
+        maskable &= ids != special
+    cand = maskable.nonzero().squeeze(1)
+    k = max(1, int(round(p * cand.numel())))
+    chosen = cand[torch.randperm(cand.numel(), generator=gen)[:k]]
+    labels = torch.full_like(ids, -100)
+    labels[chosen] = ids[chosen]
+    inputs = ids.clone()
+    action = torch.rand(k, generator=gen)
+    random_tokens = torch.randint(tokenizer_info["vocab_size"], (k,), generator=gen)
+    inputs[chosen] = torch.where(action < 0.8, torch.full_like(chosen, tokenizer_info["mask_id"]),
+                                 torch.where(action < 0.9, random_tokens, ids[chosen]))
+    return inputs, labels
+
+
+class MLMBatches:
+    """Deterministic MLM batches over pre-built blocks, split into train and held-out parts."""
+
+    def __init__(self, blocks: torch.Tensor, tokenizer, *, mlm_probability: float, seed: int,
+                 heldout_fraction: float = 0.0):
+        n_held = int(round(len(blocks) * heldout_fraction))
+        if heldout_fraction > 0:
+            n_held = max(1, n_held)
+        if len(blocks) - n_held < 1:
+            raise DataError(f"only {len(blocks)} blocks of text: nothing left to train on after the held-out split")
+        self.train, self.heldout = blocks[: len(blocks) - n_held], blocks[len(blocks) - n_held:]
+        self.p, self.seed = mlm_probability, seed
+        self.info = {"special_ids": sorted(set(tokenizer.all_special_ids)), "mask_id": tokenizer.mask_token_id,
+                     "vocab_size": len(tokenizer)}
+        self._perm_epoch, self._perm = -1, None
+
+    def _block_index(self, sample: int) -> tuple[int, int]:
+        epoch, pos = divmod(sample, len(self.train))
+        if epoch != self._perm_epoch:
+            self._perm = torch.randperm(len(self.train), generator=_generator(self.seed, epoch))
+            self._perm_epoch = epoch
+        return epoch, int(self._perm[pos])
+
+    def _make(self, blocks: torch.Tensor, samples: list[tuple[int, int]], tag: int) -> dict[str, torch.Tensor]:
+        inputs, labels = zip(*(mask_tokens(blocks[i], self.info, self.p, _generator(self.seed, tag, e, i))
+                               for e, i in samples))
+        input_ids = torch.stack(inputs)  # (B, T)
+        return {"input_ids": input_ids, "labels": torch.stack(labels),
+                "attention_mask": torch.ones_like(input_ids)}
+
+    def batch(self, step: int, micro: int, *, grad_accum: int, micro_batch: int, rank: int, world: int):
+        """Rank ``rank``'s part of micro-batch ``micro`` of optimizer step ``step``."""
+        global_micro = micro_batch * world
+        start = (step * grad_accum + micro) * global_micro + rank * micro_batch
+        return self._make(self.train, [self._block_index(s) for s in range(start, start + micro_batch)], tag=0)
+
+    def heldout_batches(self, batch_size: int, limit: int | None = None):
+        """Fixed, identically masked held-out batches (for KL and MLM loss on unseen text)."""
+        n = len(self.heldout) if limit is None else min(limit, len(self.heldout))
+        for start in range(0, n, batch_size):
+            idx = range(start, min(n, start + batch_size))
+            yield self._make(self.heldout, [(0, i) for i in idx], tag=1)

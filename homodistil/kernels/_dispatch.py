@@ -1,0 +1,66 @@
+"""Backend choice shared by the kernels: Triton on CUDA, the plain-torch reference elsewhere.
+
+``HOMODISTIL_KERNELS`` overrides the choice: ``torch`` forces the reference, ``triton`` forces
+the Triton kernels (on CPU this needs ``TRITON_INTERPRET=1`` set before the kernel modules are
+imported, because ``@triton.jit`` picks the interpreter when it decorates), ``auto`` or unset
+picks by device. The choice is logged once per process and backend on
+``homodistil.kernels`` at INFO.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import torch
+
+ENV_VAR = "HOMODISTIL_KERNELS"
+BACKENDS = ("triton", "torch")
+
+logger = logging.getLogger("homodistil.kernels")
+_logged: set[str] = set()
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_has_gpu_driver() -> bool:
+    """True when Triton can compile for the current GPU (cached: the answer cannot change)."""
+    try:
+        import triton
+
+        triton.runtime.driver.active.get_current_target()
+    except Exception:  # no triton, no driver, unsupported GPU: all mean "use the reference"
+        return False
+    return True
+
+
+def kernel_backend(tensor: torch.Tensor) -> str:
+    """``"triton"`` or ``"torch"`` for a kernel whose main operand is ``tensor``."""
+    forced = os.environ.get(ENV_VAR, "auto").strip().lower()
+    if forced in BACKENDS:
+        backend, why = forced, f"{ENV_VAR}={forced}"
+    elif forced in ("", "auto"):
+        use_triton = tensor.is_cuda and _triton_has_gpu_driver()
+        backend = "triton" if use_triton else "torch"
+        why = f"tensor on {tensor.device.type}" + ("" if use_triton or not tensor.is_cuda
+                                                   else ", triton has no GPU driver")
+    else:
+        raise ValueError(f"{ENV_VAR}={forced!r}: expected one of auto, triton, torch")
+    if backend not in _logged:
+        _logged.add(backend)
+        logger.info("homodistil kernels: using the %s backend (%s)", backend, why)
+    return backend
+
+
+def check_launchable(kernel, tensor: torch.Tensor) -> bool:
+    """Raise unless ``kernel`` can run on ``tensor``'s device; True when it is interpreted.
+
+    Interpreted kernels run anywhere (slowly); compiled ones need a CUDA tensor.
+    """
+    from triton.runtime.interpreter import InterpretedFunction
+
+    interpreted = isinstance(kernel, InterpretedFunction)
+    if not interpreted and not tensor.is_cuda:
+        raise RuntimeError(
+            "the Triton kernels need a CUDA tensor, or TRITON_INTERPRET=1 set before "
+            "homodistil.kernels is imported (the interpreter runs them on CPU)")
+    return interpreted

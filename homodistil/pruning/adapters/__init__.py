@@ -1,0 +1,73 @@
+"""Architecture adapters, registered by Hugging Face ``model_type``.
+
+An adapter is the only code that knows a model's attribute names. It declares the prunable
+groups and where their masks act, the teacher↔student layer pairs for the hidden-state and
+attention losses, how pruned widths map to a model config, and what export must fix up.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from ..groups import Group
+
+
+class AdapterError(ValueError):
+    """The model cannot be pruned or exported as asked (printed as one line)."""
+
+
+class Adapter(Protocol):
+    model_type: str
+
+    def groups(self, config) -> list[Group]:
+        """Prunable groups of a model with this config (names relative to the model)."""
+
+    def kept(self, config, sparsity: dict[str, float]) -> dict[str, int]:
+        """Units kept per block for each kind, at per-kind sparsities, for a teacher config."""
+
+    def check_targets(self, config, sparsity: dict[str, float]) -> None:
+        """Raise AdapterError if the final widths cannot be exported as a standard model."""
+
+    def shrunk_config(self, teacher_config, kept: dict[str, int]):
+        """The model config with the kept widths."""
+
+    def set_dropout(self, config, p: float) -> None:
+        """Set every dropout probability of ``config`` to ``p``."""
+
+    def build(self, config, teacher_config) -> nn.Module:
+        """A (randomly initialised) LM of ``config`` that computes like the teacher's family
+        at pruned widths (e.g. keeps the teacher's attention scale)."""
+
+    def hidden_pairs(self, teacher_config) -> list[tuple[int, int]]:
+        """(teacher, student) indices into ``output_hidden_states`` for the hidden-state loss."""
+
+    def attention_pairs(self, teacher_config) -> list[tuple[int, int]]:
+        """(teacher, student) indices into ``output_attentions`` for the attention loss."""
+
+    def export_state(self, state: dict[str, torch.Tensor], config, teacher_config) -> dict[str, torch.Tensor]:
+        """Fix a shrunk state dict up so that a plain ``from_pretrained`` model computes the same."""
+
+
+_REGISTRY: dict[str, Adapter] = {}
+
+
+def register(adapter: Adapter) -> Adapter:
+    _REGISTRY[adapter.model_type] = adapter
+    return adapter
+
+
+def get_adapter(model_type: str) -> Adapter:
+    if model_type not in _REGISTRY:
+        raise AdapterError(
+            f"no adapter for model_type '{model_type}' (supported: {', '.join(sorted(_REGISTRY))})"
+        )
+    return _REGISTRY[model_type]
+
+
+def supported() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+from . import bert  # noqa: E402,F401  (registers itself)

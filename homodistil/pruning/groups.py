@@ -1,0 +1,101 @@
+"""Prunable groups: sets of tensor slices that must be removed together (DESIGN §2).
+
+Names are parameter / module names inside the module being pruned. Only adapters create
+groups from a model's attribute names; everything else treats them as data.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+KINDS = ("ffn", "attention", "hidden")
+
+
+@dataclass(frozen=True)
+class Slice:
+    """Units of a group index dimension ``dim`` of parameter ``param``."""
+
+    param: str
+    dim: int
+
+
+@dataclass(frozen=True)
+class MaskPoint:
+    """Where a group's mask acts in the forward pass.
+
+    ``out``:  a linear layer's output units (rows of its weight) are zeroed.
+    ``norm``: a LayerNorm normalises over the live units only and zeroes the rest, so the
+              masked residual stream behaves exactly like the shrunk one.
+    """
+
+    module: str
+    how: str
+
+
+@dataclass(frozen=True)
+class Group:
+    """``size`` units split into ``blocks`` equal blocks (attention heads) that keep equal widths."""
+
+    name: str
+    kind: str
+    size: int
+    slices: tuple[Slice, ...]
+    points: tuple[MaskPoint, ...]
+    blocks: int = 1
+
+    def __post_init__(self):
+        assert self.kind in KINDS, self.kind
+        assert self.size % self.blocks == 0, (self.name, self.size, self.blocks)
+
+    @property
+    def block_size(self) -> int:
+        return self.size // self.blocks
+
+    def with_prefix(self, prefix: str) -> "Group":
+        return replace(
+            self,
+            slices=tuple(Slice(prefix + s.param, s.dim) for s in self.slices),
+            points=tuple(MaskPoint(prefix + p.module, p.how) for p in self.points),
+        )
+
+    def with_slices(self, extra: tuple[Slice, ...]) -> "Group":
+        return replace(self, slices=self.slices + extra)
+
+
+def slice_tensor(tensor: torch.Tensor, dim: int, keep: torch.Tensor, expected: int, name: str) -> torch.Tensor:
+    """Keep indices ``keep`` along ``dim``; ``expected`` is the group size the dim must have."""
+    assert tensor.shape[dim] == expected, f"{name}: dim {dim} has {tensor.shape[dim]} units, group has {expected}"
+    return tensor.index_select(dim, keep.to(tensor.device)).contiguous()
+
+
+def shrink_tensors(tensors: dict[str, torch.Tensor], groups: list[Group],
+                   keep: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Slice every tensor named in ``groups`` to the kept units; others pass through.
+
+    ``tensors`` maps parameter names to full tensors of the same shape as the parameter
+    (the parameter itself, an optimizer moment, an importance state).
+    """
+    out = dict(tensors)
+    for group in groups:
+        idx = keep[group.name]
+        for s in group.slices:
+            if s.param in out:
+                out[s.param] = slice_tensor(out[s.param], s.dim, idx, group.size, s.param)
+    return out
+
+
+def live_numel(shapes: dict[str, tuple[int, ...]], groups: list[Group], masks: dict[str, torch.Tensor]) -> int:
+    """Parameters the model would have if shrunk to ``masks`` now (over the names in ``shapes``)."""
+    live: dict[tuple[str, int], int] = {}
+    for g in groups:
+        n = int(masks[g.name].sum())
+        for s in g.slices:
+            live[(s.param, s.dim)] = n
+    total = 0
+    for name, shape in shapes.items():
+        numel = 1
+        for dim, size in enumerate(shape):
+            numel *= live.get((name, dim), size)
+        total += numel
+    return total

@@ -1,0 +1,128 @@
+"""The pruner state machine: observe (importance) → mask (schedule) → shrink (slice).
+
+It works on plain tensors handed to it by the caller (full, rank-identical weights and
+gradients), so it is usable without the training loop and without DeepSpeed.
+"""
+from __future__ import annotations
+
+import torch
+
+from homodistil.kernels.importance import importance, init_state
+
+from .groups import Group, shrink_tensors
+from .schedule import cubic_sparsity
+
+
+class Pruner:
+    """Holds importance state and masks for ``groups``; all ranks hold identical copies.
+
+    ``kept_fn(sparsity: dict[kind, float]) -> dict[kind, int]`` gives the units kept per block
+    at given per-kind sparsities (the adapter's ``kept`` bound to the teacher config).
+    """
+
+    def __init__(self, groups: list[Group], kept_fn, *, metric: str, s_final: dict[str, float],
+                 t_i: int, t_f: int, beta1: float = 0.85, beta2: float = 0.95):
+        self.groups = groups
+        self.kept_fn = kept_fn
+        self.metric, self.beta1, self.beta2 = metric, beta1, beta2
+        self.s_final, self.t_i, self.t_f = dict(s_final), t_i, t_f
+        self.params = sorted({s.param for g in groups for s in g.slices})
+        self.masks = {g.name: torch.ones(g.size, dtype=torch.bool) for g in groups}
+        self.scores = {g.name: torch.zeros(g.size) for g in groups}  # fp32 (size,)
+        self.observed = 0  # observations folded into ``scores`` since the last mask update
+        self.state: dict[str, dict[str, torch.Tensor]] = {}  # per-parameter metric state
+
+    # --- schedule -------------------------------------------------------------------------
+    def sparsity(self, step: int) -> dict[str, float]:
+        return {k: cubic_sparsity(step, self.t_i, self.t_f, s) for k, s in self.s_final.items()}
+
+    def live(self) -> dict[str, int]:
+        """Live units per group."""
+        return {name: int(m.sum()) for name, m in self.masks.items()}
+
+    # --- observe --------------------------------------------------------------------------
+    def observe(self, tensors: dict[str, tuple[torch.Tensor, torch.Tensor | None]]) -> None:
+        """Fold one step's importance into the group scores.
+
+        ``tensors[name] = (weight, grad)``: full tensors of each parameter in ``self.params``.
+        ``sensitivity`` averages |w·g| over the steps since the last mask update; ``platon``
+        and ``magnitude`` use the latest value (PLATON smooths in its own EMA state).
+        """
+        rows, cols = {}, {}
+        for name in self.params:
+            weight, grad = tensors[name]
+            if name not in self.state:
+                self.state[name] = init_state(weight, self.metric)
+            rows[name], cols[name] = importance(weight, grad, self.metric, self.state[name], self.beta1, self.beta2)
+        for g in self.groups:
+            score = torch.zeros(g.size)
+            for s in g.slices:
+                score += (rows if s.dim == 0 else cols)[s.param].cpu()
+            if self.metric == "magnitude":
+                score = score.sqrt()
+            if self.metric == "sensitivity":
+                self.scores[g.name] = (self.scores[g.name] * self.observed + score) / (self.observed + 1)
+            else:
+                self.scores[g.name] = score
+        self.observed += 1
+
+    # --- mask -----------------------------------------------------------------------------
+    def update_masks(self, step: int) -> bool:
+        """Mask the lowest-scored live units of each group down to the schedule's width.
+
+        Masks only ever shrink; within a group every block (head) keeps the same width,
+        ties broken by the lower index. Returns whether any mask changed.
+        """
+        kept = self.kept_fn(self.sparsity(step))
+        changed = False
+        for g in self.groups:
+            mask = self.masks[g.name].view(g.blocks, g.block_size)
+            keep = min(kept[g.kind], int(mask[0].sum()))
+            if keep == int(mask[0].sum()):
+                continue
+            score = self.scores[g.name].view(g.blocks, g.block_size).clone()
+            score[~mask] = -float("inf")
+            order = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :keep]
+            new = torch.zeros_like(mask).scatter_(1, order, True)
+            assert bool((new <= mask).all()) and bool((new.sum(1) == keep).all())
+            self.masks[g.name] = new.view(-1)
+            changed = True
+        if changed:
+            self.observed = 0
+        return changed
+
+    def is_dense(self) -> bool:
+        return all(bool(m.all()) for m in self.masks.values())
+
+    # --- shrink ---------------------------------------------------------------------------
+    def keep_indices(self) -> dict[str, torch.Tensor]:
+        return {name: m.nonzero().squeeze(1) for name, m in self.masks.items()}
+
+    def shrink(self, new_groups: list[Group]) -> dict[str, torch.Tensor]:
+        """Drop masked units from the pruner's own state; returns the kept indices per group
+        (the caller slices parameters and optimizer state with the same indices)."""
+        keep = self.keep_indices()
+        for key in {k for st in self.state.values() for k in st}:
+            sliced = shrink_tensors({n: st[key] for n, st in self.state.items() if key in st}, self.groups, keep)
+            for name, tensor in sliced.items():
+                self.state[name][key] = tensor
+        self.scores = {g: self.scores[g][idx] for g, idx in keep.items()}
+        self.groups = new_groups
+        by_name = {g.name: g for g in new_groups}
+        for name, idx in keep.items():
+            assert by_name[name].size == idx.numel(), (name, by_name[name].size, idx.numel())
+        self.masks = {g.name: torch.ones(g.size, dtype=torch.bool) for g in new_groups}
+        return keep
+
+    # --- checkpoint -----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"masks": self.masks, "scores": self.scores, "observed": self.observed,
+                "state": {n: {k: t.cpu() for k, t in st.items()} for n, st in self.state.items()}}
+
+    def load_state_dict(self, sd: dict, device: torch.device | str = "cpu") -> None:
+        for name, mask in sd["masks"].items():
+            assert mask.shape == self.masks[name].shape, (name, tuple(mask.shape), tuple(self.masks[name].shape))
+        self.masks = {n: m.clone() for n, m in sd["masks"].items()}
+        self.scores = {n: s.clone() for n, s in sd["scores"].items()}
+        self.observed = sd["observed"]
+        self.state = {n: {k: t.to(device) for k, t in st.items()} for n, st in sd["state"].items()}

@@ -1,0 +1,34 @@
+"""Test-session set-up: CPU DeepSpeed, Triton's interpreter, tiny runs of the recipe."""
+from __future__ import annotations
+
+import os
+
+# Before anything imports triton or deepspeed: kernels run in Triton's CPU interpreter,
+# DeepSpeed uses its CPU accelerator (gloo), and the hub is never contacted.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+TINY = [
+    "model.tiny.hidden_size=32", "model.tiny.num_hidden_layers=2", "model.tiny.num_attention_heads=4",
+    "model.tiny.intermediate_size=64", "model.dropout=0.0",
+    "data.source=kjv", "data.max_documents=60", "data.max_seq_length=32", "data.heldout_fraction=0.05",
+    "deepspeed.train_micro_batch_size_per_gpu=4", "deepspeed.gradient_accumulation_steps=1",
+    "trainer.progress=false", "trainer.log_every=1000", "trainer.export=false",
+    "pruning.metric=platon", "pruning.t_i=0", "pruning.mask_interval=1",
+    "optimizer.lr=1e-3", "optimizer.warmup_steps=0",
+]
+
+
+def tiny_overrides(out_dir, **kw) -> list[str]:
+    """Overrides for a tiny CPU run in ``out_dir``; ``kw`` adds ``a__b=v`` as ``a.b=v``."""
+    extra = [f"{k.replace('__', '.')}={v}" for k, v in kw.items()]
+    return TINY + [f"trainer.output_dir={out_dir}"] + extra
+
+
+@pytest.fixture
+def tiny():
+    return tiny_overrides

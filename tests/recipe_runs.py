@@ -1,0 +1,35 @@
+"""Run the recipe in this process (world size 1) or under torchrun (world size 2)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from homodistil.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_inprocess(overrides: list[str], train: bool = True):
+    from homodistil.engine.recipe import Recipe
+
+    recipe = Recipe(load_config(REPO / "configs" / "demo.yaml", overrides)).setup()
+    if train:
+        recipe.train()
+    return recipe
+
+
+def run_torchrun(overrides: list[str], nproc: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", "0",
+           "-m", "homodistil.cli", "distill", str(REPO / "configs" / "demo.yaml"), *overrides]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def losses(out_dir) -> list[float]:
+    rows = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss/total"] for r in rows]

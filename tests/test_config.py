@@ -1,0 +1,69 @@
+"""Every shipped config validates; wrong configs give one-line errors naming key and file."""
+from pathlib import Path
+
+import pytest
+
+from homodistil.cli import main
+from homodistil.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_config_is_valid_and_says_how_to_run(path):
+    cfg = load_config(path)
+    assert cfg.trainer.max_steps >= cfg.pruning.t_f
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# ") and ("homodistil" in first or "sbatch" in first), first
+
+
+def test_overrides_are_typed():
+    cfg = load_config(REPO / "configs" / "demo.yaml",
+                      ["trainer.max_steps=300", "pruning.sparsity.ffn=0.25", "deepspeed.zero_optimization.stage=3",
+                       "optimizer.betas=[0.9, 0.98]", "data.source=[kjv, /tmp/x.txt]"])
+    assert cfg.trainer.max_steps == 300 and cfg.pruning.sparsity.ffn == 0.25
+    assert cfg.zero_stage == 3 and cfg.optimizer.betas == (0.9, 0.98) and cfg.data.source == ["kjv", "/tmp/x.txt"]
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+BAD = [  # (config text or None for demo.yaml, overrides, expected fragment of the one-line error)
+    ("trainer: {max_step: 5}", [], "trainer.max_step: unknown key"),
+    ("trainer: {max_steps: many}", [], "trainer.max_steps: Input should be a valid integer"),
+    (None, ["pruning.t_i=50", "pruning.t_f=40"], "pruning.t_f (40) must be greater than pruning.t_i (50)"),
+    (None, ["pruning.sparsity.ffn=1.0"], "pruning.sparsity.ffn: Input should be less than 1"),
+    (None, ["model.attn_implementation=sdpa"], "loss.alpha_attention > 0 needs model.attn_implementation=eager"),
+    (None, ["pruning.t_f=500"], "is after trainer.max_steps"),
+    (None, ["deepspeed.optimizer={type: Adam}"], "deepspeed.optimizer is not supported"),
+    (None, ["deepspeed.zero_optimization.stage=4"], "stage must be 0, 1, 2 or 3"),
+    (None, ["deepspeed.fp16.enabled=true"], "deepspeed.fp16 is not supported"),
+    (None, ["trainer.max_steps"], "is not of the form section.key=value"),
+    ("- a\n- b", [], "the top level must be a mapping"),
+    ("trainer: [", [], "is not valid YAML"),
+]
+
+
+@pytest.mark.parametrize("text,overrides,expected", BAD, ids=[b[2][:40] for b in BAD])
+def test_bad_config_is_one_line_error(tmp_path, capsys, text, overrides, expected):
+    path = _write(tmp_path, text) if text is not None else str(REPO / "configs" / "demo.yaml")
+    assert main(["distill", path, *overrides]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err
+    assert err.startswith("homodistil: error: ") and expected in err, err
+    if text is not None:
+        assert path in err  # names the file
+
+
+def test_missing_config_file(capsys):
+    assert main(["distill", "/no/such/config.yaml"]) == 2
+    assert "config file not found: /no/such/config.yaml" in capsys.readouterr().err
+
+
+def test_load_config_raises_config_error():
+    with pytest.raises(ConfigError):
+        load_config(None, ["loss.temperature=0"])

@@ -1,0 +1,269 @@
+"""homodistil.plan: parameter counts, memory formulas, the not-fit warning, the time estimate,
+and the four paper recipes (configs/homobert_*.yaml)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from homodistil.config import load_config
+from homodistil.plan import (GIB, KNOWN_TEACHERS, RESERVE_GIB, Arch, arch_from_hf_config, backbone_params,
+                             count_params, format_plan, layer_activation_bytes, make_plan, plan_main,
+                             student_arch, teacher_arch, zero_model_states)
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+
+# A BERT small enough to count by hand: vocab 100, hidden 8, 2 heads x 4, FFN 16, 2 layers, 16 positions.
+HAND = Arch("bert", vocab_size=100, hidden_size=8, num_layers=2, num_heads=2, intermediate_size=16,
+            max_position=16, type_vocab_size=2)
+
+
+def n_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter counts against real transformers models
+# ---------------------------------------------------------------------------------------------
+def test_hand_counted_bert():
+    # embeddings 100*8 + 16*8 + 2*8 = 944, their LayerNorm 16
+    # per layer: Q,K,V,O 4*(8*8+8) = 288, LN 16, FFN (8*16+16) + (16*8+8) = 280, LN 16 -> 600
+    # MLM head: transform 8*8+8 = 72, LN 16, decoder bias 100 (decoder weight tied) -> 188
+    assert count_params(HAND).total == 944 + 16 + 2 * 600 + 188 == 2348
+    # BertModel with pooler: no MLM head (-188), pooler 8*8+8 = 72
+    assert backbone_params(HAND) == 2348 - 188 + 72
+    # FLOPs count the tied decoder as a matmul, not the embedding lookups: 2348 - 944 + 800
+    assert count_params(HAND).matmul == 2204
+
+
+def _bert_config(a: Arch, **kw):
+    from transformers import BertConfig
+
+    return BertConfig(vocab_size=a.vocab_size, hidden_size=a.hidden_size, num_hidden_layers=a.num_layers,
+                      num_attention_heads=a.num_heads, intermediate_size=a.intermediate_size,
+                      max_position_embeddings=a.max_position, type_vocab_size=a.type_vocab_size, **kw)
+
+
+def test_counts_match_transformers_models():
+    from transformers import (BertForMaskedLM, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+                              LlamaForCausalLM, RobertaConfig, RobertaForMaskedLM)
+
+    assert count_params(HAND).total == n_params(BertForMaskedLM(_bert_config(HAND)))
+    assert backbone_params(HAND) == n_params(BertModel(_bert_config(HAND)))
+    odd = Arch("bert", 97, 12, 3, 3, 20, 10, 1)
+    assert count_params(odd).total == n_params(BertForMaskedLM(_bert_config(odd)))
+
+    rc = RobertaConfig(vocab_size=120, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=24, max_position_embeddings=20, type_vocab_size=1)
+    assert count_params(arch_from_hf_config(rc.to_dict())).total == n_params(RobertaForMaskedLM(rc))
+
+    gc = GPT2Config(vocab_size=90, n_embd=16, n_layer=2, n_head=4, n_positions=24, bos_token_id=0, eos_token_id=0)
+    assert count_params(arch_from_hf_config(gc.to_dict())).total == n_params(GPT2LMHeadModel(gc))
+
+    lc = LlamaConfig(vocab_size=80, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=False)
+    assert count_params(arch_from_hf_config(lc.to_dict())).total == n_params(LlamaForCausalLM(lc))
+
+
+def test_known_teachers_match_their_configs():
+    from transformers import BertConfig, GPT2Config, LlamaConfig
+
+    assert arch_from_hf_config(BertConfig().to_dict()) == KNOWN_TEACHERS["bert-base-uncased"]
+    assert arch_from_hf_config(GPT2Config().to_dict()) == KNOWN_TEACHERS["gpt2"]
+    llama3 = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                         tie_word_embeddings=False)
+    assert arch_from_hf_config(llama3.to_dict()) == KNOWN_TEACHERS["meta-llama/Meta-Llama-3-8B"]
+    assert count_params(KNOWN_TEACHERS["meta-llama/Meta-Llama-3-8B"]).total == 8_030_261_248
+    assert count_params(KNOWN_TEACHERS["bert-base-uncased"]).total == 109_514_298  # BertForMaskedLM
+    assert backbone_params(KNOWN_TEACHERS["bert-base-uncased"]) == 109_482_240  # BertModel: "110M"
+    assert count_params(KNOWN_TEACHERS["gpt2"]).total == 124_439_808
+
+
+def test_teacher_from_local_dir_and_tiny(tmp_path):
+    _bert_config(HAND).save_pretrained(tmp_path)
+    cfg = load_config(None, [f"model.teacher={tmp_path}"])
+    assert teacher_arch(cfg) == HAND
+    tiny = teacher_arch(load_config(None, ["model.teacher=tiny", "model.tiny.hidden_size=32"]))
+    assert (tiny.hidden_size, tiny.num_layers, tiny.num_heads, tiny.intermediate_size) == (32, 2, 4, 256)
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory formulas
+# ---------------------------------------------------------------------------------------------
+def test_zero_stages_partition_by_world_size():
+    psi, world = 1000, 4
+    assert zero_model_states(psi, 0, world, bf16=True) == {"weights": 2000, "gradients": 2000, "optimizer": 12000}
+    assert zero_model_states(psi, 1, world, bf16=True) == {"weights": 2000, "gradients": 2000, "optimizer": 3000}
+    assert zero_model_states(psi, 2, world, bf16=True) == {"weights": 2000, "gradients": 500, "optimizer": 3000}
+    assert zero_model_states(psi, 3, world, bf16=True) == {"weights": 500, "gradients": 500, "optimizer": 3000}
+    assert zero_model_states(psi, 0, world, bf16=False) == {"weights": 4000, "gradients": 4000, "optimizer": 8000}
+    assert zero_model_states(psi, 2, world, bf16=False) == {"weights": 4000, "gradients": 1000, "optimizer": 2000}
+
+
+def test_layer_activations_by_hand():
+    # b=2, s=4, h=h_a=8, f=16, 2 heads: sbh=64, sbf=128, as^2b=64
+    # bf16: 2*(4*64 + 4*64 + 2*128 + 2*64) = 1792; dropout masks 2*64 + 64 = 192
+    assert layer_activation_bytes(HAND, b=2, s=4, e=2, eager=True, dropout=True) == 1792 + 192
+    assert layer_activation_bytes(HAND, b=2, s=4, e=2, eager=True, dropout=False) == 1792
+    assert layer_activation_bytes(HAND, b=2, s=4, e=2, eager=False, dropout=False) == 1792 - 2 * 2 * 64
+    # Korthikanti et al.: 34sbh + 5as^2b for f = 4h, bf16, dropout
+    wide = Arch("bert", 100, 8, 1, 2, 32)
+    assert layer_activation_bytes(wide, b=2, s=4, e=2, eager=True, dropout=True) == 34 * 64 + 5 * 64
+
+
+def test_plan_memory_parts_for_a_tiny_run():
+    cfg = load_config(None, ["model.teacher=tiny", "deepspeed.zero_optimization.stage=2",
+                             "deepspeed.bf16.enabled=true", "deepspeed.train_micro_batch_size_per_gpu=4",
+                             "data.max_seq_length=16"])
+    one, two = make_plan(cfg, "a100-80gb", nodes=1), make_plan(cfg, "a100-80gb", nodes=2)
+    t = count_params(teacher_arch(cfg)).total
+    psi = t + 3 * 64 * 64  # + one 64x64 projection per hidden state (embeddings + 2 layers)
+    assert one.projections == 3 * 64 * 64
+    assert one.memory["teacher weights (replicated)"] == 2 * t
+    assert one.memory["student weights"] == 2 * psi == two.memory["student weights"]
+    assert one.memory["student gradients"] == 2 * psi / 8 and two.memory["student gradients"] == 2 * psi / 16
+    assert one.memory["optimizer state"] == 12 * psi / 8 and two.memory["optimizer state"] == 12 * psi / 16
+    assert one.memory["ZeRO buckets"] == 2 * 2 * psi  # both buckets larger than the model
+    assert one.memory["CUDA context, NCCL, fragmentation"] == RESERVE_GIB * GIB
+    assert one.global_batch == 4 * 1 * 8 and two.global_batch == 4 * 1 * 16
+    # stage 3 partitions the weights too, stage 0 nothing
+    s3 = make_plan(load_config(None, ["model.teacher=tiny", "deepspeed.zero_optimization.stage=3"]), "h200", 1)
+    s0 = make_plan(load_config(None, ["model.teacher=tiny", "deepspeed.zero_optimization.stage=0"]), "h200", 1)
+    assert s3.memory["student weights"] * 8 == s0.memory["student weights"]
+
+
+def test_student_widths_match_the_bert_adapter():
+    from transformers import BertConfig
+
+    from homodistil.pruning.adapters import get_adapter
+
+    adapter = get_adapter("bert")
+    for name in ("base", "small", "xsmall", "tiny"):
+        cfg = load_config(CONFIGS / f"homobert_{name}.yaml")
+        s = student_arch(KNOWN_TEACHERS["bert-base-uncased"], **cfg.pruning.sparsity.model_dump())
+        kept = adapter.kept(BertConfig(), cfg.pruning.sparsity.model_dump())
+        assert (s.hidden_size, s.head_width, s.intermediate_size) == (kept["hidden"], kept["attention"], kept["ffn"])
+
+
+def test_schedule_matches_the_pruner():
+    from homodistil.plan import _cubic
+    from homodistil.pruning.schedule import cubic_sparsity
+
+    for step in (0, 5, 100, 999, 1000, 19599, 19600, 27999):
+        assert _cubic(step, 0, 19600) == pytest.approx(cubic_sparsity(step, 0, 19600, 0.5) / 0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fit warning, CLI, time
+# ---------------------------------------------------------------------------------------------
+def test_not_fit_warning_and_exit_status(capsys):
+    # Llama-3-8B teacher + full-size student at ZeRO-2 on 8x A100-40GB: 16 GB of teacher and
+    # 2+2 bytes/param of student weights and gradients already exceed 40 GB.
+    big = ["model.teacher=meta-llama/Meta-Llama-3-8B", "deepspeed.zero_optimization.stage=2",
+           "deepspeed.bf16.enabled=true", "loss.alpha_attention=0", "model.attn_implementation=sdpa"]
+    cfg = load_config(None, big)
+    plan = make_plan(cfg, "a100-40gb", nodes=1)
+    assert not plan.fits and plan.total_memory > 40 * GIB
+    text = format_plan(cfg, "a100-40gb", 1)
+    assert "DOES NOT FIT" in text and "WARNING: does not fit" in text
+    assert "deepspeed.zero_optimization.stage=3" in text and "model.teacher_zero3=true" in text
+    assert plan_main(["defaults", *big, "--gpu", "a100-40gb", "--nodes", "1"]) == 1
+    # ZeRO-3 with a partitioned teacher and a small micro-batch on 4 nodes of H200 does fit
+    fixed = [*big[:1], "deepspeed.zero_optimization.stage=3", "model.teacher_zero3=true", *big[2:],
+             "deepspeed.train_micro_batch_size_per_gpu=1", "data.max_seq_length=512"]
+    assert make_plan(load_config(None, fixed), "h200", nodes=4).fits
+    capsys.readouterr()
+    assert plan_main(["defaults", "model.teacher=tiny", "--gpu", "h100-80gb", "--nodes", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "2 node(s) x 8 H100-SXM 80GB = 16 GPUs" in out and ": fits" in out
+
+
+def test_config_errors_are_one_line_exit_2(capsys, tmp_path):
+    assert plan_main([str(tmp_path / "missing.yaml"), "--gpu", "a100-80gb", "--nodes", "1"]) == 2
+    assert plan_main(["defaults", "trainer.max_step=3", "--nodes", "1"]) == 2
+    assert plan_main(["defaults", "model.teacher=no-such/model", "--nodes", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("homodistil plan: error: ") for line in err)
+    assert "not found" in err[0] and "trainer.max_step" in err[1] and "no-such/model" in err[2]
+
+
+def test_bert_base_time_against_the_paper():
+    """Paper: HomoBERT-base, 28k steps x 4096 x 128 tokens, ~13 h on 8 A100. The estimate at the
+    default 25% MFU must be within 4x of that; at the paper's implied ~9% MFU within 15%."""
+    cfg = load_config(CONFIGS / "homobert_base.yaml")
+    plan = make_plan(cfg, "a100-80gb", nodes=1)
+    assert plan.global_batch == 4096 and plan.tokens == 28000 * 4096 * 128
+    assert 13 / 4 <= plan.hours <= 13 * 4, plan.hours
+    assert make_plan(cfg, "a100-80gb", 1, mfu=0.09).hours == pytest.approx(13, rel=0.15)
+    # FLOPs lie between "student stays at 65M" and "student stays at 109M" (6N + 2N per token)
+    t = count_params(KNOWN_TEACHERS["bert-base-uncased"]).matmul
+    s = count_params(plan.student).matmul
+    assert (6 * s + 2 * t) * plan.tokens < plan.flops < 8 * t * plan.tokens * 1.05
+    # twice the GPUs with half the accumulation: same batch, about half the time
+    two = make_plan(load_config(CONFIGS / "homobert_base.yaml", ["deepspeed.gradient_accumulation_steps=2"]),
+                    "a100-80gb", nodes=2)
+    assert two.global_batch == 4096 and 0.45 < two.compute_s / plan.compute_s < 0.55
+
+
+def test_plan_module_does_not_import_torch():
+    code = "import sys, homodistil.plan; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The paper's recipes
+# ---------------------------------------------------------------------------------------------
+PAPER = {  # name: (lr, parameters in the paper, hidden, FFN)
+    "base": (3e-4, 65.0, 576, 2226),
+    "small": (6e-4, 17.3, 240, 1212),
+    "xsmall": (6e-4, 15.6, 240, 918),
+    "tiny": (6e-4, 14.1, 240, 660),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_recipe_follows_the_paper(name):
+    lr, millions, hidden, ffn = PAPER[name]
+    path = CONFIGS / f"homobert_{name}.yaml"
+    text = path.read_text()
+    assert text.splitlines()[0].startswith(f"# sbatch slurm/homobert_{name}.sh")
+    assert f"# homodistil distill configs/homobert_{name}.yaml" in text
+    cfg = load_config(path)
+    assert cfg.model.teacher == "bert-base-uncased"
+    sources = cfg.data.source if isinstance(cfg.data.source, list) else [cfg.data.source]
+    assert any("wikipedia" in s for s in sources) and any("bookcorpus" in s for s in sources)
+    assert all(s.startswith("hub:") for s in sources) and cfg.data.streaming
+    assert cfg.data.max_seq_length == 128
+    assert cfg.micro_batch_size * cfg.grad_accum * 8 == 4096
+    assert cfg.trainer.max_steps == 28000
+    assert cfg.optimizer.betas == (0.9, 0.999) and cfg.optimizer.eps == 1e-6 and cfg.optimizer.lr == lr
+    assert 0.5 <= cfg.pruning.t_f / cfg.trainer.max_steps <= 0.9
+    assert cfg.bf16 and cfg.zero_stage == 2
+
+    plan = make_plan(cfg, "a100-80gb", nodes=1)
+    assert (plan.student.hidden_size, plan.student.intermediate_size) == (hidden, ffn)
+    assert round(backbone_params(plan.student) / 1e6, 1) == millions
+    assert round(plan.student_params.total / 1e6, 1) == millions
+    assert plan.fits and plan.total_memory < 0.5 * 80 * GIB  # headroom for what the model leaves out
+    # the header states the exact counts
+    assert f"{backbone_params(plan.student):,}" in text and f"{plan.student_params.total:,}" in text
+    assert f"hidden {hidden}" in text and f"FFN {ffn}" in text
+
+
+def test_recipe_counts_against_real_students():
+    """The exported students: BertModel / BertForMaskedLM built with the recipes' widths."""
+    from transformers import BertConfig, BertForMaskedLM, BertModel
+
+    expected = {"base": (64_996_632, 65_028_306), "small": (17_293_344, 17_324_346),
+                "xsmall": (15_596_376, 15_627_378), "tiny": (14_107_200, 14_138_202)}
+    for name, (backbone, mlm) in expected.items():
+        _, _, hidden, ffn = PAPER[name]
+        config = BertConfig(hidden_size=hidden, intermediate_size=ffn, num_attention_heads=12)
+        assert n_params(BertModel(config)) == backbone
+        assert n_params(BertForMaskedLM(config)) == mlm
+        plan = make_plan(load_config(CONFIGS / f"homobert_{name}.yaml"), "a100-80gb", 1)
+        assert (backbone_params(plan.student), plan.student_params.total) == (backbone, mlm)

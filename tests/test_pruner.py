@@ -1,0 +1,98 @@
+"""Importance, masks and shrinking on plain tensors (no DeepSpeed)."""
+import torch
+from transformers import BertConfig
+
+from homodistil.kernels.importance import importance_reference, init_state
+from homodistil.pruning.adapters import AdapterError, get_adapter, supported
+from homodistil.pruning.groups import Group, MaskPoint, Slice, live_numel, shrink_tensors
+from homodistil.pruning.pruner import Pruner
+
+import pytest
+
+
+def _group(size=8, blocks=2):
+    return Group("g", "attention", size, slices=(Slice("w", 0), Slice("v", 1)), points=(MaskPoint("m", "out"),),
+                 blocks=blocks)
+
+
+def test_sensitivity_scores_are_group_sums_of_abs_w_times_g():
+    torch.manual_seed(0)
+    w, gw, v, gv = torch.randn(8, 3), torch.randn(8, 3), torch.randn(5, 8), torch.randn(5, 8)
+    pruner = Pruner([_group()], lambda s: {"attention": 2}, metric="sensitivity", s_final={"attention": 0.5},
+                    t_i=0, t_f=4)
+    pruner.observe({"w": (w, gw), "v": (v, gv)})
+    pruner.observe({"w": (w, 3 * gw), "v": (v, 3 * gv)})
+    one = (w * gw).abs().sum(1) + (v * gv).abs().sum(0)
+    torch.testing.assert_close(pruner.scores["g"], (one + 3 * one) / 2)  # mean over the interval
+
+
+def test_platon_state_matches_formula():
+    torch.manual_seed(1)
+    w, g1, g2 = torch.randn(4, 3), torch.randn(4, 3), torch.randn(4, 3)
+    state = init_state(w, "platon")
+    importance_reference(w, g1, "platon", state, 0.85, 0.95)
+    row, col = importance_reference(w, g2, "platon", state, 0.85, 0.95)
+    i1, i2 = (w * g1).abs(), (w * g2).abs()
+    ema1 = 0.15 * i1
+    unc1 = 0.05 * (i1 - ema1).abs()
+    ema2 = 0.85 * ema1 + 0.15 * i2
+    unc2 = 0.95 * unc1 + 0.05 * (i2 - ema2).abs()
+    torch.testing.assert_close(row, (ema2 * unc2).sum(1))
+    torch.testing.assert_close(col, (ema2 * unc2).sum(0))
+
+
+def test_masks_keep_top_scored_per_block_and_only_shrink():
+    pruner = Pruner([_group()], lambda s: {"attention": 4 - round(4 * s["attention"])}, metric="magnitude",
+                    s_final={"attention": 0.5}, t_i=0, t_f=2)
+    pruner.scores["g"] = torch.tensor([4.0, 1.0, 3.0, 2.0, 0.5, 9.0, 9.0, 0.1])
+    assert pruner.update_masks(1)  # s = 0.5·(1 − 0.125) = 0.4375 -> keep 4 − 2 = 2 per head
+    assert pruner.masks["g"].tolist() == [True, False, True, False, False, True, True, False]
+    pruner.scores["g"] = torch.tensor([0.0, 9.0, 9.0, 9.0, 9.0, 9.0, 0.0, 9.0])
+    pruner.update_masks(2)  # s = 0.5 -> still 2 per head: masked units never come back
+    assert pruner.masks["g"].tolist() == [True, False, True, False, False, True, True, False]
+
+
+def test_shrink_tensors_slices_every_coupled_dim():
+    g = _group()
+    w, v = torch.arange(24.0).view(8, 3), torch.arange(40.0).view(5, 8)
+    keep = {"g": torch.tensor([0, 2, 5, 6])}
+    out = shrink_tensors({"w": w, "v": v, "other": torch.ones(2)}, [g], keep)
+    assert torch.equal(out["w"], w[[0, 2, 5, 6]]) and torch.equal(out["v"], v[:, [0, 2, 5, 6]])
+    assert torch.equal(out["other"], torch.ones(2))
+    with pytest.raises(AssertionError):
+        shrink_tensors({"w": torch.ones(7, 3)}, [g], keep)  # shape assert: wrong unit count
+
+
+def test_live_numel_counts_kept_slices():
+    g = _group()
+    masks = {"g": torch.tensor([1, 0, 1, 0, 1, 1, 0, 0], dtype=torch.bool)}
+    assert live_numel({"w": (8, 3), "v": (5, 8), "x": (2,)}, [g], masks) == 4 * 3 + 5 * 4 + 2
+
+
+def test_bert_groups_cover_every_parameter_dimension():
+    from transformers import BertForMaskedLM
+
+    cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=4, intermediate_size=24)
+    model = BertForMaskedLM(cfg)
+    groups = get_adapter("bert").groups(cfg)
+    params = dict(model.named_parameters())
+    sliced = {(s.param, s.dim) for g in groups for s in g.slices}
+    for name, p in params.items():
+        for dim, size in enumerate(p.shape):
+            if size in (16, 24):  # every hidden-width and FFN-width dimension is pruned
+                assert (name, dim) in sliced, (name, dim)
+    for g in groups:
+        for s in g.slices:
+            assert params[s.param].shape[s.dim] == g.size, (g.name, s)
+
+
+def test_bert_rejects_untied_attention_and_hidden_sparsity():
+    cfg = BertConfig(hidden_size=16, num_attention_heads=4)
+    with pytest.raises(AdapterError, match="must equal pruning.sparsity.hidden"):
+        get_adapter("bert").check_targets(cfg, {"ffn": 0.5, "attention": 0.5, "hidden": 0.25})
+
+
+def test_unknown_model_type_lists_supported():
+    with pytest.raises(AdapterError, match="no adapter for model_type 'mamba'.*bert"):
+        get_adapter("mamba")
+    assert "bert" in supported()

@@ -1,0 +1,172 @@
+"""The recipe under DeepSpeed on CPU: shrink equivalence, resume, export, teacher hosting.
+
+Tolerances: fp32 masked and shrunk models run the same arithmetic except for sums over
+extra exact zeros, whose blocking can differ in the last bits: 1e-5 absolute on logits and
+losses. Resume is exact (bit-equal) in fp32.
+"""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForMaskedLM
+
+from homodistil.cli import main
+from homodistil.engine import checkpoint
+from homodistil.engine.export import _full_state
+from homodistil.engine.models import teacher_outputs
+
+from conftest import tiny_overrides
+from recipe_runs import losses, run_inprocess, run_torchrun
+
+STEPS = ["trainer.max_steps=6", "pruning.t_f=4"]
+
+
+def _outputs(recipe, batch):
+    with torch.no_grad():
+        out = recipe.engine(batch["input_ids"], batch["attention_mask"], True, True)
+    return {"logits": out["logits"].float(), "hidden": torch.stack(out["hidden"]).float(),
+            "attentions": torch.stack(out["attentions"]).float()}
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_shrink_is_invisible_to_outputs_and_losses(tmp_path, stage):
+    """Masked vs shrunk: same outputs at the shrink, same loss trajectory afterwards."""
+    zero = [f"deepspeed.zero_optimization.stage={stage}"]
+    # Run B: masks grow every step, one shrink at t_f; outputs are compared around that shrink.
+    recipe = run_inprocess(tiny_overrides(tmp_path / "b") + zero + STEPS + ["pruning.shrink_interval=1000"], train=False)
+    batch = recipe._batch(0)
+    captured = []
+    shrink = recipe._shrink
+
+    def checked_shrink():
+        before = _outputs(recipe, batch)
+        shrink()
+        captured.append((before, _outputs(recipe, batch)))
+
+    recipe._shrink = checked_shrink
+    recipe.train()
+    recipe.close()
+    assert len(captured) == 1
+    before, after = captured[0]
+    assert before["hidden"].shape[-1] == after["hidden"].shape[-1]  # projected to the teacher's width
+    for key in before:
+        torch.testing.assert_close(after[key], before[key], atol=1e-5, rtol=1e-4, msg=key)
+    assert recipe.kept == {"ffn": 32, "attention": 4, "hidden": 16}
+    # Run A: shrink after every mask update; the loss trajectory must match run B's.
+    run_inprocess(tiny_overrides(tmp_path / "a") + zero + STEPS + ["pruning.shrink_interval=1"]).close()
+    la, lb = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert len(la) == len(lb) == 6
+    torch.testing.assert_close(torch.tensor(la), torch.tensor(lb), atol=1e-5, rtol=1e-5)
+    assert la[-1] != la[0]  # it trained
+
+
+def test_world_size_2_matches_world_size_1(tmp_path):
+    """Same global batch at world size 1 and 2: same losses, importance scores and masks;
+    and at world size 2 the shrunk run's losses match the masked run's."""
+    common = STEPS + ["deepspeed.zero_optimization.stage=2", "trainer.export=false"]
+    run_torchrun(tiny_overrides(tmp_path / "ws2_masked") + common + ["deepspeed.train_micro_batch_size_per_gpu=2",
+                                                                      "pruning.shrink_interval=1000"])
+    run_torchrun(tiny_overrides(tmp_path / "ws2_shrunk") + common + ["deepspeed.train_micro_batch_size_per_gpu=2",
+                                                                      "pruning.shrink_interval=1"])
+    run_inprocess(tiny_overrides(tmp_path / "ws1") + common + ["pruning.shrink_interval=1000"]).close()
+    l1, l2m, l2s = (torch.tensor(losses(tmp_path / d)) for d in ("ws1", "ws2_masked", "ws2_shrunk"))
+    torch.testing.assert_close(l2s, l2m, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(l2m, l1, atol=1e-5, rtol=1e-5)
+    s1, _ = checkpoint.load_run_state(tmp_path / "ws1" / "checkpoints", "step00000006", 0)
+    s2, _ = checkpoint.load_run_state(tmp_path / "ws2_masked" / "checkpoints", "step00000006", 0)
+    for name in s1["scores"]:
+        assert torch.equal(s1["masks"][name], s2["masks"][name]), name
+        torch.testing.assert_close(s2["scores"][name], s1["scores"][name], rtol=1e-4, atol=1e-12, msg=name)
+    for name in s1["state"]:
+        torch.testing.assert_close(s2["state"][name]["ema"], s1["state"][name]["ema"], rtol=1e-4, atol=1e-12)
+
+
+def test_resume_is_exact_across_a_shrink(tmp_path):
+    """Stopped at step 4 and resumed: the same final weights as an uninterrupted run, with
+    dropout on (so the RNG state must be restored) and a shrink at step 6 after the resume."""
+    args = ["trainer.max_steps=8", "pruning.t_f=6", "pruning.shrink_interval=3", "trainer.save_every=4",
+            "model.dropout=0.1", "deepspeed.zero_optimization.stage=2"]
+    run_inprocess(tiny_overrides(tmp_path / "full") + args).close()
+    resumed = tmp_path / "resumed" / "checkpoints"
+    resumed.mkdir(parents=True)
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "step00000004", resumed / "step00000004")
+    (resumed / "latest").write_text("step00000004")
+    recipe = run_inprocess(tiny_overrides(tmp_path / "resumed") + args, train=False)
+    assert recipe.step == 4 and recipe.kept["ffn"] == 36 and not recipe.pruner.is_dense()  # shrunk at 3, masked at 4
+    recipe.train()
+    recipe.close()
+    assert recipe.kept == {"ffn": 32, "attention": 4, "hidden": 16}
+    full = _full_state(tmp_path / "full" / "checkpoints", "step00000008")
+    again = _full_state(resumed, "step00000008")
+    assert full.keys() == again.keys()
+    for name in full:
+        assert torch.equal(full[name], again[name]), name
+    assert losses(tmp_path / "full")[4:] == losses(tmp_path / "resumed")
+
+
+def test_export_of_a_masked_checkpoint_matches_the_student(tmp_path):
+    """Export mid-run (masks live, not yet shrunk): a plain from_pretrained model with the
+    pruned widths whose logits equal the masked student's."""
+    args = ["trainer.max_steps=4", "pruning.t_f=4", "pruning.shrink_interval=1000", "trainer.save_every=2"]
+    run_inprocess(tiny_overrides(tmp_path / "run") + args).close()
+    ckpt = tmp_path / "run" / "checkpoints" / "step00000002"
+    assert main(["export", str(ckpt), str(tmp_path / "exported")]) == 0
+    model = AutoModelForMaskedLM.from_pretrained(tmp_path / "exported").eval()
+    # s(2) = 0.5·(1 − 0.5³) = 0.4375 -> heads keep round(8·0.5625) = 4 (of 8), ffn 64 − 28 = 36
+    assert (model.config.hidden_size, model.config.intermediate_size, model.config.num_attention_heads) == (16, 36, 4)
+    assert type(model.bert.encoder.layer[0].attention.self.query) is torch.nn.Linear  # no custom code
+    at_step2 = tmp_path / "at2" / "checkpoints"
+    shutil.copytree(ckpt, at_step2 / "step00000002")
+    recipe = run_inprocess(tiny_overrides(tmp_path / "at2") + args, train=False)
+    assert recipe.step == 2 and not recipe.pruner.is_dense()
+    batch = recipe._batch(0)
+    with torch.no_grad():
+        student = recipe.engine.module.lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        exported = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    recipe.close()
+    torch.testing.assert_close(exported, student, atol=1e-5, rtol=1e-4)
+
+
+def test_final_export_at_the_end_of_a_run(tmp_path):
+    run_inprocess(tiny_overrides(tmp_path / "run") + STEPS + ["trainer.export=true", "pruning.shrink_interval=2"]).close()
+    model = AutoModelForMaskedLM.from_pretrained(tmp_path / "run" / "export")
+    assert (model.config.hidden_size, model.config.intermediate_size) == (16, 32)
+    assert (tmp_path / "run" / "export" / "tokenizer.json").exists()
+
+
+def test_teacher_partitioned_with_zero3_matches_replicated(tmp_path):
+    replicated = run_inprocess(tiny_overrides(tmp_path / "r") + STEPS, train=False)
+    partitioned = run_inprocess(tiny_overrides(tmp_path / "p") + STEPS + ["model.teacher_zero3=true"], train=False)
+    batch = replicated._batch(0)
+    a = teacher_outputs(replicated.teacher, batch, True, True, replicated.hidden_pairs, replicated.attention_pairs)
+    b = teacher_outputs(partitioned.teacher, batch, True, True, partitioned.hidden_pairs, partitioned.attention_pairs)
+    assert not any(p.requires_grad for p in partitioned.teacher.module.parameters())
+    assert all(p.numel() == 0 for p in partitioned.teacher.module.parameters())  # partitioned away
+    for key in ("logits", "hidden", "attentions"):
+        for x, y in zip(a[key] if key != "logits" else [a[key]], b[key] if key != "logits" else [b[key]]):
+            torch.testing.assert_close(y, x, atol=1e-6, rtol=1e-5)
+    replicated.close()
+    partitioned.close()
+
+
+def test_bf16_trains_through_a_shrink(tmp_path):
+    args = STEPS + ["deepspeed.bf16.enabled=true", "deepspeed.zero_optimization.stage=2", "pruning.shrink_interval=2"]
+    run_inprocess(tiny_overrides(tmp_path / "bf16") + args).close()
+    run_inprocess(tiny_overrides(tmp_path / "fp32") + STEPS + ["pruning.shrink_interval=2"]).close()
+    bf16, fp32 = torch.tensor(losses(tmp_path / "bf16")), torch.tensor(losses(tmp_path / "fp32"))
+    assert torch.isfinite(bf16).all()
+    torch.testing.assert_close(bf16, fp32, atol=0.1, rtol=0.02)  # bf16 keeps ~3 significant digits
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("model.teacher=/no/such/teacher", "model.teacher: no such directory: /no/such/teacher"),
+    ("data.source=/no/such/text.txt", "nor an existing path"),
+    ("trainer.output_dir=/proc/homodistil", "trainer.output_dir '/proc/homodistil' is not writable"),
+    ("pruning.sparsity.hidden=0.25", "must equal pruning.sparsity.hidden"),
+])
+def test_setup_errors_are_one_line(tmp_path, capsys, override, expected):
+    code = main(["distill", "configs/demo.yaml", *tiny_overrides(tmp_path / "x"), override])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and expected in err, err
