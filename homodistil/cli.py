@@ -17,20 +17,15 @@ EPILOG = """examples:
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors a user can cause (config, data, paths, models): one line on stderr, exit code 2."""
     from homodistil.config import ConfigError
     from homodistil.data.corpora import DataError
+    from homodistil.engine.export import ExportError
+    from homodistil.engine.losses import LossError
+    from homodistil.engine.models import ModelError
     from homodistil.pruning.adapters import AdapterError
 
-    errors = [ConfigError, DataError, AdapterError]
-    try:
-        from homodistil.engine.export import ExportError
-        from homodistil.engine.losses import LossError
-        from homodistil.engine.models import ModelError
-
-        errors += [ExportError, LossError, ModelError]
-    except ImportError:
-        pass
-    return tuple(errors)
+    return ConfigError, DataError, AdapterError, ExportError, LossError, ModelError
 
 
 def _distill(args) -> int:

@@ -23,7 +23,10 @@ def run_inprocess(overrides: list[str], train: bool = True):
 
 def run_torchrun(overrides: list[str], nproc: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", "0",
+    from homodistil.engine.dist import _free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_port", str(_free_port()),
            "-m", "homodistil.cli", "distill", str(REPO / "configs" / "demo.yaml"), *overrides]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -11,8 +11,9 @@ Debian packages installed by :func:`ensure_slurm`::
     apt-get install -y --no-install-recommends slurmctld slurmd slurm-client munge
 
 Facts this relies on (Debian 12, Slurm 22.05, checked on a 2-core CPU box without systemd):
-- munged must run as the ``munge`` user and needs ``/run/munge`` to exist first; the packages
-  do not start any service on install.
+- munged must run as the ``munge`` user; the packages do not start any service on install.
+  Each cluster runs its own munged (key, socket and pid file under its root directory, named
+  in ``AuthInfo=socket=``), so concurrent test runs neither share nor stop one another's.
 - ``ProctrackType=proctrack/linuxproc`` and ``TaskPlugin=task/none`` work without cgroups.
 - ``MinJobAge=5``: otherwise ``sbatch --wait`` polls for up to 32 s after a job ends.
 - ``EnforcePartLimits=ALL``: otherwise an impossible request pends forever instead of being
@@ -21,6 +22,9 @@ Facts this relies on (Debian 12, Slurm 22.05, checked on a 2-core CPU box withou
   resolve (the job's first node name becomes MASTER_ADDR), so they are added to /etc/hosts
   (and removed again) when they do not resolve already.
 - A cancelled job still lets ``sbatch --wait`` exit 0: callers must check the job's output.
+- A requeued job is held ~2 min (its begin time). Moving that to ``now`` can start it within
+  the second of the requeue, when slurmd still sees its credential as revoked and the job
+  FAILS ("Killing non-startable batch job: Job credential revoked"): use ``now+2``.
 """
 from __future__ import annotations
 
@@ -77,14 +81,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _munge_works() -> bool:
+def _munge_works(socket_path: Path | None = None) -> bool:
     if not shutil.which("munge"):
         return False
+    sock = ["--socket", str(socket_path)] if socket_path else []
     try:
-        cred = subprocess.run(["munge", "-n"], capture_output=True, timeout=10)
+        cred = subprocess.run(["munge", "-n", *sock], capture_output=True, timeout=10)
         if cred.returncode != 0:
             return False
-        check = subprocess.run(["unmunge"], input=cred.stdout, capture_output=True, timeout=10)
+        check = subprocess.run(["unmunge", *sock], input=cred.stdout, capture_output=True, timeout=10)
         return check.returncode == 0
     except subprocess.TimeoutExpired:
         return False
@@ -141,18 +146,23 @@ class SlurmCluster:
         return self
 
     def _start_munge(self) -> None:
-        if _munge_works():
-            return
-        run_dir = Path("/run/munge")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        shutil.chown(run_dir, "munge", "munge")
-        run_dir.chmod(0o755)
-        key = Path("/etc/munge/munge.key")
-        if not key.exists():
-            _run(["runuser", "-u", "munge", "--", "/usr/sbin/mungekey", "--create"], check=False)
-        started = _run(["runuser", "-u", "munge", "--", "/usr/sbin/munged"], timeout=30, check=False)
-        self._started_munged = started.returncode == 0  # else another test run may have just started it
-        _wait_for(_munge_works, 15, "munged: " + started.stderr.strip())
+        """A private munged (own key, socket, pid file under root/munge) for this cluster only:
+        test runs side by side never share or stop each other's munged."""
+        mdir = self.root / "munge"
+        mdir.mkdir(parents=True, exist_ok=True)
+        self.root.chmod(0o755)
+        self.munge_socket = mdir / "munge.socket"
+        key = mdir / "munge.key"
+        key.write_bytes(os.urandom(1024))
+        for path in (mdir, key):
+            shutil.chown(path, "munge", "munge")
+        mdir.chmod(0o755)  # munged: "execute permissions for all required" on the socket dir
+        key.chmod(0o400)
+        _run(["runuser", "-u", "munge", "--", "/usr/sbin/munged", f"--socket={self.munge_socket}",
+              f"--key-file={key}", f"--pid-file={mdir / 'munged.pid'}", f"--log-file={mdir / 'munged.log'}",
+              f"--seed-file={mdir / 'munged.seed'}"], timeout=30)
+        self._started_munged = True
+        _wait_for(lambda: _munge_works(self.munge_socket), 15, "munged", mdir / "munged.log")
 
     def _ensure_hosts(self) -> None:
         missing = []
@@ -205,6 +215,7 @@ SlurmctldPort={self.ctld_port}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+AuthInfo=socket={self.munge_socket}
 CredType=cred/munge
 MpiDefault=none
 ProctrackType=proctrack/linuxproc
@@ -250,8 +261,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
             _run(["slurmd", "-N", node, "-f", str(self.conf)], env=env, timeout=60)
 
         def nodes_idle() -> bool:
-            out = _run(["sinfo", "-h", "-N", "-o", "%N %t"], env=env, check=False).stdout.split("\n")
-            states = dict(line.split() for line in out if line.strip())
+            states = self.node_states()
             return all(states.get(n, "").rstrip("*") == "idle" for n in self.node_names)
 
         _wait_for(nodes_idle, 60, "the slurmd nodes to become idle", log / f"slurmd-{self.node_names[-1]}.log")
@@ -271,7 +281,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
                 if pid and _alive(pid):
                     os.kill(pid, signal.SIGKILL)
         if self._started_munged:
-            pid = _read_pid(Path("/run/munge/munged.pid"))
+            pid = _read_pid(self.root / "munge" / "munged.pid")
             if pid and _alive(pid):
                 os.kill(pid, signal.SIGTERM)
             self._started_munged = False
@@ -311,6 +321,16 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
             if item.startswith("JobState="):
                 return item.split("=", 1)[1]
         return "GONE"
+
+    def node_states(self) -> dict[str, str]:
+        out = _run(["sinfo", "-h", "-N", "-o", "%N %t"], env=self.env(), check=False).stdout.splitlines()
+        return dict(line.split() for line in out if line.strip())
+
+    def wait_idle(self, timeout: float = 60) -> None:
+        """Until every node is idle (no job, nothing left to clean up), then one more second."""
+        _wait_for(lambda: all(s.rstrip("*") == "idle" for s in self.node_states().values()), timeout,
+                  "idle nodes", self.root / "log" / "slurmctld.log")
+        time.sleep(1.0)
 
     def scontrol(self, *args: str) -> str:
         return _run(["scontrol", *args], env=self.env()).stdout

@@ -33,9 +33,9 @@ LEAD, K, N = (3, 7), 37, 29
 #   neighbouring values; observed ≤ 5e-4 (about one ulp), tolerance 2e-3.
 # - bf16 (ulp 2⁻⁷ relative): the same at 8× the ulp, and worse: the interpreter *truncates*
 #   fp32 → bf16 (the GPU rounds to nearest), the reference rounds the pre-activation before
-#   GELU, and one ulp of each dz_m moves dW = Σ_m dz_m·x_m by up to Σ_m |dz_m·x_m|·2⁻⁸, which
-#   can be several ulps of a small, cancelling sum. Observed ≤ 2.7e-2 over ~300 seeded cases
-#   (worst: one live row), tolerance 4e-2.
+#   GELU, and one ulp of each dz_m moves dW = Σ_m dz_m·x_m by up to Σ_m |dz_m·x_m|·2⁻⁷,
+#   which can be several ulps of a small, cancelling sum. Observed ≤ 2.7e-2 over ~300 seeded
+#   cases (worst: one live row), tolerance 4e-2.
 # A kernel bug (a skipped tile, a wrong gather) gives errors of O(1), far above all three.
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 4e-2}
 
@@ -121,7 +121,8 @@ def force_triton(monkeypatch):
 @pytest.mark.parametrize("has_bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("pattern", PATTERNS)
 def test_matches_references(force_triton, pattern, has_bias, activation, dtype):
-    gen = torch.Generator().manual_seed(zlib.crc32(f"{pattern}{has_bias}{activation}{dtype}".encode()))
+    case = f"{pattern}{has_bias}{activation}{dtype}"
+    gen = torch.Generator().manual_seed(zlib.crc32(case.encode()))
     out_mask, in_mask = make_masks(pattern, gen)
     x, w, b, dy = make_inputs(dtype, has_bias, gen)
     args = (out_mask, in_mask, activation)
@@ -131,7 +132,8 @@ def test_matches_references(force_triton, pattern, has_bias, activation, dtype):
     y_ref, grads_ref = run(masked_linear_reference, x, w, b, dy, *args)
     y_shr, grads_shr = run(shrunk_linear, x, w, b, dy, *args)
     names = ("dX", "dW", "db")
-    for ref_name, yr, gr in (("reference", y_ref, grads_ref), ("shrunk F.linear", y_shr, grads_shr)):
+    for ref_name, yr, gr in (("reference", y_ref, grads_ref),
+                             ("shrunk F.linear", y_shr, grads_shr)):
         assert_close(y, yr, dtype, f"y vs {ref_name}")
         for name, g, g_r in zip(names, grads, gr):
             if g_r is None:

@@ -54,8 +54,8 @@ def cluster():
         pytest.skip(f"no local Slurm cluster: {err}")
     # HOMODISTIL_TEST_SLURM_ROOT=/some/dir keeps the cluster's logs and state there for debugging
     c = SlurmCluster(nodes=2, root=os.environ.get("HOMODISTIL_TEST_SLURM_ROOT") or None)
-    c.start()
     try:
+        c.start()
         yield c
     finally:
         c.stop()
@@ -182,8 +182,11 @@ def test_time_limit_signal_saves_requeues_and_resumes(cluster, corpus, tmp_path)
             if not seen or seen[-1] != state:
                 seen.append(state)
                 if state == "PENDING" and "RUNNING" in seen:
-                    # Slurm holds a requeued job for ~2 min before it may start again; skip that wait.
-                    cluster.scontrol("update", f"JobId={job_id}", "StartTime=now")
+                    # Slurm holds a requeued job for ~2 min before it may start again. Shorten that,
+                    # but not to "now": a relaunch within the second of the requeue finds the job's
+                    # credential revoked ("Killing non-startable batch job") and the job FAILS.
+                    cluster.wait_idle()
+                    cluster.scontrol("update", f"JobId={job_id}", "StartTime=now+2")
             time.sleep(0.3)
         log = read_log(log_path)
         assert state == "COMPLETED", f"{seen}\n{log[-3000:]}"

@@ -8,7 +8,8 @@ Sources (``data.source``; a list of them is mixed, see :func:`load_text`):
   PyPI ``rdata``), one chapter per document.
 - ``pydocs``: the Python 3 documentation sources from Debian ``python3.X-doc`` (reST turned
   into plain prose: code blocks, doctests, directives and markup dropped), one page per document.
-- ``embedded``: all four above, interleaved (~15 MB of English text).
+- ``embedded``: all four above, interleaved round-robin (~20 MB of English text: kjv 4.1 MB,
+  shakespeare 4.9 MB, austen 4.0 MB, pydocs 7.1 MB of UTF-8).
 - a local ``.txt``/``.md`` file (one document per blank-line-separated block), a ``.jsonl``
   file (``text_field`` per line), or a directory of such files.
 - ``hub:NAME[:CONFIG]``: a Hugging Face dataset (needs internet), streamed when asked.
@@ -163,6 +164,12 @@ def check_sources(names: Sequence[str] | None = None) -> dict[str, str | None]:
         except DataError as err:
             out[name] = str(err)
     return out
+
+
+def describe_sources(names: Sequence[str] | None = None) -> str:
+    """:func:`check_sources` as printable lines (``name: ok`` or ``name: missing -- fix``)."""
+    return "\n".join(f"{name}: ok" if problem is None else f"{name}: missing -- {problem}"
+                     for name, problem in check_sources(names).items())
 
 
 # --------------------------------------------------------------------------------------------

@@ -39,10 +39,12 @@ def kernel_backend(tensor: torch.Tensor) -> str:
     if forced in BACKENDS:
         backend, why = forced, f"{ENV_VAR}={forced}"
     elif forced in ("", "auto"):
-        use_triton = tensor.is_cuda and _triton_has_gpu_driver()
-        backend = "triton" if use_triton else "torch"
-        why = f"tensor on {tensor.device.type}" + ("" if use_triton or not tensor.is_cuda
-                                                   else ", triton has no GPU driver")
+        if not tensor.is_cuda:
+            backend, why = "torch", f"tensor on {tensor.device.type}"
+        elif _triton_has_gpu_driver():
+            backend, why = "triton", "tensor on cuda"
+        else:
+            backend, why = "torch", "tensor on cuda, but triton cannot compile for this GPU"
     else:
         raise ValueError(f"{ENV_VAR}={forced!r}: expected one of auto, triton, torch")
     if backend not in _logged:

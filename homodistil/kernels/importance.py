@@ -139,7 +139,7 @@ def importance_triton(
     interpreted = check_launchable(_importance_kernel, weight)
     n, k = weight.shape if weight.dim() == 2 else (weight.shape[0], 1)
     w = weight.contiguous()
-    g = ema = unc = w  # placeholders, never read for magnitude
+    g = ema = unc = w  # placeholders for the operands this metric does not read
     if metric != "magnitude":
         if grad is None:
             raise ValueError(f"metric {metric!r} needs a gradient")

@@ -285,7 +285,8 @@ def _launch(kernel, tuned, interpreted: bool, grid, *args, **meta) -> None:
         tuned[grid](*args, **meta)
 
 
-def _live_first(mask: torch.Tensor | None, n: int, name: str, device) -> tuple[torch.Tensor | None, int]:
+def _live_first(mask: torch.Tensor | None, n: int, name: str,
+                device: torch.device) -> tuple[torch.Tensor | None, int]:
     """Live-first permutation (n,) int32 of a bool mask, and the live count.
 
     None when every unit is live (the kernels then skip the gather). One host sync per mask.

