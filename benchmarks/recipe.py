@@ -14,6 +14,7 @@ Timings are medians over the steps after a warm-up, from the recipe's own ``time
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -42,8 +43,6 @@ def run(overrides: list[str], out: Path, measure_shrink: bool = False):
         recipe._shrink = timed
     recipe.train()
     recipe.close()
-    import json
-
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return rows, shrink_times, recipe
 
@@ -85,30 +84,32 @@ def main() -> int:
                                 tmp / "distill_imp")
         mlm, _, _ = run(base + no_pruning + ["loss.alpha_pred=0", "loss.alpha_hidden=0", "loss.alpha_attention=0"],
                         tmp / "mlm")
+        mlm_only = ["loss.alpha_pred=0", "loss.alpha_hidden=0", "loss.alpha_attention=0"]
         widths = {}
         for s in (0.5, 0.75):
-            rows, shrinks, recipe = run(base + shrunk_to(s), tmp / f"s{s}", measure_shrink=True)
-            widths[s] = (median_step(rows, args.warmup + 2), rows[-1]["prune/live_params"], shrinks)
+            rows, shrinks, _ = run(base + shrunk_to(s), tmp / f"s{s}", measure_shrink=True)
+            mlm_rows, _, _ = run(base + shrunk_to(s) + mlm_only, tmp / f"mlm{s}")
+            widths[s] = (median_step(rows, args.warmup + 2), median_step(mlm_rows, args.warmup + 2),
+                         rows[-1]["prune/live_params"], shrinks)
         full_params = distill[-1]["prune/live_params"]
 
     t_distill = median_step(distill_imp, args.warmup)
     t_distill_noimp = median_step(distill, args.warmup)
     t_mlm = median_step(mlm, args.warmup)
     print(f"\nshape: hidden {args.hidden}, {args.layers} layers, {args.heads} heads, FFN {args.ffn}; "
-          f"batch {args.batch} × {args.seq} tokens; {os.cpu_count()} CPU threads; torch threads {__import__('torch').get_num_threads()}")
-    print(f"{'measure':58s} {'value':>10s} {'goal':>12s}")
-    print(f"{'distill step (with importance) / plain MLM step':58s} {t_distill / t_mlm:10.2f} {'<= 1.40':>12s}")
-    print(f"{'distill step (no importance) / plain MLM step':58s} {t_distill_noimp / t_mlm:10.2f} {'':>12s}")
-    print(f"{'  (seconds: distill, distill w/o importance, MLM)':58s} "
-          f"{t_distill:.3f} {t_distill_noimp:.3f} {t_mlm:.3f}")
-    for s, (t, live, shrinks) in widths.items():
-        pct = int(round(100 * (1 - s)))
-        time_ratio, param_ratio = t / t_distill_noimp, live / full_params
-        print(f"{f'{pct}% width: step time / full width':58s} {time_ratio:10.2f} "
-              f"{f'~{param_ratio:.2f} ±20%':>12s}")
-        print(f"{f'{pct}% width: live parameters / full width':58s} {param_ratio:10.2f} {'':>12s}")
-        print(f"{f'{pct}% width: one shrink / one full-width step':58s} {shrinks[0] / t_distill_noimp:10.2f} "
-              f"{f'({shrinks[0]:.2f}s)':>12s}")
+          f"batch {args.batch} x {args.seq} tokens; torch threads {__import__('torch').get_num_threads()}")
+    print(f"{'measure':62s} {'value':>8s} {'goal':>14s}")
+    print(f"{'distill step (with importance) / plain MLM step':62s} {t_distill / t_mlm:8.2f} {'<= 1.40':>14s}")
+    print(f"{'distill step (no importance) / plain MLM step':62s} {t_distill_noimp / t_mlm:8.2f}")
+    print(f"  seconds: distill {t_distill:.3f}, distill w/o importance {t_distill_noimp:.3f}, MLM {t_mlm:.3f}")
+    for s, (t, t_plain, live, shrinks) in widths.items():
+        pct, ratio = int(round(100 * (1 - s))), live / full_params
+        print(f"{f'{pct}% width: live parameters / full width':62s} {ratio:8.2f}")
+        print(f"{f'{pct}% width: student MLM step / full width':62s} {t_plain / t_mlm:8.2f} "
+              f"{f'{0.8 * ratio:.2f}-{1.2 * ratio:.2f}':>14s}")
+        print(f"{f'{pct}% width: distill step (full-size teacher) / full width':62s} {t / t_distill_noimp:8.2f}")
+        print(f"{f'{pct}% width: one shrink / one full-width distill step':62s} "
+              f"{shrinks[0] / t_distill_noimp:8.2f}   ({shrinks[0]:.2f}s)")
     return 0
 
 

@@ -11,6 +11,7 @@ EPILOG = """examples:
   homodistil distill configs/demo.yaml trainer.max_steps=20 deepspeed.zero_optimization.stage=2
   torchrun --nproc_per_node 2 -m homodistil.cli distill configs/demo.yaml   # 2 processes
   homodistil export runs/demo runs/demo/exported            # dense HF model from a checkpoint
+  homodistil evaluate runs/demo/export --quick              # fine-tune + linear probe on offline tasks
   homodistil plan configs/homobert_base.yaml --gpu a100-80gb --nodes 1
 """
 
@@ -53,10 +54,17 @@ def _export(args) -> int:
     return 0
 
 
+def _evaluate(args) -> int:
+    from homodistil.eval.report import evaluate_main
+
+    evaluate_main(args.model_dirs, args.tasks, args.out, args.quick, teacher=args.teacher)
+    return 0
+
+
 def _plan(args) -> int:
     from homodistil.plan import plan_main
 
-    return plan_main(args.rest)
+    return plan_main(args.rest[1:] if args.rest[:1] == ["--"] else args.rest)
 
 
 def _has_cuda() -> bool:
@@ -81,6 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="run directory, its checkpoints/ directory, or one checkpoint directory")
     p.add_argument("out_dir", help="where to write config.json, model.safetensors and the tokenizer")
     p.set_defaults(func=_export)
+    p = sub.add_parser("evaluate", help="fine-tune and probe exported models on downstream tasks")
+    p.add_argument("model_dirs", nargs="+", help="exported model directories (e.g. runs/demo/export)")
+    p.add_argument("--teacher", help="the teacher's model directory, listed first for comparison")
+    p.add_argument("--tasks", default=None,
+                   help="comma-separated: rt-polarity, rt-score, tweets-3class, the GLUE tasks (cola ... rte), "
+                        "squad, squad_v2, NAME=DIR for local files, or the groups offline/glue "
+                        "(default: the offline tasks whose data is installed)")
+    p.add_argument("--out", default="runs/eval", help="where eval_results.json / .md go (default: runs/eval)")
+    p.add_argument("--quick", action="store_true", help="capped data and one epoch: minutes on a CPU")
+    p.set_defaults(func=_evaluate)
     p = sub.add_parser("plan", help="memory per GPU and run time for a config on a cluster", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=_plan)
@@ -88,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["plan"]:  # `plan` has its own parser (homodistil.plan), --help included
+        argv = ["plan", "--", *argv[1:]]
     args = build_parser().parse_args(argv)
     if getattr(args, "config", None) == "defaults":
         args.config = None

@@ -280,12 +280,39 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
                     time.sleep(0.2)
                 if pid and _alive(pid):
                     os.kill(pid, signal.SIGKILL)
+            self._kill_leftovers()
         if self._started_munged:
             pid = _read_pid(self.root / "munge" / "munged.pid")
             if pid and _alive(pid):
                 os.kill(pid, signal.SIGTERM)
             self._started_munged = False
         self._remove_hosts()
+
+    def _kill_leftovers(self, grace: float = 5.0) -> None:
+        """Job steps survive ``scontrol shutdown`` (slurmstepd outlives slurmd by design): end every
+        process that runs with this cluster's SLURM_CONF (daemons, slurmstepd, job scripts, tasks)."""
+        marker = f"SLURM_CONF={self.conf}".encode()
+        mine = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                if marker in (entry / "environ").read_bytes().split(b"\0"):
+                    mine.append(int(entry.name))
+            except OSError:
+                continue
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in mine:
+                try:
+                    os.kill(pid, sig)
+                except OSError:
+                    pass
+            deadline = time.monotonic() + grace
+            while any(_alive(p) for p in mine) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            mine = [p for p in mine if _alive(p)]
+            if not mine:
+                return
 
     def cleanup(self) -> None:
         if self._own_root:

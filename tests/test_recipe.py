@@ -25,7 +25,7 @@ STEPS = ["trainer.max_steps=6", "pruning.t_f=4"]
 
 def _outputs(recipe, batch):
     with torch.no_grad():
-        out = recipe.engine(batch["input_ids"], batch["attention_mask"], True, True)
+        out = recipe.engine(batch["input_ids"], batch["attention_mask"], batch["labels"] != -100, True, True)
     return {"logits": out["logits"].float(), "hidden": torch.stack(out["hidden"]).float(),
             "attentions": torch.stack(out["attentions"]).float()}
 
@@ -83,11 +83,13 @@ def test_world_size_2_matches_world_size_1(tmp_path):
         torch.testing.assert_close(s2["state"][name]["ema"], s1["state"][name]["ema"], rtol=1e-4, atol=1e-12)
 
 
-def test_resume_is_exact_across_a_shrink(tmp_path):
+@pytest.mark.parametrize("streaming", [False, True], ids=["blocks", "streaming"])
+def test_resume_is_exact_across_a_shrink(tmp_path, streaming):
     """Stopped at step 4 and resumed: the same final weights as an uninterrupted run, with
-    dropout on (so the RNG state must be restored) and a shrink at step 6 after the resume."""
+    dropout on (so the RNG state must be restored) and a shrink at step 6 after the resume;
+    for pre-built blocks and for a streamed corpus (whose position is in the checkpoint)."""
     args = ["trainer.max_steps=8", "pruning.t_f=6", "pruning.shrink_interval=3", "trainer.save_every=4",
-            "model.dropout=0.1", "deepspeed.zero_optimization.stage=2"]
+            "model.dropout=0.1", "deepspeed.zero_optimization.stage=2", f"data.streaming={str(streaming).lower()}"]
     run_inprocess(tiny_overrides(tmp_path / "full") + args).close()
     resumed = tmp_path / "resumed" / "checkpoints"
     resumed.mkdir(parents=True)
@@ -140,8 +142,9 @@ def test_teacher_partitioned_with_zero3_matches_replicated(tmp_path):
     replicated = run_inprocess(tiny_overrides(tmp_path / "r") + STEPS, train=False)
     partitioned = run_inprocess(tiny_overrides(tmp_path / "p") + STEPS + ["model.teacher_zero3=true"], train=False)
     batch = replicated._batch(0)
-    a = teacher_outputs(replicated.teacher, batch, True, True, replicated.hidden_pairs, replicated.attention_pairs)
-    b = teacher_outputs(partitioned.teacher, batch, True, True, partitioned.hidden_pairs, partitioned.attention_pairs)
+    a = teacher_outputs(replicated.teacher, "cls", batch, True, True, replicated.hidden_pairs, replicated.attention_pairs)
+    b = teacher_outputs(partitioned.teacher, "cls", batch, True, True, partitioned.hidden_pairs,
+                        partitioned.attention_pairs)
     assert not any(p.requires_grad for p in partitioned.teacher.module.parameters())
     assert all(p.numel() == 0 for p in partitioned.teacher.module.parameters())  # partitioned away
     for key in ("logits", "hidden", "attentions"):

@@ -91,7 +91,7 @@ def assert_checkpoint(run_dir: Path, step: int, world: int) -> None:
     assert (ckpt / "latest").read_text().strip() == tag, f"latest is not {tag}: {sorted(os.listdir(ckpt))}"
     assert (ckpt / tag / "COMPLETE").exists()
     for rank in range(world):  # every rank wrote its RNG state: every rank reached this step
-        assert (ckpt / tag / f"rng_rank{rank}.pt").exists(), f"rank {rank} did not save at step {step}"
+        assert (ckpt / tag / f"rank{rank}.pt").exists(), f"rank {rank} did not save at step {step}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import datasets
 import torch
 
 from .corpora import DataError, load_text
@@ -103,6 +104,15 @@ class MLMBatches:
                      "vocab_size": len(tokenizer)}
         self._perm_epoch, self._perm = -1, None
 
+    def describe(self) -> str:
+        return f"{len(self.train)} training blocks, {len(self.heldout)} held out"
+
+    def state_dict(self) -> dict:
+        return {}  # the position is the step: batches are a pure function of it
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
     def _block_index(self, sample: int) -> tuple[int, int]:
         epoch, pos = divmod(sample, len(self.train))
         if epoch != self._perm_epoch:
@@ -129,3 +139,66 @@ class MLMBatches:
         for start in range(0, n, batch_size):
             idx = range(start, min(n, start + batch_size))
             yield self._make(self.heldout, [(0, i) for i in idx], tag=1)
+
+
+class MLMStream:
+    """MLM batches packed on the fly from a document stream (Wikipedia/BookCorpus scale).
+
+    Rank ``r`` of ``w`` reads documents ``r, r+w, …`` (``datasets.distributed.split_dataset_by_node``)
+    and packs its own blocks, so no rank tokenizes what another rank trains on. The data
+    position is per rank — documents consumed plus the unfinished token buffer — and is
+    saved with each checkpoint, so a resumed run continues the stream where it stopped
+    (at the same world size). Masking is keyed on (seed, rank, sample), as reproducible as
+    the stream's order.
+    """
+
+    def __init__(self, dataset, tokenizer, *, max_seq_length: int, mlm_probability: float, seed: int,
+                 rank: int, world: int):
+        from datasets.distributed import split_dataset_by_node  # noqa: PLC0415
+
+        if isinstance(dataset, datasets.Dataset):
+            dataset = dataset.to_iterable_dataset()
+        self.dataset = split_dataset_by_node(dataset, rank=rank, world_size=world)
+        self.tokenizer, self.block, self.p, self.seed, self.rank = tokenizer, max_seq_length, mlm_probability, seed, rank
+        self.info = {"special_ids": sorted(set(tokenizer.all_special_ids)), "mask_id": tokenizer.mask_token_id,
+                     "vocab_size": len(tokenizer)}
+        self.docs, self.buffer, self.samples = 0, [], 0
+        self._iter = None
+        self.heldout = torch.empty(0, max_seq_length, dtype=torch.int32)  # no held-out split when streaming
+
+    def describe(self) -> str:
+        return f"streaming, rank {self.rank} at document {self.docs}"
+
+    def _next_block(self) -> torch.Tensor:
+        body = self.block - 2
+        while len(self.buffer) < body:
+            if self._iter is None:
+                self._iter = iter(self.dataset.skip(self.docs))
+            try:
+                text = next(self._iter)["text"]
+            except StopIteration:
+                raise DataError(f"the text stream ended after {self.docs} documents on rank {self.rank}: "
+                                f"lower trainer.max_steps or add data") from None
+            self.docs += 1
+            ids = self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+            if ids:
+                self.buffer.extend(ids + [self.tokenizer.sep_token_id])
+        core, self.buffer = self.buffer[:body], self.buffer[body:]
+        return torch.tensor([self.tokenizer.cls_token_id, *core, self.tokenizer.sep_token_id], dtype=torch.int32)
+
+    def batch(self, step: int, micro: int, *, grad_accum: int, micro_batch: int, rank: int, world: int):
+        inputs, labels = [], []
+        for _ in range(micro_batch):
+            x, y = mask_tokens(self._next_block(), self.info, self.p, _generator(self.seed, 2, self.rank, self.samples))
+            self.samples += 1
+            inputs.append(x)
+            labels.append(y)
+        input_ids = torch.stack(inputs)
+        return {"input_ids": input_ids, "labels": torch.stack(labels), "attention_mask": torch.ones_like(input_ids)}
+
+    def state_dict(self) -> dict:
+        return {"docs": self.docs, "buffer": list(self.buffer), "samples": self.samples}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.docs, self.buffer, self.samples = state["docs"], list(state["buffer"]), state["samples"]
+        self._iter = None

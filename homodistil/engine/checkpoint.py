@@ -6,7 +6,7 @@ Layout under ``<output_dir>/checkpoints/``::
     step00000040/               DeepSpeed files (model, optimizer, LR scheduler; per rank)
         meta.json               step, widths, teacher config, tokenizer: enough to rebuild
         pruner.pt               masks, scores, importance state (identical on all ranks)
-        rng_rank{r}.pt          each rank's torch/python/numpy RNG state
+        rank{r}.pt              each rank's RNG state (torch/python/numpy) and data position
         COMPLETE                written last, after every rank finished
 
 An interrupted save leaves a directory without ``COMPLETE``; ``latest`` still names the
@@ -72,14 +72,15 @@ def remove_incomplete(root: Path) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
-def save(engine, root: Path, step: int, meta: dict, pruner_state: dict, rank: int, keep_last: int = 2) -> str:
+def save(engine, root: Path, step: int, meta: dict, pruner_state: dict, rank: int, data_state: dict,
+         keep_last: int = 2) -> str:
     """Save a checkpoint collectively (every rank calls this); returns its tag."""
     tag = f"step{step:08d}"
     if rank == 0:
         remove_incomplete(root)
     dist.barrier()
     engine.save_checkpoint(str(root), tag=tag, save_latest=False)
-    torch.save(rng_state(), root / tag / f"rng_rank{rank}.pt")
+    torch.save({"rng": rng_state(), "data": data_state}, root / tag / f"rank{rank}.pt")
     if rank == 0:
         torch.save(pruner_state, root / tag / PRUNER)
         (root / tag / META).write_text(json.dumps(meta, indent=1))
@@ -98,9 +99,9 @@ def read_meta(root: Path, tag: str) -> dict:
 
 
 def load_run_state(root: Path, tag: str, rank: int) -> tuple[dict, dict]:
-    """(pruner state, this rank's RNG state); a rank missing from the checkpoint takes rank 0's."""
-    rng_file = root / tag / f"rng_rank{rank}.pt"
-    if not rng_file.exists():
-        rng_file = root / tag / "rng_rank0.pt"
+    """(pruner state, this rank's {"rng", "data"}); a rank missing from the checkpoint takes rank 0's."""
+    rank_file = root / tag / f"rank{rank}.pt"
+    if not rank_file.exists():
+        rank_file = root / tag / "rank0.pt"
     return (torch.load(root / tag / PRUNER, weights_only=False),
-            torch.load(rng_file, weights_only=False))
+            torch.load(rank_file, weights_only=False))

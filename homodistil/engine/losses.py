@@ -24,17 +24,17 @@ def prediction_kl(s_logits: torch.Tensor, t_logits: torch.Tensor, temperature: f
 def distill_losses(cfg: LossConfig, labels: torch.Tensor, student: dict, teacher: dict) -> dict[str, torch.Tensor]:
     """All loss terms and their weighted sum ``loss``.
 
-    ``student``/``teacher``: ``logits`` (B, T, V), ``hidden`` (list of (B, T, H_teacher) —
+    ``student``/``teacher``: ``logits`` (M, V) at the M scored positions, ``hidden`` (list of (B, T, H_teacher) —
     the student's already projected), ``attentions`` (list of (B, heads, T, T)).
     labels (B, T): token ids at masked positions, -100 elsewhere.
     """
     scored = labels != -100  # (B, T)
     terms: dict[str, torch.Tensor] = {}
-    s_logits = student["logits"][scored]  # (M, V)
+    s_logits = student["logits"]  # (M, V)
     if cfg.alpha_lm:
         terms["lm"] = F.cross_entropy(s_logits.float(), labels[scored])
     if cfg.alpha_pred:
-        terms["kl"] = prediction_kl(s_logits, teacher["logits"][scored], cfg.temperature)
+        terms["kl"] = prediction_kl(s_logits, teacher["logits"], cfg.temperature)
     if cfg.alpha_hidden:
         terms["hidden"] = sum(F.mse_loss(s.float(), t.float()) for s, t in zip(student["hidden"], teacher["hidden"]))
     if cfg.alpha_attention:

@@ -73,9 +73,10 @@ class Student(nn.Module):
     export (DESIGN §1).
     """
 
-    def __init__(self, lm: nn.Module, hidden_pairs: list[tuple[int, int]], teacher_hidden: int):
+    def __init__(self, lm: nn.Module, hidden_pairs: list[tuple[int, int]], teacher_hidden: int, head: str):
         super().__init__()
         self.lm = lm
+        self.head = head
         self.hidden_pairs = hidden_pairs
         width = lm.config.hidden_size
         self.proj = nn.ModuleList(nn.Linear(width, teacher_hidden, bias=False) for _ in hidden_pairs)
@@ -83,21 +84,34 @@ class Student(nn.Module):
             for p in self.proj:
                 p.weight.copy_(torch.eye(teacher_hidden, width))
 
-    def forward(self, input_ids, attention_mask, want_hidden: bool, want_attentions: bool):
-        out = self.lm(input_ids=input_ids, attention_mask=attention_mask,
-                      output_hidden_states=want_hidden, output_attentions=want_attentions)
-        hidden = [p(out.hidden_states[s]) for p, (_, s) in zip(self.proj, self.hidden_pairs)] if want_hidden else []
-        return {"logits": out.logits, "hidden": hidden, "attentions": list(out.attentions or [])}
+    def forward(self, input_ids, attention_mask, scored, want_hidden: bool, want_attentions: bool):
+        out = masked_lm_forward(self.lm, self.head, input_ids, attention_mask, scored, want_hidden, want_attentions)
+        hidden = out.pop("hidden_states")
+        out["hidden"] = [p(hidden[s]) for p, (_, s) in zip(self.proj, self.hidden_pairs)] if want_hidden else []
+        return out
 
 
-def teacher_outputs(teacher: nn.Module, batch: dict, want_hidden: bool, want_attentions: bool,
+def masked_lm_forward(lm: nn.Module, head: str, input_ids, attention_mask, scored, want_hidden, want_attentions):
+    """The LM with its head (submodule ``head``) applied at the ``scored`` (B, T) positions only.
+
+    The vocabulary projection is the largest GEMM of a small LM (T·H·V per sequence) and the
+    losses read it at the masked positions only, so logits are (M, V), M = scored.sum().
+    """
+    out = lm.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                        output_hidden_states=want_hidden, output_attentions=want_attentions)
+    return {"logits": lm.get_submodule(head)(out.last_hidden_state[scored]),
+            "hidden_states": out.hidden_states, "attentions": list(out.attentions or [])}
+
+
+def teacher_outputs(teacher: nn.Module, head: str, batch: dict, want_hidden: bool, want_attentions: bool,
                     hidden_pairs, attention_pairs) -> dict:
+    module = getattr(teacher, "module", teacher)  # a ZeRO-3 engine or the model itself
     with torch.no_grad():
-        out = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                      output_hidden_states=want_hidden, output_attentions=want_attentions)
-    return {"logits": out.logits,
-            "hidden": [out.hidden_states[t] for t, _ in hidden_pairs] if want_hidden else [],
-            "attentions": [out.attentions[t] for t, _ in attention_pairs] if out.attentions else []}
+        out = masked_lm_forward(module, head, batch["input_ids"], batch["attention_mask"], batch["labels"] != -100,
+                                want_hidden, want_attentions)
+    return {"logits": out["logits"],
+            "hidden": [out["hidden_states"][t] for t, _ in hidden_pairs] if want_hidden else [],
+            "attentions": [out["attentions"][t] for t, _ in attention_pairs] if out["attentions"] else []}
 
 
 def student_groups(adapter, lm_config, n_proj: int) -> list[Group]:

@@ -17,7 +17,8 @@ import torch.distributed as dist
 from deepspeed import zero
 
 from homodistil.config import Config, ConfigError, dump_config
-from homodistil.data.mlm import MLMBatches, build_blocks
+from homodistil.data.corpora import load_text
+from homodistil.data.mlm import MLMBatches, MLMStream, build_blocks
 from homodistil.pruning.adapters import get_adapter
 from homodistil.pruning.groups import KINDS, live_numel, shrink_tensors
 from homodistil.pruning.masked import apply_masks, make_maskable
@@ -92,7 +93,7 @@ class Recipe:
         self.monitor = Monitor(self.out, self.rank, cfg.trainer.max_steps, self.step, cfg.trainer.progress)
         self.monitor.note(f"world size {self.world}, ZeRO stage {cfg.zero_stage}, "
                           f"{'bf16' if cfg.bf16 else 'fp32'}, teacher {cfg.model.teacher} "
-                          f"({self._param_count() / 1e6:.2f}M student parameters), {len(self.data.train)} training blocks"
+                          f"({self._param_count() / 1e6:.2f}M student parameters), data: {self.data.describe()}"
                           + (f"; resumed from step {self.step} ({tag})" if tag else ""))
         return self
 
@@ -109,8 +110,12 @@ class Recipe:
             unset_hf_deepspeed_config()
             del keep_alive
 
-    def _load_data(self) -> MLMBatches:
+    def _load_data(self) -> MLMBatches | MLMStream:
         d = self.cfg.data
+        if d.streaming:
+            return MLMStream(load_text(d.source, d.text_field, d.max_documents, streaming=True), self.tokenizer,
+                             max_seq_length=d.max_seq_length, mlm_probability=d.mlm_probability,
+                             seed=self.cfg.trainer.seed, rank=self.rank, world=self.world)
         cache = self.out / "cache"
         if self.rank == 0:  # rank 0 tokenizes and caches; the others read the cache
             blocks = build_blocks(d.source, self.tokenizer, d.max_seq_length, d.text_field, d.max_documents, cache)
@@ -136,7 +141,8 @@ class Recipe:
     def _build_student(self, kept: dict[str, int]):
         config = student_config(self.adapter, self.tcfg, kept, self.cfg.model)
         rng = torch.random.get_rng_state()  # building must not move the dropout RNG stream
-        student = Student(self.adapter.build(config, self.tcfg), self.hidden_pairs, self.tcfg.hidden_size)
+        student = Student(self.adapter.build(config, self.tcfg), self.hidden_pairs, self.tcfg.hidden_size,
+                          self.adapter.mlm_head)
         torch.random.set_rng_state(rng)
         groups = student_groups(self.adapter, config, len(self.hidden_pairs))
         make_maskable(student, groups)
@@ -174,9 +180,10 @@ class Recipe:
                 terms_sum: dict[str, float] = {}
                 for micro in range(cfg.grad_accum):
                     batch = self._batch(micro)
-                    student = self.engine(batch["input_ids"], batch["attention_mask"], want_hidden, want_attn)
-                    teacher = teacher_outputs(self.teacher, batch, want_hidden, want_attn, self.hidden_pairs,
-                                              self.attention_pairs) if self.needs_teacher else {}
+                    student = self.engine(batch["input_ids"], batch["attention_mask"], batch["labels"] != -100,
+                                          want_hidden, want_attn)
+                    teacher = teacher_outputs(self.teacher, self.adapter.mlm_head, batch, want_hidden, want_attn,
+                                              self.hidden_pairs, self.attention_pairs) if self.needs_teacher else {}
                     terms = distill_losses(cfg.loss, batch["labels"], student, teacher)
                     self.engine.backward(terms["loss"])
                     for k, v in terms.items():
@@ -283,7 +290,8 @@ class Recipe:
                 "world_size": self.world, "zero_stage": self.cfg.zero_stage}
 
     def save(self) -> str:
-        tag = checkpoint.save(self.engine, self.ckpt_root, self.step, self._meta(), self.pruner.state_dict(), self.rank)
+        tag = checkpoint.save(self.engine, self.ckpt_root, self.step, self._meta(), self.pruner.state_dict(),
+                              self.rank, self.data.state_dict())
         self._last_saved = self.step
         return tag
 
@@ -295,10 +303,14 @@ class Recipe:
                                                    load_lr_scheduler_states=True)
         if load_path is None:
             raise ConfigError(f"could not load checkpoint {self.ckpt_root / tag}")
-        pruner_state, rng = checkpoint.load_run_state(self.ckpt_root, tag, self.rank)
+        pruner_state, rank_state = checkpoint.load_run_state(self.ckpt_root, tag, self.rank)
         self.pruner.load_state_dict(pruner_state)
+        if self.cfg.data.streaming and meta["world_size"] != self.world:
+            raise ConfigError(f"{self.ckpt_root / tag}: a streamed run resumes at the world size it was saved "
+                              f"with ({meta['world_size']}), not {self.world}")
+        self.data.load_state_dict(rank_state.get("data", {}))
         apply_masks(self.engine.module, self.groups, {k: m.to(self.device) for k, m in self.pruner.masks.items()})
-        checkpoint.set_rng_state(rng)
+        checkpoint.set_rng_state(rank_state["rng"])
         self.step = self._last_saved = meta["step"]
 
     def export(self, out_dir: Path) -> None:
