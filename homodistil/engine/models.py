@@ -31,8 +31,30 @@ def _check_local(name: str, key: str) -> None:
         raise ModelError(f"{key}: no such directory: {name}")
 
 
+def teacher_source(cfg: ModelConfig) -> str | None:
+    """Where the teacher's weights come from (None for the tiny teacher built on the spot)."""
+    if cfg.teacher == "tiny":
+        return None
+    source = str(minilm_dir()) if cfg.teacher == "minilm" else cfg.teacher
+    _check_local(source, "model.teacher")
+    return source
+
+
+def teacher_config(source: str):
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"cannot load teacher '{source}': {str(err).splitlines()[0]}") from None
+    get_adapter(config.model_type)  # fails early, listing the supported types
+    return config
+
+
+def tokenizer_name(cfg: ModelConfig) -> str:
+    return cfg.tokenizer or (str(minilm_dir()) if cfg.teacher in ("tiny", "minilm") else cfg.teacher)
+
+
 def load_tokenizer(cfg: ModelConfig):
-    name = cfg.tokenizer or (str(minilm_dir()) if cfg.teacher == "tiny" else cfg.teacher)
+    name = tokenizer_name(cfg)
     _check_local(name, "model.tokenizer" if cfg.tokenizer else "model.teacher")
     try:
         return AutoTokenizer.from_pretrained(name)
@@ -40,9 +62,12 @@ def load_tokenizer(cfg: ModelConfig):
         raise ModelError(f"cannot load tokenizer '{name}': {str(err).splitlines()[0]}") from None
 
 
-def load_teacher(cfg: ModelConfig, vocab_size: int) -> nn.Module:
-    """The frozen teacher MLM in eval mode, fp32 on CPU (the engine moves and casts it)."""
-    if cfg.teacher == "tiny":
+def load_teacher(cfg: ModelConfig, vocab_size: int, path: str | None) -> nn.Module:
+    """The frozen teacher MLM in eval mode, fp32 on CPU (the engine moves and casts it).
+
+    ``path``: the weights to load (the prepared teacher, or ``teacher_source``); None: tiny.
+    """
+    if path is None:
         t = cfg.tiny
         config = BertConfig(vocab_size=vocab_size, hidden_size=t.hidden_size, num_hidden_layers=t.num_hidden_layers,
                             num_attention_heads=t.num_attention_heads, intermediate_size=t.intermediate_size,
@@ -53,13 +78,8 @@ def load_teacher(cfg: ModelConfig, vocab_size: int) -> nn.Module:
         model = BertForMaskedLM(config)
         torch.random.set_rng_state(rng)
     else:
-        _check_local(cfg.teacher, "model.teacher")
-        try:
-            config = AutoConfig.from_pretrained(cfg.teacher)
-        except (OSError, ValueError) as err:
-            raise ModelError(f"cannot load teacher '{cfg.teacher}': {str(err).splitlines()[0]}") from None
-        get_adapter(config.model_type)  # fails early, listing the supported types
-        model = AutoModelForMaskedLM.from_pretrained(cfg.teacher, attn_implementation=cfg.attn_implementation,
+        teacher_config(path)
+        model = AutoModelForMaskedLM.from_pretrained(path, attn_implementation=cfg.attn_implementation,
                                                      dtype=torch.float32)
     model.eval().requires_grad_(False)
     return model

@@ -28,7 +28,10 @@ from . import checkpoint
 from .dist import device, init_distributed
 from .export import export_dense
 from .losses import distill_losses
-from .models import Student, load_teacher, load_tokenizer, minilm_dir, student_config, student_groups, teacher_outputs
+from .models import (Student, load_teacher, load_tokenizer, student_config, student_groups, teacher_config,
+                     teacher_outputs, teacher_source, tokenizer_name)
+from .prepare import PREP_FILE, missing_head, prepare_teacher
+from .prepare import cache_dir as prepare_cache_dir
 from .monitor import Monitor
 from .zero import MOMENTS, full_grad, full_param, gather, restore
 
@@ -41,6 +44,12 @@ def _check_writable(path: Path) -> None:
         probe.unlink()
     except OSError as err:
         raise ConfigError(f"trainer.output_dir '{path}' is not writable: {err.strerror}") from None
+
+
+def _architecture(config: dict) -> dict:
+    """A model config without the fields that saving or loading rewrites."""
+    ignored = {"architectures", "dtype", "torch_dtype", "transformers_version", "_name_or_path"}
+    return {k: v for k, v in json.loads(json.dumps(config)).items() if k not in ignored}
 
 
 class Recipe:
@@ -61,8 +70,15 @@ class Recipe:
         torch.manual_seed(cfg.trainer.seed + self.rank)  # dropout differs per rank, as in any DP run
 
         self.tokenizer = load_tokenizer(cfg.model)
-        teacher = self._load_teacher()
+        self.data = self._load_data()
+        self.teacher_dir = self._teacher_path()
+        teacher = self._load_teacher(self.teacher_dir)
         self.tcfg = teacher.config
+        if self.teacher_dir is None:  # the tiny teacher: saved so that evaluation can compare with it
+            self.teacher_dir = str(self.out / "teacher")
+            if self.rank == 0:
+                teacher.save_pretrained(self.teacher_dir, safe_serialization=True)
+                self.tokenizer.save_pretrained(self.teacher_dir)
         self.adapter = get_adapter(self.tcfg.model_type)
         self.adapter.check_targets(self.tcfg, cfg.pruning.sparsity.model_dump())
         self.hidden_pairs = self.adapter.hidden_pairs(self.tcfg) if cfg.loss.alpha_hidden else []
@@ -70,10 +86,9 @@ class Recipe:
         self.prunes = any(s > 0 for s in cfg.pruning.sparsity.model_dump().values())
         self.needs_teacher = bool(cfg.loss.alpha_pred or cfg.loss.alpha_hidden or cfg.loss.alpha_attention)
 
-        self.data = self._load_data()
         tag = checkpoint.find_latest(self.ckpt_root) if cfg.trainer.resume else None
         meta = checkpoint.read_meta(self.ckpt_root, tag) if tag else None
-        if meta and meta["teacher_config"] != json.loads(json.dumps(self.tcfg.to_dict())):
+        if meta and _architecture(meta["teacher_config"]) != _architecture(self.tcfg.to_dict()):
             raise ConfigError(f"{self.ckpt_root / tag} was made with another teacher: use a new trainer.output_dir")
         self.kept = meta["kept"] if meta else self.adapter.kept(self.tcfg, dict.fromkeys(KINDS, 0.0))
         student, self.groups = self._build_student(self.kept)
@@ -97,15 +112,38 @@ class Recipe:
                           + (f"; resumed from step {self.step} ({tag})" if tag else ""))
         return self
 
-    def _load_teacher(self):
-        if not self.cfg.model.teacher_zero3 or self.cfg.model.teacher == "tiny":
-            return load_teacher(self.cfg.model, len(self.tokenizer))
+    def _teacher_path(self) -> str | None:
+        """The teacher's weights; a teacher without an MLM head is prepared first (rank 0, cached)."""
+        m = self.cfg.model
+        source = teacher_source(m)
+        if source is None or m.prepare.steps == 0:
+            return source
+        if not missing_head(source):
+            return source
+        if not isinstance(self.data, MLMBatches):
+            raise ConfigError(f"teacher '{m.teacher}' has no MLM head and preparing one needs pre-built blocks: "
+                              f"set data.streaming=false, or give a teacher with a head")
+        d = self.cfg.data
+        out = prepare_cache_dir(source, json.dumps([d.source, d.max_seq_length, d.mlm_probability, d.max_documents,
+                                                    tokenizer_name(m)]), m.prepare)
+        if self.rank == 0 and not (out / PREP_FILE).exists():
+            head = get_adapter(teacher_config(source).model_type).mlm_head
+            info = prepare_teacher(source, out, self.data, m.prepare, head, self.tokenizer, self.cfg.trainer.progress)
+            print(f"prepared the teacher's MLM head ({m.prepare.steps} steps): held-out masked-token accuracy "
+                  f"{100 * info['heldout_masked_accuracy_before']:.1f}% -> {100 * info['heldout_masked_accuracy']:.1f}%; "
+                  f"cached in {out}", flush=True)
+        dist.barrier()
+        return str(out)
+
+    def _load_teacher(self, path: str | None):
+        if not self.cfg.model.teacher_zero3 or path is None:
+            return load_teacher(self.cfg.model, len(self.tokenizer), path)
         from transformers.integrations import HfDeepSpeedConfig  # noqa: PLC0415
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config  # noqa: PLC0415
 
         keep_alive = HfDeepSpeedConfig(self._teacher_ds_config())  # partitions weights while loading
         try:
-            return load_teacher(self.cfg.model, len(self.tokenizer))
+            return load_teacher(self.cfg.model, len(self.tokenizer), path)
         finally:
             unset_hf_deepspeed_config()
             del keep_alive
@@ -284,7 +322,7 @@ class Recipe:
 
     # ------------------------------------------------------------------ checkpoints
     def _meta(self) -> dict:
-        tokenizer = self.cfg.model.tokenizer or (str(minilm_dir()) if self.cfg.model.teacher == "tiny" else self.cfg.model.teacher)
+        tokenizer = tokenizer_name(self.cfg.model)
         return {"step": self.step, "kept": self.kept, "teacher_config": self.tcfg.to_dict(),
                 "model_type": self.tcfg.model_type, "tokenizer": tokenizer, "n_proj": len(self.hidden_pairs),
                 "world_size": self.world, "zero_stage": self.cfg.zero_stage}

@@ -84,9 +84,13 @@ def restore(engine, params: dict[str, torch.Tensor], moments: dict[str, dict[str
     assert set(named) == set(params), sorted(set(named) ^ set(params))
     base = _base_optimizer(engine)
     partitioned = any(_is_partitioned(p) for p in named.values())
-    # Stage 3 lends its flat fp32 partitions to the torch optimizer only inside step().
-    flats = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None) or [
-        flat for group in base.param_groups for flat in group["params"]]
+    # The flat fp32 partitions the parameters' fragments point into: stage 3 lends them to the
+    # torch optimizer only inside step(), so its param_groups cannot be used to find them.
+    flats = next((getattr(engine.optimizer, attr) for attr in (
+        "fp32_partitioned_groups_flat",  # ZeRO-3
+        "single_partition_of_fp32_groups",  # ZeRO-1/2
+        "fp32_groups_flat_partition",  # the bf16 optimizer (bf16 at stage 0)
+    ) if getattr(engine.optimizer, attr, None)), [flat for group in base.param_groups for flat in group["params"]])
     for flat in flats:
         base.state[flat] = {"step": torch.tensor(float(adam_step)),
                             **{k: torch.zeros_like(flat, dtype=torch.float32) for k in MOMENTS}}

@@ -1,0 +1,107 @@
+"""Teacher preparation: give a teacher without a masked-LM head a trained one.
+
+Sentence encoders such as all-MiniLM-L6-v2 ship the BERT encoder only. HomoDistil needs the
+teacher's MLM distribution (the prediction KL), so the head is created (decoder tied to the
+word embeddings, as in BERT) and the *whole* model is trained by continued MLM on the run's
+text (loss on the masked positions only). The result is cached by everything that defines it,
+so a second run reuses it. A teacher that already has a head is returned as it is.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import AutoModelForMaskedLM
+
+from homodistil.config import PrepareConfig
+from homodistil.data.mlm import MLMBatches
+
+log = logging.getLogger("homodistil.prepare")
+PREP_FILE = "homodistil_prepare.json"
+
+
+def missing_head(source: str) -> list[str]:
+    """Parameter names of the MLM head that ``source`` does not provide (empty: it has a head)."""
+    import transformers  # noqa: PLC0415
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # the "newly initialized weights" warning is expected here
+    try:
+        _, info = AutoModelForMaskedLM.from_pretrained(source, output_loading_info=True)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    return sorted(info["missing_keys"])
+
+
+def cache_dir(source: str, data_key: str, cfg: PrepareConfig) -> Path:
+    key = json.dumps([str(Path(source).resolve()) if Path(source).exists() else source, data_key,
+                      cfg.model_dump(exclude={"cache_dir"})])
+    root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else Path.home() / ".cache" / "homodistil" / "teachers"
+    return root / f"{Path(source).name}-mlm-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
+
+
+def _masked_logits(model, head: str, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (M, V) and labels (M,) at the masked positions only (the head is the big GEMM)."""
+    scored = batch["labels"] != -100
+    hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    return model.get_submodule(head)(hidden[scored]), batch["labels"][scored]
+
+
+@torch.no_grad()
+def masked_accuracy(model, head: str, data: MLMBatches, batch_size: int, limit: int = 64) -> tuple[float, float]:
+    """(accuracy, mean loss) of the MLM predictions on held-out blocks' masked tokens."""
+    model.eval()
+    correct = total = 0
+    loss_sum = 0.0
+    for batch in data.heldout_batches(batch_size, limit):
+        logits, labels = _masked_logits(model, head, batch)
+        correct += int((logits.argmax(-1) == labels).sum())
+        total += labels.numel()
+        loss_sum += float(F.cross_entropy(logits.float(), labels, reduction="sum"))
+    return correct / max(1, total), loss_sum / max(1, total)
+
+
+def prepare_teacher(source: str, out: Path, data: MLMBatches, cfg: PrepareConfig, head: str, tokenizer,
+                    progress: bool = True) -> dict:
+    """Train an MLM head (and the encoder under it) for ``cfg.steps`` steps; save to ``out``."""
+    torch.manual_seed(cfg.seed)
+    model = AutoModelForMaskedLM.from_pretrained(source, dtype=torch.float32)
+    acc_before, loss_before = masked_accuracy(model, head, data, cfg.batch_size)
+    model.train()
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=cfg.lr, betas=(0.9, 0.999), eps=1e-6)
+    warmup = max(1, cfg.steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / cfg.steps))))
+    bar = tqdm(range(cfg.steps), desc="preparing teacher (MLM head)", unit="step", disable=not progress)
+    for step in bar:
+        batch = data.batch(step, 0, grad_accum=1, micro_batch=cfg.batch_size, rank=0, world=1)
+        logits, labels = _masked_logits(model, head, batch)
+        loss = F.cross_entropy(logits.float(), labels)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    acc_after, loss_after = masked_accuracy(model, head, data, cfg.batch_size)
+    info = {"source": source, "steps": cfg.steps, "lr": cfg.lr, "batch_size": cfg.batch_size,
+            "heldout_masked_accuracy_before": acc_before, "heldout_masked_accuracy": acc_after,
+            "heldout_mlm_loss_before": loss_before, "heldout_mlm_loss": loss_after}
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / PREP_FILE).write_text(json.dumps(info, indent=1))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp.rename(out)
+    log.info("prepared teacher %s: held-out masked-token accuracy %.1f%% -> %.1f%%", source,
+             100 * acc_before, 100 * acc_after)
+    return info
