@@ -15,7 +15,7 @@ $(VENV)/.installed: setup.py scripts/install.sh
 	touch $@
 
 demo: setup
-	$(VENV)/bin/homodistil distill configs/demo.yaml
+	$(VENV)/bin/homodistil demo configs/demo.yaml
 
 test: setup
 	bash scripts/system-deps.sh

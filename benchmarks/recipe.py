@@ -30,7 +30,7 @@ def run(overrides: list[str], out: Path, measure_shrink: bool = False):
     from homodistil.config import load_config
     from homodistil.engine.recipe import Recipe
 
-    recipe = Recipe(load_config(REPO / "configs" / "demo.yaml", overrides + [f"trainer.output_dir={out}"])).setup()
+    recipe = Recipe(load_config(REPO / "configs" / "tiny.yaml", overrides + [f"trainer.output_dir={out}"])).setup()
     shrink_times = []
     if measure_shrink:
         shrink = recipe._shrink

@@ -75,7 +75,7 @@ def _demo(args) -> int:
              for name, v in heldout.items()}
     evaluate_main({"student": student}, e.tasks, out / "eval", True, teacher=recipe.teacher_dir,
                   extra_metrics=lambda name, _dir: extra.get(name, {}), print_table=False,
-                  max_train=e.max_train, max_eval=e.max_eval, epochs=e.epochs, max_length=e.max_length,
+                  max_train=e.max_train, max_eval=e.max_eval, epochs=e.epochs, lr=e.lr, max_length=e.max_length,
                   probe_max_length=e.max_length, progress=cfg.trainer.progress)
     minutes = (time.perf_counter() - started) / 60
     report = write_report(out, out / "eval", heldout, notes=[f"wall time of `homodistil demo`: {minutes:.1f} min",

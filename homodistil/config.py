@@ -159,6 +159,7 @@ class EvaluateConfig(_Strict):
     max_train: int = Field(1000, gt=0, description="Training examples per task (seeded subset).")
     max_eval: int = Field(500, gt=0)
     epochs: int = Field(1, gt=0)
+    lr: float = Field(5e-5, gt=0.0, description="Fine-tuning learning rate.")
     max_length: int = Field(64, ge=8)
     heldout_blocks: int = Field(128, gt=0, description="Held-out blocks for the KL and MLM loss.")
 

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 def run_inprocess(overrides: list[str], train: bool = True):
     from homodistil.engine.recipe import Recipe
 
-    recipe = Recipe(load_config(REPO / "configs" / "demo.yaml", overrides)).setup()
+    recipe = Recipe(load_config(REPO / "configs" / "tiny.yaml", overrides)).setup()
     if train:
         recipe.train()
     return recipe
@@ -27,7 +27,7 @@ def run_torchrun(overrides: list[str], nproc: int = 2, timeout: int = 600) -> su
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_port", str(_free_port()),
-           "-m", "homodistil.cli", "distill", str(REPO / "configs" / "demo.yaml"), *overrides]
+           "-m", "homodistil.cli", "distill", str(REPO / "configs" / "tiny.yaml"), *overrides]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc

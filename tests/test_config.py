@@ -19,7 +19,7 @@ def test_shipped_config_is_valid_and_says_how_to_run(path):
 
 
 def test_overrides_are_typed():
-    cfg = load_config(REPO / "configs" / "demo.yaml",
+    cfg = load_config(REPO / "configs" / "tiny.yaml",
                       ["trainer.max_steps=300", "pruning.sparsity.ffn=0.25", "deepspeed.zero_optimization.stage=3",
                        "optimizer.betas=[0.9, 0.98]", "data.source=[kjv, /tmp/x.txt]"])
     assert cfg.trainer.max_steps == 300 and cfg.pruning.sparsity.ffn == 0.25
@@ -32,7 +32,7 @@ def _write(tmp_path, text):
     return str(path)
 
 
-BAD = [  # (config text or None for demo.yaml, overrides, expected fragment of the one-line error)
+BAD = [  # (config text or None for tiny.yaml, overrides, expected fragment of the one-line error)
     ("trainer: {max_step: 5}", [], "trainer.max_step: unknown key"),
     ("trainer: {max_steps: many}", [], "trainer.max_steps: Input should be a valid integer"),
     (None, ["pruning.t_i=50", "pruning.t_f=40"], "pruning.t_f (40) must be greater than pruning.t_i (50)"),
@@ -51,7 +51,7 @@ BAD = [  # (config text or None for demo.yaml, overrides, expected fragment of t
 
 @pytest.mark.parametrize("text,overrides,expected", BAD, ids=[b[2][:40] for b in BAD])
 def test_bad_config_is_one_line_error(tmp_path, capsys, text, overrides, expected):
-    path = _write(tmp_path, text) if text is not None else str(REPO / "configs" / "demo.yaml")
+    path = _write(tmp_path, text) if text is not None else str(REPO / "configs" / "tiny.yaml")
     assert main(["distill", path, *overrides]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "Traceback" not in err

@@ -170,6 +170,6 @@ def test_bf16_trains_through_a_shrink(tmp_path):
     ("pruning.sparsity.hidden=0.25", "must equal pruning.sparsity.hidden"),
 ])
 def test_setup_errors_are_one_line(tmp_path, capsys, override, expected):
-    code = main(["distill", "configs/demo.yaml", *tiny_overrides(tmp_path / "x"), override])
+    code = main(["distill", "configs/tiny.yaml", *tiny_overrides(tmp_path / "x"), override])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err and expected in err, err

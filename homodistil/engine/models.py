@@ -62,6 +62,15 @@ def load_tokenizer(cfg: ModelConfig):
         raise ModelError(f"cannot load tokenizer '{name}': {str(err).splitlines()[0]}") from None
 
 
+def tiny_config(cfg: ModelConfig, vocab_size: int) -> BertConfig:
+    t = cfg.tiny
+    config = BertConfig(vocab_size=vocab_size, hidden_size=t.hidden_size, num_hidden_layers=t.num_hidden_layers,
+                        num_attention_heads=t.num_attention_heads, intermediate_size=t.intermediate_size,
+                        max_position_embeddings=t.max_position_embeddings)
+    config._attn_implementation = cfg.attn_implementation
+    return config
+
+
 def load_teacher(cfg: ModelConfig, vocab_size: int, path: str | None) -> nn.Module:
     """The frozen teacher MLM in eval mode, fp32 on CPU (the engine moves and casts it).
 
@@ -69,10 +78,7 @@ def load_teacher(cfg: ModelConfig, vocab_size: int, path: str | None) -> nn.Modu
     """
     if path is None:
         t = cfg.tiny
-        config = BertConfig(vocab_size=vocab_size, hidden_size=t.hidden_size, num_hidden_layers=t.num_hidden_layers,
-                            num_attention_heads=t.num_attention_heads, intermediate_size=t.intermediate_size,
-                            max_position_embeddings=t.max_position_embeddings)
-        config._attn_implementation = cfg.attn_implementation
+        config = tiny_config(cfg, vocab_size)
         rng = torch.random.get_rng_state()
         torch.manual_seed(t.seed)
         model = BertForMaskedLM(config)

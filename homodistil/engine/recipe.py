@@ -29,7 +29,7 @@ from .dist import device, init_distributed
 from .export import export_dense
 from .losses import distill_losses
 from .models import (Student, load_teacher, load_tokenizer, student_config, student_groups, teacher_config,
-                     teacher_outputs, teacher_source, tokenizer_name)
+                     teacher_outputs, teacher_source, tiny_config, tokenizer_name)
 from .prepare import PREP_FILE, missing_head, prepare_teacher
 from .prepare import cache_dir as prepare_cache_dir
 from .monitor import Monitor
@@ -70,6 +70,9 @@ class Recipe:
         torch.manual_seed(cfg.trainer.seed + self.rank)  # dropout differs per rank, as in any DP run
 
         self.tokenizer = load_tokenizer(cfg.model)
+        source = teacher_source(cfg.model)  # checked before any data or model work:
+        declared = teacher_config(source) if source else tiny_config(cfg.model, len(self.tokenizer))
+        get_adapter(declared.model_type).check_targets(declared, cfg.pruning.sparsity.model_dump())
         self.data = self._load_data()
         self.teacher_dir = self._teacher_path()
         teacher = self._load_teacher(self.teacher_dir)
@@ -80,7 +83,6 @@ class Recipe:
                 teacher.save_pretrained(self.teacher_dir, safe_serialization=True)
                 self.tokenizer.save_pretrained(self.teacher_dir)
         self.adapter = get_adapter(self.tcfg.model_type)
-        self.adapter.check_targets(self.tcfg, cfg.pruning.sparsity.model_dump())
         self.hidden_pairs = self.adapter.hidden_pairs(self.tcfg) if cfg.loss.alpha_hidden else []
         self.attention_pairs = self.adapter.attention_pairs(self.tcfg) if cfg.loss.alpha_attention else []
         self.prunes = any(s > 0 for s in cfg.pruning.sparsity.model_dump().values())

@@ -1,0 +1,110 @@
+"""Teacher preparation (an MLM head for a head-less teacher), held-out metrics, the report."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForMaskedLM, AutoTokenizer, BertConfig, BertModel
+
+from homodistil.config import PrepareConfig
+from homodistil.data.mlm import MLMBatches, build_blocks
+from homodistil.engine import prepare as prep
+from homodistil.engine.models import minilm_dir
+from homodistil.eval.heldout import heldout_metrics
+from homodistil.report import write_report
+
+from conftest import tiny_overrides
+from recipe_runs import run_inprocess
+
+
+@pytest.fixture(scope="module")
+def headless(tmp_path_factory):
+    """A tiny BERT encoder without an MLM head, like a sentence-embedding model."""
+    path = tmp_path_factory.mktemp("headless")
+    tok = AutoTokenizer.from_pretrained(minilm_dir())
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=64)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def test_prepare_gives_a_headless_teacher_a_trained_head(headless, tmp_path):
+    assert any(k.startswith("cls.predictions") for k in prep.missing_head(headless))
+    tok = AutoTokenizer.from_pretrained(headless)
+    data = MLMBatches(build_blocks("kjv", tok, 32, max_documents=20), tok, mlm_probability=0.15, seed=0,
+                      heldout_fraction=0.1)
+    out = tmp_path / "prepared"
+    info = prep.prepare_teacher(headless, out, data, PrepareConfig(steps=8, lr=1e-3, batch_size=8), "cls", tok,
+                                progress=False)
+    assert prep.missing_head(str(out)) == []
+    assert json.loads((out / prep.PREP_FILE).read_text()) == info
+    # training the head on this text lowers the held-out MLM loss of the random head
+    assert info["heldout_mlm_loss"] < info["heldout_mlm_loss_before"]
+    model = AutoModelForMaskedLM.from_pretrained(out)
+    acc, loss = prep.masked_accuracy(model, "cls", data, 8)
+    assert acc == pytest.approx(info["heldout_masked_accuracy"]) and loss == pytest.approx(info["heldout_mlm_loss"])
+
+
+def test_recipe_prepares_once_and_reuses_the_cache(headless, tmp_path, monkeypatch):
+    args = [f"model.teacher={headless}", "model.prepare.steps=2", "model.prepare.batch_size=4",
+            f"model.prepare.cache_dir={tmp_path / 'cache'}", "trainer.max_steps=2", "pruning.t_f=2"]
+    first = run_inprocess(tiny_overrides(tmp_path / "a") + args, train=False)
+    first.close()
+    assert first.teacher_dir.startswith(str(tmp_path / "cache")) and prep.missing_head(first.teacher_dir) == []
+
+    def refuse(*a, **k):
+        raise AssertionError("the prepared teacher should come from the cache")
+
+    monkeypatch.setattr("homodistil.engine.recipe.prepare_teacher", refuse)
+    second = run_inprocess(tiny_overrides(tmp_path / "b") + args, train=False)
+    second.close()
+    assert second.teacher_dir == first.teacher_dir
+
+
+def test_heldout_metrics_kl_is_zero_for_the_teacher_itself(tmp_path):
+    recipe = run_inprocess(tiny_overrides(tmp_path / "run") + ["trainer.max_steps=3", "pruning.t_f=2",
+                                                                "trainer.export=true"])
+    recipe.close()
+    d = recipe.cfg.data
+    kw = dict(source=d.source, max_seq_length=d.max_seq_length, mlm_probability=d.mlm_probability,
+              seed=recipe.cfg.trainer.seed, heldout_fraction=d.heldout_fraction, max_documents=d.max_documents)
+    res = heldout_metrics({"student": str(tmp_path / "run" / "export"), "same": recipe.teacher_dir},
+                          recipe.teacher_dir, batch_size=16, max_blocks=16, **kw)  # one batch of 16 blocks
+    assert res["teacher"]["kl_to_teacher"] == pytest.approx(0.0, abs=1e-6)
+    assert res["same"] == pytest.approx(res["teacher"])
+    assert res["student"]["kl_to_teacher"] > 1e-4  # pruned to half width: it differs
+    assert 0.0 <= res["student"]["masked_accuracy"] <= 1.0
+    # MLM loss by hand on the first held-out batch of the same blocks
+    tok = AutoTokenizer.from_pretrained(recipe.teacher_dir)
+    data = MLMBatches(build_blocks(d.source, tok, d.max_seq_length, max_documents=d.max_documents), tok,
+                      mlm_probability=d.mlm_probability, seed=recipe.cfg.trainer.seed,
+                      heldout_fraction=d.heldout_fraction)
+    batch = next(data.heldout_batches(16))
+    model = AutoModelForMaskedLM.from_pretrained(recipe.teacher_dir).eval()
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    scored = batch["labels"] != -100
+    ce = torch.nn.functional.cross_entropy(logits[scored], batch["labels"][scored])
+    assert res["teacher"]["mlm_loss"] == pytest.approx(float(ce), rel=1e-5)
+
+
+def test_report_writes_plots_and_tables(tmp_path):
+    rows = [{"step": s, "loss/total": 3.0 - s / 10, "loss/lm": 2.0, "loss/kl": 0.1 * s + 0.01, "loss/hidden": 0.5,
+             "prune/sparsity": min(0.5, s / 10), "prune/live_params": 1e6 * (1 - min(0.5, s / 10))} for s in range(1, 8)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    eval_dir = tmp_path / "eval"
+    eval_dir.mkdir()
+    results = {"tasks": {"rt-polarity": {}}, "models": {
+        "teacher": {"tasks": {"rt-polarity": {"finetune": {"main": 80.0}, "probe": {"main": 75.0}}}},
+        "student": {"tasks": {"rt-polarity": {"finetune": {"main": 78.0}, "probe": {"main": 70.0}}}}}}
+    (eval_dir / "eval_results.json").write_text(json.dumps(results))
+    (eval_dir / "eval_results.md").write_text("| model | rt-polarity |\n|---|---|\n| teacher | 80.0 |")
+    held = {"teacher": {"mlm_loss": 2.5, "masked_accuracy": 0.4, "kl_to_teacher": 0.0},
+            "student": {"mlm_loss": 3.0, "masked_accuracy": 0.3, "kl_to_teacher": 0.42}}
+    report = write_report(tmp_path, eval_dir, held, notes=["wall time 1 min"]).read_text()
+    for png in ("losses.png", "sparsity.png", "scores.png"):
+        assert (tmp_path / png).stat().st_size > 5000, png
+    assert "| student | 3.000 | 30.0% | 0.420 |" in report
+    assert "student parameters 0.90M -> 0.50M" in report and "| teacher | 80.0 |" in report
