@@ -8,6 +8,7 @@ from __future__ import annotations
 import gc
 import json
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -305,7 +306,7 @@ class Recipe:
     # ------------------------------------------------------------------ logging
     def _param_count(self, live: bool = False) -> int:
         shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in self.engine.module.named_parameters()
-                  if n.startswith("lm.")} if hasattr(self, "engine") else {}
+                  if n.startswith("lm.")}  # ds_shape: the full shape of a ZeRO-3 partitioned parameter
         masks = self.pruner.masks if live else {g.name: torch.ones(g.size, dtype=torch.bool) for g in self.groups}
         return live_numel(shapes, self.groups, masks)
 
@@ -362,9 +363,7 @@ class Recipe:
 
     # ------------------------------------------------------------------ signals
     @staticmethod
-    def _main_thread() -> bool:
-        import threading  # noqa: PLC0415
-
+    def _main_thread() -> bool:  # signal handlers can only be installed from the main thread
         return threading.current_thread() is threading.main_thread()
 
     def _on_sigterm(self, signum, frame) -> None:
