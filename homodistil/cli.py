@@ -70,7 +70,8 @@ def _demo(args) -> int:
     heldout = heldout_metrics({"student": student}, recipe.teacher_dir, source=d.source,
                               max_seq_length=d.max_seq_length, mlm_probability=d.mlm_probability,
                               seed=cfg.trainer.seed, heldout_fraction=d.heldout_fraction,
-                              max_documents=d.max_documents, cache_dir=out / "cache", max_blocks=e.heldout_blocks)
+                              max_documents=d.max_documents, cache_dir=out / "cache", max_blocks=e.heldout_blocks,
+                              objective=recipe.objective)
     extra = {name: {"held-out MLM loss": v["mlm_loss"], "KL(T||model)": v["kl_to_teacher"]}
              for name, v in heldout.items()}
     evaluate_main({"student": student}, e.tasks, out / "eval", True, teacher=recipe.teacher_dir,

@@ -93,6 +93,9 @@ class DataConfig(_Strict):
     max_documents: int | None = Field(None, gt=0, description="Read at most this many documents.")
 
 
+ATTENTION_LOSS_MAX_T = 512  # longest sequence for which the attention-map loss is on by default
+
+
 class LossConfig(_Strict):
     """Weights of DESIGN §1: L = a_lm·L_lm + a_pred·KL + a_hid·ΣMSE(H) + a_att·ΣMSE(A)."""
 
@@ -100,7 +103,13 @@ class LossConfig(_Strict):
     alpha_pred: float = Field(1.0, ge=0.0)
     temperature: float = Field(1.0, gt=0.0)
     alpha_hidden: float = Field(1.0, ge=0.0)
-    alpha_attention: float = Field(1.0, ge=0.0)
+    alpha_attention: float | None = Field(
+        None, ge=0.0,
+        description="Attention-map MSE weight. null (default): 1.0 when attention is eager and "
+        f"data.max_seq_length <= {ATTENTION_LOSS_MAX_T}, else 0 — the maps are B·heads·T² per layer (2 GiB of fp32 per "
+        "4096-token sequence and layer at 32 heads, for teacher and student) and need eager attention, "
+        "which gives up the fused sdpa/flash kernels, so long-sequence (decoder) runs leave it off.",
+    )
 
 
 class SparsityConfig(_Strict):
@@ -188,6 +197,9 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _cross_checks(self):
+        if self.loss.alpha_attention is None:  # resolved once, so the saved config.yaml records the value
+            auto = self.model.attn_implementation == "eager" and self.data.max_seq_length <= ATTENTION_LOSS_MAX_T
+            object.__setattr__(self.loss, "alpha_attention", 1.0 if auto else 0.0)
         ds = self.deepspeed
         for key in ("optimizer", "scheduler"):
             if key in ds:

@@ -37,7 +37,7 @@ BAD = [  # (config text or None for tiny.yaml, overrides, expected fragment of t
     ("trainer: {max_steps: many}", [], "trainer.max_steps: Input should be a valid integer"),
     (None, ["pruning.t_i=50", "pruning.t_f=40"], "pruning.t_f (40) must be greater than pruning.t_i (50)"),
     (None, ["pruning.sparsity.ffn=1.0"], "pruning.sparsity.ffn: Input should be less than 1"),
-    (None, ["model.attn_implementation=sdpa"], "loss.alpha_attention > 0 needs model.attn_implementation=eager"),
+    (None, ["model.attn_implementation=sdpa", "loss.alpha_attention=1"], "loss.alpha_attention > 0 needs model.attn_implementation=eager"),
     (None, ["pruning.t_f=500"], "is after trainer.max_steps"),
     (None, ["deepspeed.optimizer={type: Adam}"], "deepspeed.optimizer is not supported"),
     (None, ["deepspeed.zero_optimization.stage=4"], "stage must be 0, 1, 2 or 3"),
@@ -68,3 +68,15 @@ def test_missing_config_file(capsys):
 def test_load_config_raises_config_error():
     with pytest.raises(ConfigError):
         load_config(None, ["loss.temperature=0"])
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ([], 1.0),  # eager attention, 128 tokens
+    (["data.max_seq_length=2048"], 0.0),  # long sequences: T² maps per layer
+    (["model.attn_implementation=sdpa"], 0.0),  # no maps without eager attention
+    (["data.max_seq_length=2048", "loss.alpha_attention=0.5"], 0.5),  # an explicit value is kept
+])
+def test_attention_loss_default_depends_on_sequence_length(overrides, expected):
+    cfg = load_config(None, overrides)
+    assert cfg.loss.alpha_attention == expected
+    assert load_config(None, overrides).model_dump()["loss"]["alpha_attention"] == expected

@@ -56,3 +56,24 @@ def test_heldout_is_disjoint_and_fixed():
     first = [b["input_ids"] for b in data.heldout_batches(4)]
     again = [b["input_ids"] for b in data.heldout_batches(4)]
     assert all(torch.equal(x, y) for x, y in zip(first, again))
+
+
+def test_causal_blocks_and_next_token_labels():
+    blocks = build_blocks("kjv", TOK, 32, max_documents=30, objective="causal")
+    assert blocks.shape[1] == 32
+    # The BERT tokenizer has no BOS/EOS: no prefix, documents joined by [SEP]
+    assert TOK.decode(blocks[0, :7]).startswith("in the beginning god created")
+    assert (blocks == TOK.sep_token_id).any() and not (blocks == TOK.cls_token_id).any()
+    data = MLMBatches(blocks, TOK, mlm_probability=0.15, seed=0, heldout_fraction=0.1, objective="causal")
+    batch = data.batch(2, 0, grad_accum=1, micro_batch=4, rank=0, world=1)
+    ids, labels = batch["input_ids"], batch["labels"]
+    assert torch.equal(labels[:, :-1], ids[:, 1:]) and (labels[:, -1] == -100).all()
+    assert all(any(torch.equal(row, b.long()) for b in data.train) for row in ids)  # inputs are unmasked blocks
+
+
+def test_causal_labels_skip_padding():
+    from homodistil.data.mlm import causal_labels
+
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    assert causal_labels(ids, mask).tolist() == [[6, 7, 8, -100], [10, -100, -100, -100]]

@@ -1,7 +1,11 @@
-"""Text -> fixed-length token blocks -> MLM batches, deterministic for any world size.
+"""Text -> fixed-length token blocks -> MLM or causal-LM batches, deterministic for any world size.
 
-Documents are tokenized, joined with ``[SEP]`` and cut into blocks of ``max_seq_length``
-tokens (``[CLS] … [SEP]``), so no batch carries padding. Sample ``i`` of the global batch of
+Documents are tokenized, joined with a separator and cut into blocks of ``max_seq_length``
+tokens, so no batch carries padding. MLM blocks read ``[CLS] … [SEP]`` with documents joined
+by ``[SEP]``; causal-LM blocks start with the tokenizer's BOS token (if it has one) and join
+documents with EOS (``[SEP]`` for a tokenizer without EOS). For the causal objective the
+labels are the next tokens (``labels[t] = input_ids[t+1]``), so every loss reads the same
+"scored positions" (``labels != -100``) whichever the objective. Sample ``i`` of the global batch of
 step ``k`` is a pure function of (seed, k, i): an epoch-seeded permutation picks the block,
 and a per-sample generator picks exactly ``round(p · n)`` masked positions (BERT's 80/10/10
 replacement). The same global batch therefore gives the same data at world size 1 and 2,
@@ -20,26 +24,52 @@ from .corpora import DataError, load_text
 
 
 
-def _blocks_from_ids(docs: list[list[int]], block: int, cls_id: int, sep_id: int) -> torch.Tensor:
+OBJECTIVES = ("mlm", "causal")
+
+
+def block_tokens(tokenizer, objective: str) -> tuple[list[int], int, list[int]]:
+    """(prefix, separator, suffix) token ids of a block for ``objective``."""
+    assert objective in OBJECTIVES, objective
+    if objective == "mlm":
+        return [tokenizer.cls_token_id], tokenizer.sep_token_id, [tokenizer.sep_token_id]
+    sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    if sep is None:
+        raise DataError(f"tokenizer '{tokenizer.name_or_path}' has neither an EOS nor a SEP token to join documents")
+    return ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []), sep, []
+
+
+def _blocks_from_ids(docs: list[list[int]], block: int, prefix: list[int], sep_id: int,
+                     suffix: list[int]) -> torch.Tensor:
     flat: list[int] = []
     for ids in docs:
         if ids:
             flat.extend(ids)
             flat.append(sep_id)
-    body = block - 2
+    body = block - len(prefix) - len(suffix)
     n = len(flat) // body
     if n == 0:
         raise DataError(f"the text holds {len(flat)} tokens: too few for one block of {block}")
     core = torch.tensor(flat[: n * body], dtype=torch.int32).view(n, body)
-    cls = torch.full((n, 1), cls_id, dtype=torch.int32)
-    sep = torch.full((n, 1), sep_id, dtype=torch.int32)
-    return torch.cat([cls, core, sep], dim=1)  # (N, T)
+    ends = [torch.tensor(ids, dtype=torch.int32).expand(n, len(ids)) for ids in (prefix, suffix)]
+    return torch.cat([ends[0], core, ends[1]], dim=1)  # (N, T)
+
+
+def causal_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Next-token labels (B, T): ``labels[:, t] = input_ids[:, t+1]``; -100 at the last position
+    and wherever the position or its next token is padding (``attention_mask`` 0)."""
+    labels = torch.full_like(input_ids, -100)
+    valid = attention_mask[:, :-1].bool() & attention_mask[:, 1:].bool()  # (B, T-1)
+    labels[:, :-1] = torch.where(valid, input_ids[:, 1:], -100)
+    return labels
 
 
 def build_blocks(source, tokenizer, max_seq_length: int, text_field: str = "text",
-                 max_documents: int | None = None, cache_dir: str | Path | None = None) -> torch.Tensor:
+                 max_documents: int | None = None, cache_dir: str | Path | None = None,
+                 objective: str = "mlm") -> torch.Tensor:
     """All blocks of ``source`` as an int32 tensor (N, T), cached under ``cache_dir``."""
-    key = json.dumps([source, tokenizer.name_or_path, len(tokenizer), max_seq_length, text_field, max_documents])
+    prefix, sep, suffix = block_tokens(tokenizer, objective)
+    key = json.dumps([source, tokenizer.name_or_path, len(tokenizer), max_seq_length, text_field, max_documents]
+                     + ([objective] if objective != "mlm" else []))
     cache = Path(cache_dir) / f"blocks-{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt" if cache_dir else None
     if cache is not None and cache.exists():
         return torch.load(cache)
@@ -52,7 +82,7 @@ def build_blocks(source, tokenizer, max_seq_length: int, text_field: str = "text
         ds = ds.map(lambda b: {"ids": tokenizer(b["text"], add_special_tokens=False, verbose=False)["input_ids"]},
                     batched=True, remove_columns=["text"], desc=f"tokenizing {src}")
         docs.extend(ds["ids"])
-    blocks = _blocks_from_ids(docs, max_seq_length, tokenizer.cls_token_id, tokenizer.sep_token_id)
+    blocks = _blocks_from_ids(docs, max_seq_length, prefix, sep, suffix)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp")
@@ -88,18 +118,34 @@ def mask_tokens(ids: torch.Tensor, tokenizer_info: dict, p: float, gen: torch.Ge
     return inputs, labels
 
 
+def _make_sample(block: torch.Tensor, objective: str, info: dict, p: float, gen_key: tuple) -> tuple:
+    """(input_ids, labels) of one block (T,): BERT-masked for MLM, the block itself for causal LM
+    (whose next-token labels are made per batch by :func:`causal_labels`)."""
+    if objective == "causal":
+        return block.long(), None
+    return mask_tokens(block, info, p, _generator(*gen_key))
+
+
+def _collate(samples: list[tuple]) -> dict[str, torch.Tensor]:
+    inputs, labels = zip(*samples)
+    input_ids = torch.stack(inputs)  # (B, T)
+    attention_mask = torch.ones_like(input_ids)  # packed blocks: no padding
+    labels = causal_labels(input_ids, attention_mask) if labels[0] is None else torch.stack(labels)
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
 class MLMBatches:
-    """Deterministic MLM batches over pre-built blocks, split into train and held-out parts."""
+    """Deterministic MLM (or causal-LM) batches over pre-built blocks, split into train and held-out parts."""
 
     def __init__(self, blocks: torch.Tensor, tokenizer, *, mlm_probability: float, seed: int,
-                 heldout_fraction: float = 0.0):
+                 heldout_fraction: float = 0.0, objective: str = "mlm"):
         n_held = int(round(len(blocks) * heldout_fraction))
         if heldout_fraction > 0:
             n_held = max(1, n_held)
         if len(blocks) - n_held < 1:
             raise DataError(f"only {len(blocks)} blocks of text: nothing left to train on after the held-out split")
         self.train, self.heldout = blocks[: len(blocks) - n_held], blocks[len(blocks) - n_held:]
-        self.p, self.seed = mlm_probability, seed
+        self.p, self.seed, self.objective = mlm_probability, seed, objective
         self.info = {"special_ids": sorted(set(tokenizer.all_special_ids)), "mask_id": tokenizer.mask_token_id,
                      "vocab_size": len(tokenizer)}
         self._perm_epoch, self._perm = -1, None
@@ -121,11 +167,8 @@ class MLMBatches:
         return epoch, int(self._perm[pos])
 
     def _make(self, blocks: torch.Tensor, samples: list[tuple[int, int]], tag: int) -> dict[str, torch.Tensor]:
-        inputs, labels = zip(*(mask_tokens(blocks[i], self.info, self.p, _generator(self.seed, tag, e, i))
-                               for e, i in samples))
-        input_ids = torch.stack(inputs)  # (B, T)
-        return {"input_ids": input_ids, "labels": torch.stack(labels),
-                "attention_mask": torch.ones_like(input_ids)}
+        return _collate([_make_sample(blocks[i], self.objective, self.info, self.p, (self.seed, tag, e, i))
+                         for e, i in samples])
 
     def batch(self, step: int, micro: int, *, grad_accum: int, micro_batch: int, rank: int, world: int):
         """Rank ``rank``'s part of micro-batch ``micro`` of optimizer step ``step``."""
@@ -153,13 +196,15 @@ class MLMStream:
     """
 
     def __init__(self, dataset, tokenizer, *, max_seq_length: int, mlm_probability: float, seed: int,
-                 rank: int, world: int):
+                 rank: int, world: int, objective: str = "mlm"):
         from datasets.distributed import split_dataset_by_node  # noqa: PLC0415
 
         if isinstance(dataset, datasets.Dataset):
             dataset = dataset.to_iterable_dataset()
         self.dataset = split_dataset_by_node(dataset, rank=rank, world_size=world)
         self.tokenizer, self.block, self.p, self.seed, self.rank = tokenizer, max_seq_length, mlm_probability, seed, rank
+        self.objective = objective
+        self.prefix, self.sep, self.suffix = block_tokens(tokenizer, objective)
         self.info = {"special_ids": sorted(set(tokenizer.all_special_ids)), "mask_id": tokenizer.mask_token_id,
                      "vocab_size": len(tokenizer)}
         self.docs, self.buffer, self.samples = 0, [], 0
@@ -170,7 +215,7 @@ class MLMStream:
         return f"streaming, rank {self.rank} at document {self.docs}"
 
     def _next_block(self) -> torch.Tensor:
-        body = self.block - 2
+        body = self.block - len(self.prefix) - len(self.suffix)
         while len(self.buffer) < body:
             if self._iter is None:
                 self._iter = iter(self.dataset.skip(self.docs))
@@ -182,19 +227,17 @@ class MLMStream:
             self.docs += 1
             ids = self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
             if ids:
-                self.buffer.extend(ids + [self.tokenizer.sep_token_id])
+                self.buffer.extend(ids + [self.sep])
         core, self.buffer = self.buffer[:body], self.buffer[body:]
-        return torch.tensor([self.tokenizer.cls_token_id, *core, self.tokenizer.sep_token_id], dtype=torch.int32)
+        return torch.tensor([*self.prefix, *core, *self.suffix], dtype=torch.int32)
 
     def batch(self, step: int, micro: int, *, grad_accum: int, micro_batch: int, rank: int, world: int):
-        inputs, labels = [], []
+        samples = []
         for _ in range(micro_batch):
-            x, y = mask_tokens(self._next_block(), self.info, self.p, _generator(self.seed, 2, self.rank, self.samples))
+            samples.append(_make_sample(self._next_block(), self.objective, self.info, self.p,
+                                        (self.seed, 2, self.rank, self.samples)))
             self.samples += 1
-            inputs.append(x)
-            labels.append(y)
-        input_ids = torch.stack(inputs)
-        return {"input_ids": input_ids, "labels": torch.stack(labels), "attention_mask": torch.ones_like(input_ids)}
+        return _collate(samples)
 
     def state_dict(self) -> dict:
         return {"docs": self.docs, "buffer": list(self.buffer), "samples": self.samples}

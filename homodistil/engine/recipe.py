@@ -73,7 +73,9 @@ class Recipe:
         self.tokenizer = load_tokenizer(cfg.model)
         source = teacher_source(cfg.model)  # checked before any data or model work:
         declared = teacher_config(source) if source else tiny_config(cfg.model, len(self.tokenizer))
-        get_adapter(declared.model_type).check_targets(declared, cfg.pruning.sparsity.model_dump())
+        declared_adapter = get_adapter(declared.model_type)
+        declared_adapter.check_targets(declared, cfg.pruning.sparsity.model_dump())
+        self.objective = declared_adapter.objective  # MLM (encoders) or next-token (decoders) batches
         self.data = self._load_data()
         self.teacher_dir = self._teacher_path()
         teacher = self._load_teacher(self.teacher_dir)
@@ -119,7 +121,7 @@ class Recipe:
         """The teacher's weights; a teacher without an MLM head is prepared first (rank 0, cached)."""
         m = self.cfg.model
         source = teacher_source(m)
-        if source is None or m.prepare.steps == 0:
+        if source is None or m.prepare.steps == 0 or self.objective == "causal":  # decoder LMs ship their head
             return source
         if not missing_head(source):
             return source
@@ -156,15 +158,17 @@ class Recipe:
         if d.streaming:
             return MLMStream(load_text(d.source, d.text_field, d.max_documents, streaming=True), self.tokenizer,
                              max_seq_length=d.max_seq_length, mlm_probability=d.mlm_probability,
-                             seed=self.cfg.trainer.seed, rank=self.rank, world=self.world)
+                             seed=self.cfg.trainer.seed, rank=self.rank, world=self.world, objective=self.objective)
         cache = self.out / "cache"
         if self.rank == 0:  # rank 0 tokenizes and caches; the others read the cache
-            blocks = build_blocks(d.source, self.tokenizer, d.max_seq_length, d.text_field, d.max_documents, cache)
+            blocks = build_blocks(d.source, self.tokenizer, d.max_seq_length, d.text_field, d.max_documents, cache,
+                                  self.objective)
         dist.barrier()
         if self.rank != 0:
-            blocks = build_blocks(d.source, self.tokenizer, d.max_seq_length, d.text_field, d.max_documents, cache)
+            blocks = build_blocks(d.source, self.tokenizer, d.max_seq_length, d.text_field, d.max_documents, cache,
+                                  self.objective)
         return MLMBatches(blocks, self.tokenizer, mlm_probability=d.mlm_probability, seed=self.cfg.trainer.seed,
-                          heldout_fraction=d.heldout_fraction)
+                          heldout_fraction=d.heldout_fraction, objective=self.objective)
 
     def _teacher_ds_config(self) -> dict:
         ds = self.cfg.deepspeed

@@ -21,6 +21,7 @@ class AdapterError(ValueError):
 class Adapter(Protocol):
     model_type: str
     mlm_head: str  # name of the submodule that maps hidden states to vocabulary logits
+    objective: str  # "mlm" (encoders: masked tokens) or "causal" (decoders: next token)
 
     def groups(self, config) -> list[Group]:
         """Prunable groups of a model with this config (names relative to the model)."""

@@ -38,6 +38,7 @@ def _norm(name: str) -> tuple[Slice, ...]:
 class BertAdapter:
     model_type = "bert"
     mlm_head = "cls"  # maps the last hidden state to vocabulary logits
+    objective = "mlm"
 
     def groups(self, config) -> list[Group]:
         heads, hidden = config.num_attention_heads, config.hidden_size
