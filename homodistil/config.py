@@ -73,8 +73,21 @@ class ModelConfig(_Strict):
         None, ge=0.0, lt=1.0, description="Student dropout; null keeps the teacher's config value."
     )
     teacher_zero3: bool = Field(
-        False, description="Partition the frozen teacher with ZeRO-3 instead of replicating it."
+        False, description="Partition the frozen teacher with ZeRO-3 instead of replicating it: each rank "
+        "holds 1/world of its weights, gathered layer by layer in forward; loaded shard by shard from a "
+        "sharded safetensors checkpoint, never whole on one rank.",
     )
+    teacher_offload: bool = Field(
+        False, description="With teacher_zero3: keep the teacher's partitions in CPU memory (ZeRO-3 "
+        "offload_param) and stream them to the GPU per layer. Frees its whole weight memory on the GPU "
+        "for the price of host-to-device copies every forward.",
+    )
+
+    @model_validator(mode="after")
+    def _offload_needs_zero3(self):
+        if self.teacher_offload and not self.teacher_zero3:
+            raise ValueError("model.teacher_offload needs model.teacher_zero3=true (offload moves ZeRO-3 partitions)")
+        return self
 
 
 class DataConfig(_Strict):

@@ -55,6 +55,7 @@ from pathlib import Path
 from homodistil.config import Config, ConfigError, load_config
 
 GIB = 1024**3
+SHRINK_HOST_BYTES_PER_PARAM = 12  # fp32 weight + Adam m + v, gathered by engine/zero.py at a shrink
 
 
 class PlanError(ConfigError):
@@ -140,6 +141,7 @@ _ALIASES = {
     "Meta-Llama-3-8B": "meta-llama/Meta-Llama-3-8B", "Llama-3-8B": "meta-llama/Meta-Llama-3-8B",
     "meta-llama/Llama-3.1-8B": "meta-llama/Meta-Llama-3-8B", "meta-llama/Meta-Llama-3.1-8B": "meta-llama/Meta-Llama-3-8B",
 }
+CAUSAL_FAMILIES = ("gpt2", "llama")  # next-token objective: the losses read every position
 TINY_VOCAB = 30522  # the tiny teacher uses a bert-base-uncased WordPiece vocabulary
 
 
@@ -295,7 +297,8 @@ def activation_bytes(cfg: Config, t: Arch, b: int, s: int) -> dict[str, float]:
     layers = t.num_layers * layer_activation_bytes(t, b, s, e, eager, dropout)
     embed_head = e * 4 * s * b * h + (s * b * h if dropout else 0)  # embeddings LN/dropout, head transform
     loss = cfg.loss
-    masked = cfg.data.mlm_probability * s * b * V
+    scored = 1.0 if t.family in CAUSAL_FAMILIES else cfg.data.mlm_probability  # next token: every position
+    masked = scored * s * b * V
     logits = 2 * e * s * b * V + 4 * masked * ((1 if loss.alpha_lm else 0) + (2 if loss.alpha_pred else 0))
     kept = 0.0
     if loss.alpha_hidden:  # teacher hidden states + projected student hidden states
@@ -507,6 +510,9 @@ def describe(plan: Plan, cfg: Config) -> str:
         f"          estimated run time {plan.hours:.1f} h "
         f"({plan.hours * 3600 / cfg.trainer.max_steps:.2f} s/step; {plan.hours * plan.world:.0f} GPU-hours)",
     ]
+    host = SHRINK_HOST_BYTES_PER_PARAM * (plan.teacher_params.total + plan.projections) * plan.gpus_per_node
+    lines.append(f"host      each in-place shrink holds the student's full fp32 state (weights, Adam m and v) "
+                 f"on every rank: {_gib(host).strip()} of host memory per node")
     if not plan.fits:
         lines.append("WARNING: " + _advice(plan, cfg))
     elif plan.total_memory > 0.9 * g.memory_gib * GIB:

@@ -267,3 +267,22 @@ def test_recipe_counts_against_real_students():
         assert n_params(BertForMaskedLM(config)) == mlm
         plan = make_plan(load_config(CONFIGS / f"homobert_{name}.yaml"), "a100-80gb", 1)
         assert (backbone_params(plan.student), plan.student_params.total) == (backbone, mlm)
+
+
+def test_llama_recipe_has_the_minitron_shape_and_fits():
+    """configs/llama3_8b_to_4b.yaml: Llama-3.1-8B → hidden 3072, FFN 9216, heads kept
+    (Llama-3.1-Minitron-4B-Width), counted exactly against transformers' LlamaForCausalLM."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = load_config(CONFIGS / "llama3_8b_to_4b.yaml")
+    plan = make_plan(cfg, "h100-80gb", nodes=4)
+    s = plan.student
+    assert (s.hidden_size, s.intermediate_size, s.num_heads, s.head_width, s.num_kv_heads) == (3072, 9216, 32, 128, 8)
+    meta = LlamaConfig(vocab_size=128256, hidden_size=3072, intermediate_size=9216, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False)
+    with torch.device("meta"):  # shapes only, no memory
+        exact = sum(p.numel() for p in LlamaForCausalLM(meta).parameters())
+    assert plan.student_params.total == exact  # 4.51B
+    assert plan.fits and cfg.model.teacher_zero3 and cfg.loss.alpha_attention == 0
+    assert plan.memory["logits and softmaxes"] > 2 * GIB  # causal: every position is scored

@@ -171,9 +171,12 @@ class Recipe:
                           heldout_fraction=d.heldout_fraction, objective=self.objective)
 
     def _teacher_ds_config(self) -> dict:
-        ds = self.cfg.deepspeed
-        return {"train_micro_batch_size_per_gpu": self.cfg.micro_batch_size, "zero_optimization": {"stage": 3},
-                "bf16": ds.get("bf16", {"enabled": False}), "steps_per_print": 2**31}
+        """The frozen teacher's own ZeRO-3 engine: no optimizer, so no optimizer state."""
+        zero_cfg = {"stage": 3}
+        if self.cfg.model.teacher_offload:
+            zero_cfg["offload_param"] = {"device": "cpu", "pin_memory": self.device.type == "cuda"}
+        return {"train_micro_batch_size_per_gpu": self.cfg.micro_batch_size, "zero_optimization": zero_cfg,
+                "bf16": self.cfg.deepspeed.get("bf16", {"enabled": False}), "steps_per_print": 2**31}
 
     def _host_teacher(self, teacher):
         """Replicated (moved, cast to the training precision) or partitioned with ZeRO-3."""
@@ -264,12 +267,12 @@ class Recipe:
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def _observe(self) -> None:
-        """Hand the pruner full weights and gradients (collective at ZeRO-3: every rank, same order)."""
+        """Hand the pruner full weights and gradients, one parameter at a time (collective at
+        ZeRO-3: every rank, same order), so the full model never sits on one rank."""
         wanted = set(self.pruner.params)
         need_grad = self.cfg.pruning.metric != "magnitude"
-        tensors = {name: (full_param(prm), full_grad(prm) if need_grad else None)
-                   for name, prm in self.engine.module.named_parameters() if name in wanted}
-        self.pruner.observe(tensors)
+        self.pruner.observe((name, (full_param(prm), full_grad(prm) if need_grad else None))
+                            for name, prm in self.engine.module.named_parameters() if name in wanted)
 
     def _update_masks(self) -> None:
         if self.pruner.update_masks(self.step):

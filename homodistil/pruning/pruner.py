@@ -41,19 +41,24 @@ class Pruner:
         return {name: int(m.sum()) for name, m in self.masks.items()}
 
     # --- observe --------------------------------------------------------------------------
-    def observe(self, tensors: dict[str, tuple[torch.Tensor, torch.Tensor | None]]) -> None:
+    def observe(self, tensors) -> None:
         """Fold one step's importance into the group scores.
 
-        ``tensors[name] = (weight, grad)``: full tensors of each parameter in ``self.params``.
-        ``sensitivity`` averages |w·g| over the steps since the last mask update; ``platon``
-        and ``magnitude`` use the latest value (PLATON smooths in its own EMA state).
+        ``tensors``: ``{name: (weight, grad)}`` or ``(name, (weight, grad))`` pairs (a generator) with
+        the full tensors of each parameter in ``self.params``. A generator lets the caller gather
+        one full parameter at a time (ZeRO-3), so a large model is never whole on a rank: only
+        its per-row/column scores are kept. ``sensitivity`` averages |w·g| over the steps since
+        the last mask update; ``platon`` and ``magnitude`` use the latest value (PLATON smooths
+        in its own EMA state).
         """
         rows, cols = {}, {}
-        for name in self.params:
-            weight, grad = tensors[name]
+        for name, (weight, grad) in (tensors.items() if isinstance(tensors, dict) else tensors):
+            if name not in self.params:
+                continue
             if name not in self.state:
                 self.state[name] = init_state(weight, self.metric)
             rows[name], cols[name] = importance(weight, grad, self.metric, self.state[name], self.beta1, self.beta2)
+        assert set(rows) == set(self.params), sorted(set(self.params) - set(rows))[:3]
         for g in self.groups:
             score = torch.zeros(g.size)
             for s in g.slices:
