@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from slurm_cluster import SlurmCluster, SlurmUnavailable, ensure_slurm  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = ["homobert_base", "homobert_small", "homobert_xsmall", "homobert_tiny"]
+SCRIPTS = ["homobert_base", "homobert_small", "homobert_xsmall", "homobert_tiny", "llama3_8b_to_4b"]
+NODES = {"llama3_8b_to_4b": 4}  # the others: one node
 
 # sbatch options that turn the 8-GPU A100 request into 2 CPU tasks on this machine.
 CPU_SBATCH = ["--gres=none", "--cpus-per-task=1", "--time=00:30:00"]
@@ -104,13 +105,21 @@ def test_script_is_valid_bash_with_its_config(name):
     text = script.read_text()
     assert f"CONFIG=configs/{name}.yaml" in text
     assert f"#SBATCH --job-name={name}" in text
-    for option in ("--requeue", "--signal=B:USR1@", "--gres=gpu:8", "--ntasks-per-node=8", "--nodes=1"):
+    for option in ("--requeue", "--signal=B:USR1@", "--gres=gpu:8", "--ntasks-per-node=8",
+                   f"--nodes={NODES.get(name, 1)}"):
         assert f"#SBATCH {option}" in text
-    launches = [line for line in text.splitlines() if line.lstrip().startswith("srun ")]
-    assert len(launches) == 1 and '"$@"' in launches[0] and "distill" in launches[0]
+    assert text.rstrip().endswith('source slurm/launch.sh "$@"')  # the shared launch, overrides passed on
     assert not re.search(r"\$\{?[1-9]", text), "positional $1..$9: use named key=value overrides"
     config = (REPO / "configs" / f"{name}.yaml").read_text().splitlines()
     assert config[0] == f"# sbatch slurm/{name}.sh" or config[0].startswith(f"# sbatch slurm/{name}.sh ")
+
+
+def test_shared_launch_has_one_srun_with_the_overrides():
+    text = (REPO / "slurm" / "launch.sh").read_text()
+    assert subprocess.run(["bash", "-n", str(REPO / "slurm" / "launch.sh")], capture_output=True).returncode == 0
+    launches = [line for line in text.splitlines() if line.lstrip().startswith("srun ")]
+    assert len(launches) == 1 and '"$@"' in launches[0] and 'distill "$CONFIG"' in launches[0]
+    assert not re.search(r"\$\{?[1-9]", text), "positional $1..$9: use named key=value overrides"
 
 
 def test_script_refuses_to_run_outside_slurm():
