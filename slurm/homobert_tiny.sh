@@ -24,15 +24,6 @@
 
 CONFIG=configs/homobert_tiny.yaml
 
-# ---- where we are ---------------------------------------------------------------------------
-# Slurm runs a copy of this script from its spool directory: every path is relative to the
-# directory sbatch was called from (the repository root). logs/ must exist before sbatch runs:
-# Slurm opens --output before the script starts and does not create directories.
-if [ -z "${SLURM_JOB_ID:-}" ]; then
-    echo "submit this script with sbatch (see the header); for one machine run: homodistil distill $CONFIG" >&2
-    exit 2
-fi
-cd "$SLURM_SUBMIT_DIR" || exit 1
-
-# ---- launch (shared by every script of slurm/) ----------------------------------------------
-source slurm/launch.sh "$@"
+# ---- launch, shared by every script of slurm/ (Slurm runs a copy of this script from its spool
+# directory: the shared part is found from the directory sbatch was called in, the repository root)
+source "${SLURM_SUBMIT_DIR:-.}/slurm/launch.sh" "$@"

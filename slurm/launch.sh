@@ -4,10 +4,20 @@
 # One task per GPU runs `homodistil distill $CONFIG trainer.output_dir=runs/<job name> "$@"`;
 # USR1 near the time limit saves a checkpoint and requeues the job (see docs/slurm.md).
 
-if [ -z "${CONFIG:-}" ] || [ -z "${SLURM_JOB_ID:-}" ]; then
+if [ -z "${CONFIG:-}" ]; then
     echo "slurm/launch.sh is sourced by the sbatch scripts of slurm/ (e.g. sbatch slurm/homobert_base.sh)" >&2
     exit 2
 fi
+
+# ---- where we are ---------------------------------------------------------------------------
+# Every path is relative to the directory sbatch was called from (the repository root). logs/
+# must exist before sbatch runs: Slurm opens --output before the script starts and does not
+# create directories.
+if [ -z "${SLURM_JOB_ID:-}" ]; then
+    echo "submit this script with sbatch (see the header); for one machine run: homodistil distill $CONFIG" >&2
+    exit 2
+fi
+cd "$SLURM_SUBMIT_DIR" || exit 1
 
 # ---- which homodistil -----------------------------------------------------------------------
 # HOMODISTIL_CMD (the whole command, e.g. "/opt/venv/bin/homodistil") or HOMODISTIL_PYTHON (a

@@ -108,7 +108,7 @@ def test_script_is_valid_bash_with_its_config(name):
     for option in ("--requeue", "--signal=B:USR1@", "--gres=gpu:8", "--ntasks-per-node=8",
                    f"--nodes={NODES.get(name, 1)}"):
         assert f"#SBATCH {option}" in text
-    assert text.rstrip().endswith('source slurm/launch.sh "$@"')  # the shared launch, overrides passed on
+    assert text.rstrip().endswith('source "${SLURM_SUBMIT_DIR:-.}/slurm/launch.sh" "$@"')  # overrides passed on
     assert not re.search(r"\$\{?[1-9]", text), "positional $1..$9: use named key=value overrides"
     config = (REPO / "configs" / f"{name}.yaml").read_text().splitlines()
     assert config[0] == f"# sbatch slurm/{name}.sh" or config[0].startswith(f"# sbatch slurm/{name}.sh ")
