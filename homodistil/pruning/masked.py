@@ -94,6 +94,8 @@ class _NormMasked(nn.Module):
 
 
 class MaskedLayerNorm(_NormMasked, nn.LayerNorm):
+    """LayerNorm (statistics and affine over the live units only)."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (..., d)
         if self.live is None:
             return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
