@@ -296,3 +296,21 @@ def test_recipe_distills_and_shrinks_a_roberta_teacher(tmp_path):
     assert len(trajectory) == 20 and sum(trajectory[-3:]) < sum(trajectory[4:7])  # trains on after the shrink
     model = AutoModelForMaskedLM.from_pretrained(tmp_path / "run" / "export")
     assert type(model).__name__ == "RobertaForMaskedLM" and model.config.hidden_size == 16
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    (["model.tiny.num_key_value_heads=2"], "num_key_value_heads applies to model.tiny.family=llama only"),
+    (["model.tiny.family=llama", "model.tiny.num_key_value_heads=3"], "must be a multiple of model.tiny.num_key"),
+    (["model.tiny.family=llama", "model.tiny.hidden_size=36"], "even head width"),
+    (["model.tiny.family=llama"], "llama: pruning.sparsity.attention must be 0 (got 0.5)"),  # tiny.yaml prunes heads
+    (["model.tiny.family=gpt2", "pruning.sparsity.hidden=0.25"], "must equal pruning.sparsity.hidden"),
+])
+def test_tiny_family_errors_are_one_line_at_setup(tmp_path, capsys, overrides, expected):
+    from homodistil.cli import main
+
+    from conftest import tiny_overrides
+
+    assert main(["distill", "configs/tiny.yaml", *tiny_overrides(tmp_path / "x"), *overrides]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and expected in err, err
+    assert not (tmp_path / "x" / "cache").exists()  # refused before any data work
