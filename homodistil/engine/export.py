@@ -5,13 +5,13 @@ import logging
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from homodistil.pruning.adapters import get_adapter
 from homodistil.pruning.groups import shrink_tensors
 
 from . import checkpoint
-from .models import student_groups
+from .models import auto_lm_class, student_groups
 
 log = logging.getLogger("homodistil.export")
 
@@ -36,7 +36,7 @@ def export_dense(params: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]
     state = {k.removeprefix("lm."): v for k, v in lm_params.items() if k.startswith("lm.")}
     state = adapter.export_state(state, final, teacher_config)
     final._attn_implementation = None
-    model = AutoModelForMaskedLM.from_config(final)
+    model = auto_lm_class(adapter).from_config(final)
     allowed_missing = set(model.state_dict()) - {n for n, _ in model.named_parameters()}
     result = model.load_state_dict(state, strict=False)
     if result.unexpected_keys or set(result.missing_keys) - allowed_missing:

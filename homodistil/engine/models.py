@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer, BertConfig, BertForMaskedLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer, PretrainedConfig
 
 from homodistil.config import ModelConfig
 from homodistil.pruning.adapters import get_adapter
@@ -62,31 +62,34 @@ def load_tokenizer(cfg: ModelConfig):
         raise ModelError(f"cannot load tokenizer '{name}': {str(err).splitlines()[0]}") from None
 
 
-def tiny_config(cfg: ModelConfig, vocab_size: int) -> BertConfig:
-    t = cfg.tiny
-    config = BertConfig(vocab_size=vocab_size, hidden_size=t.hidden_size, num_hidden_layers=t.num_hidden_layers,
-                        num_attention_heads=t.num_attention_heads, intermediate_size=t.intermediate_size,
-                        max_position_embeddings=t.max_position_embeddings)
+def tiny_config(cfg: ModelConfig, vocab_size: int, pad_token_id: int | None) -> PretrainedConfig:
+    """The tiny random teacher's config, of family ``cfg.tiny.family``."""
+    config = get_adapter(cfg.tiny.family).tiny_config(vocab_size, pad_token_id or 0, cfg.tiny)
     config._attn_implementation = cfg.attn_implementation
     return config
 
 
-def load_teacher(cfg: ModelConfig, vocab_size: int, path: str | None) -> nn.Module:
-    """The frozen teacher MLM in eval mode, fp32 on CPU (the engine moves and casts it).
+def auto_lm_class(adapter):
+    """The Auto class that loads a plain model of the adapter's objective."""
+    return {"mlm": AutoModelForMaskedLM, "causal": AutoModelForCausalLM}[adapter.objective]
 
-    ``path``: the weights to load (the prepared teacher, or ``teacher_source``); None: tiny.
+
+def load_teacher(cfg: ModelConfig, vocab_size: int, path: str | None, pad_token_id: int | None) -> nn.Module:
+    """The frozen teacher LM in eval mode, fp32 on CPU (the engine moves and casts it).
+
+    ``path``: the weights to load (the prepared teacher, or ``teacher_source``); None: tiny
+    (``pad_token_id``: the tokenizer's, for the tiny config).
     """
     if path is None:
-        t = cfg.tiny
-        config = tiny_config(cfg, vocab_size)
+        config = tiny_config(cfg, vocab_size, pad_token_id)
         rng = torch.random.get_rng_state()
-        torch.manual_seed(t.seed)
-        model = BertForMaskedLM(config)
+        torch.manual_seed(cfg.tiny.seed)
+        model = get_adapter(config.model_type).build(config, config)
         torch.random.set_rng_state(rng)
     else:
-        teacher_config(path)
-        model = AutoModelForMaskedLM.from_pretrained(path, attn_implementation=cfg.attn_implementation,
-                                                     dtype=torch.float32)
+        adapter = get_adapter(teacher_config(path).model_type)
+        model = auto_lm_class(adapter).from_pretrained(path, attn_implementation=cfg.attn_implementation,
+                                                       dtype=torch.float32)
     model.eval().requires_grad_(False)
     return model
 

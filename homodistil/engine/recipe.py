@@ -72,7 +72,8 @@ class Recipe:
 
         self.tokenizer = load_tokenizer(cfg.model)
         source = teacher_source(cfg.model)  # checked before any data or model work:
-        declared = teacher_config(source) if source else tiny_config(cfg.model, len(self.tokenizer))
+        declared = teacher_config(source) if source else tiny_config(cfg.model, len(self.tokenizer),
+                                                                    self.tokenizer.pad_token_id)
         declared_adapter = get_adapter(declared.model_type)
         declared_adapter.check_targets(declared, cfg.pruning.sparsity.model_dump())
         self.objective = declared_adapter.objective  # MLM (encoders) or next-token (decoders) batches
@@ -132,7 +133,7 @@ class Recipe:
         out = prepare_cache_dir(source, json.dumps([d.source, d.max_seq_length, d.mlm_probability, d.max_documents,
                                                     tokenizer_name(m)]), m.prepare)
         if self.rank == 0 and not (out / PREP_FILE).exists():
-            head = get_adapter(teacher_config(source).model_type).mlm_head
+            head = get_adapter(teacher_config(source).model_type).head
             info = prepare_teacher(source, out, self.data, m.prepare, head, self.tokenizer, self.cfg.trainer.progress)
             print(f"prepared the teacher's MLM head ({m.prepare.steps} steps): held-out masked-token accuracy "
                   f"{100 * info['heldout_masked_accuracy_before']:.1f}% -> {100 * info['heldout_masked_accuracy']:.1f}%; "
@@ -142,13 +143,13 @@ class Recipe:
 
     def _load_teacher(self, path: str | None):
         if not self.cfg.model.teacher_zero3 or path is None:
-            return load_teacher(self.cfg.model, len(self.tokenizer), path)
+            return load_teacher(self.cfg.model, len(self.tokenizer), path, self.tokenizer.pad_token_id)
         from transformers.integrations import HfDeepSpeedConfig  # noqa: PLC0415
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config  # noqa: PLC0415
 
         keep_alive = HfDeepSpeedConfig(self._teacher_ds_config())  # partitions weights while loading
         try:
-            return load_teacher(self.cfg.model, len(self.tokenizer), path)
+            return load_teacher(self.cfg.model, len(self.tokenizer), path, self.tokenizer.pad_token_id)
         finally:
             unset_hf_deepspeed_config()
             del keep_alive
@@ -190,7 +191,7 @@ class Recipe:
         config = student_config(self.adapter, self.tcfg, kept, self.cfg.model)
         rng = torch.random.get_rng_state()  # building must not move the dropout RNG stream
         student = Student(self.adapter.build(config, self.tcfg), self.hidden_pairs, self.tcfg.hidden_size,
-                          self.adapter.mlm_head)
+                          self.adapter.head)
         torch.random.set_rng_state(rng)
         groups = student_groups(self.adapter, config, len(self.hidden_pairs))
         make_maskable(student, groups)
@@ -230,7 +231,7 @@ class Recipe:
                     batch = self._batch(micro)
                     student = self.engine(batch["input_ids"], batch["attention_mask"], batch["labels"] != -100,
                                           want_hidden, want_attn)
-                    teacher = teacher_outputs(self.teacher, self.adapter.mlm_head, batch, want_hidden, want_attn,
+                    teacher = teacher_outputs(self.teacher, self.adapter.head, batch, want_hidden, want_attn,
                                               self.hidden_pairs, self.attention_pairs) if self.needs_teacher else {}
                     terms = distill_losses(cfg.loss, batch["labels"], student, teacher)
                     self.engine.backward(terms["loss"])

@@ -14,23 +14,36 @@ KINDS = ("ffn", "attention", "hidden")
 
 @dataclass(frozen=True)
 class Slice:
-    """Units of a group index dimension ``dim`` of parameter ``param``."""
+    """Units of a group index dimension ``dim`` of parameter ``param``.
+
+    A fused projection (GPT-2's ``c_attn`` = [q | k | v]) splits ``dim`` into ``parts`` equal
+    consecutive segments, one per group: the group's units are segment ``part``.
+    """
 
     param: str
     dim: int
+    part: int = 0
+    parts: int = 1
+
+    def span(self, size: int) -> slice:
+        """The indices of this slice's segment along ``dim`` when each segment has ``size`` units."""
+        return slice(self.part * size, (self.part + 1) * size)
 
 
 @dataclass(frozen=True)
 class MaskPoint:
     """Where a group's mask acts in the forward pass.
 
-    ``out``:  a linear layer's output units (rows of its weight) are zeroed.
-    ``norm``: a LayerNorm normalises over the live units only and zeroes the rest, so the
-              masked residual stream behaves exactly like the shrunk one.
+    ``out``:  a linear layer's (``nn.Linear``, ``Conv1D``) output units, or an embedding's
+              columns, are zeroed; ``part``/``parts`` as in ``Slice`` for a fused projection.
+    ``norm``: a LayerNorm or RMSNorm normalises over the live units only and zeroes the rest,
+              so the masked residual stream behaves exactly like the shrunk one.
     """
 
     module: str
     how: str
+    part: int = 0
+    parts: int = 1
 
 
 @dataclass(frozen=True)
@@ -55,8 +68,8 @@ class Group:
     def with_prefix(self, prefix: str) -> "Group":
         return replace(
             self,
-            slices=tuple(Slice(prefix + s.param, s.dim) for s in self.slices),
-            points=tuple(MaskPoint(prefix + p.module, p.how) for p in self.points),
+            slices=tuple(replace(s, param=prefix + s.param) for s in self.slices),
+            points=tuple(replace(p, module=prefix + p.module) for p in self.points),
         )
 
     def with_slices(self, extra: tuple[Slice, ...]) -> "Group":
@@ -74,14 +87,23 @@ def shrink_tensors(tensors: dict[str, torch.Tensor], groups: list[Group],
     """Slice every tensor named in ``groups`` to the kept units; others pass through.
 
     ``tensors`` maps parameter names to full tensors of the same shape as the parameter
-    (the parameter itself, an optimizer moment, an importance state).
+    (the parameter itself, an optimizer moment, an importance state). A dimension split into
+    parts keeps, in each segment, the kept units of the group that owns it.
     """
-    out = dict(tensors)
+    owners: dict[tuple[str, int], list] = {}
     for group in groups:
-        idx = keep[group.name]
         for s in group.slices:
-            if s.param in out:
-                out[s.param] = slice_tensor(out[s.param], s.dim, idx, group.size, s.param)
+            if s.param in tensors:
+                parts = owners.setdefault((s.param, s.dim), [None] * s.parts)
+                assert parts[s.part] in (None, group), f"{s.param}: dim {s.dim} part {s.part} is in two groups"
+                parts[s.part] = group
+    out = dict(tensors)
+    for (param, dim), parts in owners.items():
+        assert None not in parts, f"{param}: dim {dim} has a segment that no group owns"
+        size = parts[0].size
+        assert all(g.size == size for g in parts), f"{param}: dim {dim} segments differ: {[g.size for g in parts]}"
+        idx = torch.cat([p * size + keep[g.name].cpu() for p, g in enumerate(parts)])
+        out[param] = slice_tensor(out[param], dim, idx, size * len(parts), param)
     return out
 
 
@@ -91,7 +113,7 @@ def live_numel(shapes: dict[str, tuple[int, ...]], groups: list[Group], masks: d
     for g in groups:
         n = int(masks[g.name].sum())
         for s in g.slices:
-            live[(s.param, s.dim)] = n
+            live[(s.param, s.dim)] = live.get((s.param, s.dim), 0) + n  # summed over a fused dim's parts
     total = 0
     for name, shape in shapes.items():
         numel = 1

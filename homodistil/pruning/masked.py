@@ -1,36 +1,56 @@
-"""Maskable drop-ins for ``nn.Linear`` and ``nn.LayerNorm`` (same parameters, same state-dict keys).
+"""Maskable drop-ins for the layers that groups mask (same parameters, same state-dict keys).
 
 While masks are live the student computes exactly what its shrunk version would compute,
-scattered back to full width: masked linear outputs are 0, and a masked LayerNorm takes its
-statistics over the live units only. Without a mask both behave like their base class.
+scattered back to full width: masked outputs of linear layers (``nn.Linear``, GPT-2's
+``Conv1D``) and embedding columns are 0, and a masked LayerNorm / RMSNorm takes its
+statistics over the live units only. Without a mask each behaves like its base layer.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from homodistil.kernels.masked_linear import masked_linear
 
-from .groups import Group
+from .groups import Group, MaskPoint
 
 
-class MaskedLinear(nn.Linear):
-    """``y = x Wᵀ + b`` with output units outside ``out_mask`` forced to 0."""
+def _take_over(cls, module: nn.Module):
+    """An instance of ``cls`` that shares ``module``'s parameters, buffers and attributes."""
+    new = cls.__new__(cls)
+    new.__dict__.update(module.__dict__)
+    new._parameters, new._buffers, new._modules = dict(module._parameters), dict(module._buffers), dict(module._modules)
+    return new
+
+
+class _OutMasked(nn.Module):
+    """Output units outside ``out_mask`` are forced to 0. A fused projection gets one mask per
+    part (``set_mask(mask, part, parts)``); ``out_mask`` is their concatenation (None: all live)."""
 
     out_mask: torch.Tensor | None = None
+    _part_masks: tuple = ()
 
     @classmethod
-    def wrap(cls, linear: nn.Linear) -> "MaskedLinear":
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        new.in_features, new.out_features = linear.in_features, linear.out_features
-        new.weight, new.bias = linear.weight, linear.bias  # shared, not copied
-        new.out_mask = None
+    def wrap(cls, module: nn.Module):
+        new = _take_over(cls, module)
+        new.out_mask, new._part_masks = None, ()
         return new
 
-    def set_mask(self, mask: torch.Tensor | None) -> None:
-        self.out_mask = mask
+    def set_mask(self, mask: torch.Tensor | None, part: int = 0, parts: int = 1) -> None:
+        masks = list(self._part_masks) if len(self._part_masks) == parts else [None] * parts
+        masks[part] = mask
+        self._part_masks = tuple(masks)
+        if all(m is None for m in masks):
+            self.out_mask = None
+            return
+        some = next(m for m in masks if m is not None)  # every part has the same number of units
+        self.out_mask = torch.cat([torch.ones_like(some) if m is None else m for m in masks])
+
+
+class MaskedLinear(_OutMasked, nn.Linear):
+    """``y = x Wᵀ + b`` (W: (out, in)) with masked output units 0, by the masked GEMM kernel."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.out_mask is None:
@@ -38,23 +58,43 @@ class MaskedLinear(nn.Linear):
         return masked_linear(x, self.weight, self.bias, out_mask=self.out_mask.to(x.device))
 
 
-class MaskedLayerNorm(nn.LayerNorm):
-    """LayerNorm over the live units ``mask`` only; masked units output exactly 0."""
+class MaskedConv1D(_OutMasked, Conv1D):
+    """GPT-2's ``y = x W + b`` (W: (in, out), transposed vs ``nn.Linear``) with masked outputs 0."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.out_mask is None:
+            return Conv1D.forward(self, x)
+        return masked_linear(x, self.weight.t(), self.bias, out_mask=self.out_mask.to(x.device))
+
+
+class MaskedEmbedding(_OutMasked, nn.Embedding):
+    """An embedding whose masked columns (hidden units) are 0: the residual stream of a
+    pre-norm model (GPT-2, Llama) then holds exact zeros at masked units, as the shrunk one
+    has no such units (its hidden states, read by the hidden-state loss, match)."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        y = nn.Embedding.forward(self, ids)
+        return y if self.out_mask is None else y * self.out_mask.to(y.device, y.dtype)
+
+
+class _NormMasked(nn.Module):
+    """A norm over the live units ``mask`` only; masked units output exactly 0."""
 
     live: torch.Tensor | None = None
 
     @classmethod
-    def wrap(cls, norm: nn.LayerNorm) -> "MaskedLayerNorm":
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        new.normalized_shape, new.eps = norm.normalized_shape, norm.eps
-        new.elementwise_affine = norm.elementwise_affine
-        new.weight, new.bias = norm.weight, norm.bias
+    def wrap(cls, norm: nn.Module):
+        new = _take_over(cls, norm)
         new.live = None
         return new
 
-    def set_mask(self, mask: torch.Tensor | None) -> None:
+    def set_mask(self, mask: torch.Tensor | None, part: int = 0, parts: int = 1) -> None:
+        assert parts == 1, "a norm has no parts"
         self.live = None if mask is None else mask.nonzero().squeeze(1)
+
+
+class MaskedLayerNorm(_NormMasked, nn.LayerNorm):
+    """LayerNorm (statistics and affine over the live units only)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (..., d)
         if self.live is None:
@@ -65,20 +105,50 @@ class MaskedLayerNorm(nn.LayerNorm):
         return x.new_zeros(x.shape).index_copy(-1, live, y)  # (..., d), zeros where masked
 
 
-_WRAPPERS = {"out": (nn.Linear, MaskedLinear), "norm": (nn.LayerNorm, MaskedLayerNorm)}
+class MaskedRMSNorm(_NormMasked):
+    """Llama-style RMSNorm (``weight · x / sqrt(mean(x²) + eps)``, mean square in fp32). Takes
+    over LlamaRMSNorm, MistralRMSNorm, Qwen2RMSNorm (same formula and attribute names)."""
+
+    weight: nn.Parameter
+    variance_epsilon: float
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (..., d)
+        live = None if self.live is None else self.live.to(x.device)
+        h = x.float() if live is None else x.float().index_select(-1, live)
+        weight = self.weight if live is None else self.weight.index_select(0, live)
+        y = weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)).to(x.dtype)
+        return y if live is None else y.new_zeros((*x.shape[:-1], x.shape[-1])).index_copy(-1, live, y)
+
+
+def _is_rms_norm(module: nn.Module) -> bool:
+    """The Llama-family RMSNorm (Gemma's ``1 + weight`` variant has ``eps``, not ``variance_epsilon``)."""
+    return type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon")
+
+
+_WRAPPERS = {
+    "out": ((nn.Linear, MaskedLinear), (Conv1D, MaskedConv1D), (nn.Embedding, MaskedEmbedding)),
+    "norm": ((nn.LayerNorm, MaskedLayerNorm),),
+}
+
+
+def _wrapper(module: nn.Module, point: MaskPoint):
+    if point.how == "norm" and _is_rms_norm(module):
+        return MaskedRMSNorm
+    for base, wrapper in _WRAPPERS[point.how]:
+        if isinstance(module, base):
+            return wrapper
+    raise AssertionError(f"{point.module}: no maskable drop-in for {type(module).__name__} ({point.how})")
 
 
 def make_maskable(model: nn.Module, groups: list[Group]) -> None:
     """Swap every module named by a group's mask points for its maskable drop-in."""
     for group in groups:
         for point in group.points:
-            base, wrapper = _WRAPPERS[point.how]
             module = model.get_submodule(point.module)
-            if isinstance(module, wrapper):
+            if isinstance(module, (_OutMasked, _NormMasked)):
                 continue
-            assert isinstance(module, base), f"{point.module}: expected {base.__name__}, got {type(module).__name__}"
             parent_name, _, attr = point.module.rpartition(".")
-            setattr(model.get_submodule(parent_name), attr, wrapper.wrap(module))
+            setattr(model.get_submodule(parent_name), attr, _wrapper(module, point).wrap(module))
 
 
 def apply_masks(model: nn.Module, groups: list[Group], masks: dict[str, torch.Tensor]) -> None:
@@ -88,4 +158,4 @@ def apply_masks(model: nn.Module, groups: list[Group], masks: dict[str, torch.Te
         assert mask.shape == (group.size,), (group.name, tuple(mask.shape), group.size)
         value = None if bool(mask.all()) else mask
         for point in group.points:
-            model.get_submodule(point.module).set_mask(value)
+            model.get_submodule(point.module).set_mask(value, point.part, point.parts)

@@ -62,7 +62,7 @@ class Pruner:
         for g in self.groups:
             score = torch.zeros(g.size)
             for s in g.slices:
-                score += (rows if s.dim == 0 else cols)[s.param].cpu()
+                score += (rows if s.dim == 0 else cols)[s.param][s.span(g.size)].cpu()
             if self.metric == "magnitude":
                 score = score.sqrt()
             if self.metric == "sensitivity":

@@ -3,6 +3,9 @@
 An adapter is the only code that knows a model's attribute names. It declares the prunable
 groups and where their masks act, the teacher↔student layer pairs for the hidden-state and
 attention losses, how pruned widths map to a model config, and what export must fix up.
+
+Registered: ``bert``, ``roberta`` (masked LM); ``gpt2``, ``llama``, ``mistral``, ``qwen2``
+(causal LM). ``docs/adapters.md`` says what each prunes and what it refuses.
 """
 from __future__ import annotations
 
@@ -20,8 +23,11 @@ class AdapterError(ValueError):
 
 class Adapter(Protocol):
     model_type: str
-    mlm_head: str  # name of the submodule that maps hidden states to vocabulary logits
-    objective: str  # "mlm" (encoders: masked tokens) or "causal" (decoders: next token)
+    objective: str  # "mlm" (AutoModelForMaskedLM) or "causal" (AutoModelForCausalLM)
+    head: str  # name of the submodule that maps the last hidden state to vocabulary logits
+
+    def tiny_config(self, vocab_size: int, pad_token_id: int, tiny):
+        """A small random-init config of this family from ``tiny`` (a ``config.TinyTeacherConfig``)."""
 
     def groups(self, config) -> list[Group]:
         """Prunable groups of a model with this config (names relative to the model)."""
@@ -72,4 +78,4 @@ def supported() -> list[str]:
     return sorted(_REGISTRY)
 
 
-from . import bert  # noqa: E402,F401  (registers itself)
+from . import bert, gpt2, llama, roberta  # noqa: E402,F401  (each registers itself)

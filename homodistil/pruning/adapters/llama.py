@@ -1,0 +1,127 @@
+"""Llama and the models that share its layout (``model_type``: ``llama``, ``mistral``, ``qwen2``).
+
+A pre-RMSNorm decoder with rotary embeddings, grouped-query attention and a gated MLP
+``down(silu(gate(x)) · up(x))``. Groups per layer ``l`` (prefix ``model.layers.{l}.``):
+- ``ffn``:    rows of ``mlp.gate_proj`` and ``mlp.up_proj``, columns of ``mlp.down_proj``
+              (biases where ``mlp_bias``). The mask acts on ``up_proj``: silu(g)·0 = 0.
+- ``hidden``: the residual stream (the Minitron width axis): ``embed_tokens`` columns, every
+              RMSNorm (``input_layernorm``, ``post_attention_layernorm``, ``norm``; masked
+              RMSNorms take the mean square over live units only), the input columns of
+              ``q/k/v_proj`` and ``gate/up_proj``, the output rows of ``o_proj`` and
+              ``down_proj``, and ``lm_head`` columns unless it is tied to the embeddings. The
+              writers (embeddings, ``o_proj``, ``down_proj``) are masked too, so the stream
+              (read by the hidden-state loss) holds zeros at masked units. Qwen2's q/k/v biases
+              index heads, not the stream: nothing of theirs is pruned.
+
+Attention is not pruned: ``pruning.sparsity.attention`` must be 0 (``check_targets``). Why:
+- per-head width pruning changes ``head_dim``, and the rotary frequencies are
+  ``theta^(-2i/head_dim)``: a narrower head rotates its surviving pairs at other speeds, so
+  the masked and shrunk models differ and no config of a standard model reproduces the
+  student (the kept pairs would also have to stay (i, i + head_dim/2)-paired);
+- pruning whole KV groups (a KV head with its query heads) is exportable, but it changes the
+  number of heads, and the attention-map loss pairs teacher and student heads one to one;
+- Minitron's Llama-3.1-8B → 4B width recipe prunes hidden (4096 → 3072) and FFN
+  (14336 → 9216) and keeps every head, which is what this adapter does.
+The config keeps the teacher's ``head_dim`` explicitly (Llama and Mistral have the field;
+Qwen2 reads it with ``getattr``), so the hidden width is free of the head width, the
+attention scale ``1/sqrt(head_dim)`` and the rotary frequencies do not change, and the
+exported config loads with plain ``AutoModelForCausalLM``. One constraint remains:
+``LlamaConfig`` (transformers 5) refuses to save or load a ``hidden_size`` that is not a
+multiple of ``num_attention_heads``, so the kept hidden width is rounded to such a multiple
+(for every family here, so that the three behave alike): Minitron's 3072 = 32 × 96 is one.
+"""
+from __future__ import annotations
+
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from ..groups import Group, MaskPoint, Slice
+from ..schedule import kept_units
+from . import AdapterError, register
+from .common import SameDepth, lin, norm
+
+
+class LlamaAdapter(SameDepth):
+    objective = "causal"
+    head = "lm_head"
+
+    def __init__(self, model_type: str):
+        self.model_type = model_type
+
+    def tiny_config(self, vocab_size: int, pad_token_id: int, tiny):
+        return AutoConfig.for_model(
+            self.model_type, vocab_size=vocab_size, hidden_size=tiny.hidden_size,
+            intermediate_size=tiny.intermediate_size, num_hidden_layers=tiny.num_hidden_layers,
+            num_attention_heads=tiny.num_attention_heads,
+            num_key_value_heads=tiny.num_key_value_heads or tiny.num_attention_heads,
+            max_position_embeddings=tiny.max_position_embeddings, pad_token_id=pad_token_id)
+
+    @staticmethod
+    def head_dim(config) -> int:
+        return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+    def groups(self, config) -> list[Group]:
+        mlp_bias = bool(getattr(config, "mlp_bias", False))
+        o_bias = self.model_type == "llama" and config.attention_bias  # Qwen2: q/k/v only; Mistral: none
+        groups = []
+        hidden_slices = [Slice("model.embed_tokens.weight", 1), *norm("model.norm", bias=False)]
+        if not config.tie_word_embeddings:
+            hidden_slices.append(Slice("lm_head.weight", 1))
+        hidden_points = [MaskPoint("model.embed_tokens", "out"), MaskPoint("model.norm", "norm")]
+        for l in range(config.num_hidden_layers):
+            layer = f"model.layers.{l}."
+            attn, mlp = layer + "self_attn.", layer + "mlp."
+            groups.append(Group(
+                f"layer{l}.ffn", "ffn", config.intermediate_size,
+                slices=lin(mlp + "gate_proj", 0, mlp_bias) + lin(mlp + "up_proj", 0, mlp_bias)
+                + lin(mlp + "down_proj", 1, False),
+                points=(MaskPoint(mlp + "up_proj", "out"),)))
+            hidden_slices += [
+                *norm(layer + "input_layernorm", bias=False),
+                *(Slice(attn + f"{m}_proj.weight", 1) for m in "qkv"), *lin(attn + "o_proj", 0, o_bias),
+                *norm(layer + "post_attention_layernorm", bias=False),
+                Slice(mlp + "gate_proj.weight", 1), Slice(mlp + "up_proj.weight", 1),
+                *lin(mlp + "down_proj", 0, mlp_bias),
+            ]
+            hidden_points += [MaskPoint(layer + "input_layernorm", "norm"), MaskPoint(attn + "o_proj", "out"),
+                              MaskPoint(layer + "post_attention_layernorm", "norm"),
+                              MaskPoint(mlp + "down_proj", "out")]
+        groups.append(Group("hidden", "hidden", config.hidden_size, slices=tuple(hidden_slices),
+                            points=tuple(hidden_points)))
+        return groups
+
+    def kept(self, config, sparsity: dict[str, float]) -> dict[str, int]:
+        heads = config.num_attention_heads
+        return {"ffn": kept_units(config.intermediate_size, sparsity["ffn"]),
+                "attention": kept_units(self.head_dim(config), sparsity["attention"]),
+                "hidden": kept_units(config.hidden_size // heads, sparsity["hidden"]) * heads}  # see module doc
+
+    def check_targets(self, config, sparsity: dict[str, float]) -> None:
+        if config.hidden_size % config.num_attention_heads:
+            raise AdapterError(f"{self.model_type}: hidden_size {config.hidden_size} is not a multiple of "
+                               f"num_attention_heads {config.num_attention_heads} (the pruned width is kept one)")
+        if sparsity["attention"] > 0:
+            raise AdapterError(
+                f"{self.model_type}: pruning.sparsity.attention must be 0 (got {sparsity['attention']}): a narrower "
+                f"head changes the rotary frequencies, and fewer heads would break the one-to-one attention loss; "
+                f"prune ffn and hidden (heads kept, as Minitron does)")
+
+    def shrunk_config(self, teacher_config, kept: dict[str, int]):
+        cfg = type(teacher_config).from_dict(teacher_config.to_dict())
+        cfg.head_dim = self.head_dim(teacher_config)  # explicit: no longer hidden_size / heads
+        cfg.hidden_size = kept["hidden"]
+        cfg.intermediate_size = kept["ffn"]
+        return cfg
+
+    def set_dropout(self, config, p: float) -> None:
+        config.attention_dropout = p  # the family has no other dropout
+
+    def build(self, config, teacher_config):
+        assert self.head_dim(config) == self.head_dim(teacher_config), "heads are not pruned"
+        return AutoModelForCausalLM.from_config(config, attn_implementation=config._attn_implementation)
+
+    def export_state(self, state, config, teacher_config):
+        return state  # same head_dim: same attention scale and rotary frequencies
+
+
+for _model_type in ("llama", "mistral", "qwen2"):
+    register(LlamaAdapter(_model_type))
