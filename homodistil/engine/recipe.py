@@ -122,9 +122,7 @@ class Recipe:
         """The teacher's weights; a teacher without an MLM head is prepared first (rank 0, cached)."""
         m = self.cfg.model
         source = teacher_source(m)
-        if source is None or m.prepare.steps == 0 or self.objective == "causal":  # decoder LMs ship their head
-            return source
-        if get_adapter(teacher_config(source).model_type).objective != "mlm" or not missing_head(source):
+        if source is None or m.prepare.steps == 0 or self.objective == "causal" or not missing_head(source):
             return source  # preparing gives a head-less encoder an MLM head; a causal LM is used as it is
         if not isinstance(self.data, MLMBatches):
             raise ConfigError(f"teacher '{m.teacher}' has no MLM head and preparing one needs pre-built blocks: "
