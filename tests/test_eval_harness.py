@@ -213,3 +213,23 @@ def test_evaluate_main_names_and_overrides(models, data_dirs, tmp_path, capsys):
         evaluate_main(str(tmp_path), ["sst2"], tmp_path / "p", print_table=False)
     with pytest.raises(ValueError, match="teacher 'x' is not one of the models"):
         evaluate_models(models, ["sst2"], tmp_path / "q", teacher="x")
+
+
+def test_decoder_without_pad_token_is_evaluated(data_dirs, tmp_path):
+    """A GPT-2-style export whose tokenizer has EOS but no padding token (as GPT-2's and Llama's
+    ship) is fine-tuned and probed: EOS pads, and the classifier reads the last real token."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(gt.get_model_path())
+    tok.eos_token, tok.pad_token = "[SEP]", None
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2, n_positions=64,
+                               bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id)).save_pretrained(
+        tmp_path / "gpt2")
+    tok.save_pretrained(tmp_path / "gpt2")
+    assert AutoTokenizer.from_pretrained(tmp_path / "gpt2").pad_token is None
+    task = load_task("sst2", data_dirs["sst2"])
+    tuned = F.finetune(str(tmp_path / "gpt2"), task, F.FinetuneConfig(**FAST))
+    probe = P.linear_probe(str(tmp_path / "gpt2"), task, P.ProbeConfig(progress=False))
+    assert tuned["eval_examples"] == {"validation": 16} and probe["train_examples"] == 40
+    assert 0.0 <= tuned["metrics"]["validation"]["accuracy"] <= 1.0
+    assert F.load_tokenizer(str(tmp_path / "gpt2")).pad_token_id == tok.convert_tokens_to_ids("[SEP]")

@@ -61,6 +61,16 @@ def _quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
+def load_tokenizer(model_dir: str):
+    """The model's tokenizer, with a padding token: decoder tokenizers (GPT-2, Llama) ship
+    without one, and batches of unequal lengths need one; EOS serves (masked out anyway)."""
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def _seed_all(seed: int) -> None:
     import random
     random.seed(seed)
@@ -157,18 +167,18 @@ def finetune_classification(model_dir: str, task: TaskData, cfg: FinetuneConfig 
     """Fine-tune ``model_dir`` on a classification/regression task; returns
     ``{"metrics": {split: {...}}, "main": float (0-100, first eval split), "history": [...],
     "train_examples", "eval_examples", "seconds"}``. Scores are those after the last epoch."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
     cfg = cfg or FinetuneConfig()
     spec = task.spec
     regression = spec.kind == "regression"
     t_start = time.perf_counter()
     _seed_all(cfg.seed)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     with _quiet_transformers():
         model = AutoModelForSequenceClassification.from_pretrained(
             model_dir, num_labels=1 if regression else spec.num_labels,
             problem_type="regression" if regression else "single_label_classification",
-            ignore_mismatched_sizes=True).to(cfg.device)
+            ignore_mismatched_sizes=True, pad_token_id=tokenizer.pad_token_id).to(cfg.device)
     if not regression and spec.label_names:
         model.config.id2label = dict(enumerate(spec.label_names))
         model.config.label2id = {n: i for i, n in enumerate(spec.label_names)}

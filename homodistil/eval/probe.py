@@ -38,10 +38,10 @@ class Encoder:
     """A frozen ``AutoModel`` + tokenizer from an exported directory (loaded once, reused)."""
 
     def __init__(self, model_dir: str, device: str = "cpu"):
-        from transformers import AutoModel, AutoTokenizer
-        from homodistil.eval.finetune import _quiet_transformers
+        from transformers import AutoModel
+        from homodistil.eval.finetune import _quiet_transformers, load_tokenizer
         self.model_dir, self.device = str(model_dir), device
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.tokenizer = load_tokenizer(model_dir)
         with _quiet_transformers():
             self.model = AutoModel.from_pretrained(model_dir).to(device).eval()
 
