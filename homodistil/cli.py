@@ -22,12 +22,14 @@ def _user_errors() -> tuple[type[Exception], ...]:
     """Errors a user can cause (config, data, paths, models): one line on stderr, exit code 2."""
     from homodistil.config import ConfigError
     from homodistil.data.corpora import DataError
+    from homodistil.engine.checkpoint import CheckpointError
     from homodistil.engine.export import ExportError
     from homodistil.engine.losses import LossError
     from homodistil.engine.models import ModelError
+    from homodistil.engine.numerics import TrainingStopped
     from homodistil.pruning.adapters import AdapterError
 
-    return ConfigError, DataError, AdapterError, ExportError, LossError, ModelError
+    return ConfigError, DataError, AdapterError, ExportError, LossError, ModelError, CheckpointError, TrainingStopped
 
 
 def _distill(args) -> int:

@@ -183,6 +183,9 @@ class TrainerConfig(_Strict):
     log_every: int = Field(1, gt=0)
     save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end).")
     resume: bool = Field(True, description="Continue from output_dir/checkpoints/latest if present.")
+    max_bad_steps: int = Field(
+        5, gt=0, description="A step with a non-finite loss or gradient is skipped (no update, logged); after "
+        "this many in a row the run saves a checkpoint (still the last good weights) and stops with an error.")
     export: bool = Field(True, description="Export the dense student to output_dir/export at the end.")
     progress: bool = True
 

@@ -28,6 +28,7 @@ import glob
 import importlib.util
 import io
 import json
+import logging
 import os
 import re
 import struct
@@ -39,6 +40,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import datasets
+
+
+log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -506,15 +510,21 @@ def _file_documents(path: Path, text_field: str) -> list[str]:
 
 
 def _local_documents(path: Path, text_field: str) -> list[str]:
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl", ".md") and p.is_file())
+    if path.is_dir():  # (a dangling link is listed too: reading it names the missing file)
+        files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl", ".md")
+                       and (p.is_file() or p.is_symlink()))
         if not files:
             raise DataError(f"{path}: directory holds no .txt, .md or .jsonl files")
     else:
         files = [path]
-    docs = [doc for f in files for doc in _file_documents(f, text_field)]
+    per_file = [_file_documents(f, text_field) for f in files]
+    docs = [doc for file_docs in per_file for doc in file_docs]
     if not docs:
         raise DataError(f"{path}: no text found (empty file)" if path.is_file() else f"{path}: no text found")
+    empty = [f.name for f, file_docs in zip(files, per_file) if not file_docs]
+    if empty:
+        log.warning("%s: skipped %d empty file(s): %s", path, len(empty),
+                    ", ".join(empty[:5]) + (", ..." if len(empty) > 5 else ""))
     return docs
 
 

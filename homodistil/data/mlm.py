@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 import datasets
@@ -22,7 +23,7 @@ import torch
 
 from .corpora import DataError, load_text
 
-
+log = logging.getLogger(__name__)
 
 OBJECTIVES = ("mlm", "causal")
 
@@ -63,16 +64,41 @@ def causal_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torc
     return labels
 
 
+def _digest(blocks: torch.Tensor) -> str:
+    return hashlib.sha1(blocks.contiguous().numpy().tobytes()).hexdigest()
+
+
+def _read_cache(path: Path, max_seq_length: int) -> torch.Tensor | None:
+    """The cached blocks, or None (with a log line) when the file is unreadable, truncated,
+    of another shape or does not match its checksum: the caller rebuilds it."""
+    try:
+        saved = torch.load(path, weights_only=True)
+        blocks = saved["blocks"]
+        if blocks.dtype != torch.int32 or blocks.dim() != 2 or blocks.shape[1] != max_seq_length:
+            problem = f"holds {blocks.dtype} {tuple(blocks.shape)}, not int32 (N, {max_seq_length})"
+        elif _digest(blocks) != saved["sha1"]:
+            problem = "checksum mismatch"
+        else:
+            return blocks
+    except Exception as err:  # noqa: BLE001 - any unreadable cache is rebuilt, never a traceback
+        problem = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else 'unreadable'}"
+    log.warning("%s: corrupt token cache (%s): rebuilding it", path, problem)
+    return None
+
+
 def build_blocks(source, tokenizer, max_seq_length: int, text_field: str = "text",
                  max_documents: int | None = None, cache_dir: str | Path | None = None,
                  objective: str = "mlm") -> torch.Tensor:
-    """All blocks of ``source`` as an int32 tensor (N, T), cached under ``cache_dir``."""
+    """All blocks of ``source`` as an int32 tensor (N, T), cached under ``cache_dir`` with a
+    checksum (a damaged cache is detected, logged and rebuilt)."""
     prefix, sep, suffix = block_tokens(tokenizer, objective)
     key = json.dumps([source, tokenizer.name_or_path, len(tokenizer), max_seq_length, text_field, max_documents]
                      + ([objective] if objective != "mlm" else []))
     cache = Path(cache_dir) / f"blocks-{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt" if cache_dir else None
     if cache is not None and cache.exists():
-        return torch.load(cache)
+        blocks = _read_cache(cache, max_seq_length)
+        if blocks is not None:
+            return blocks
     sources = source if isinstance(source, list) else [source]
     docs: list[list[int]] = []
     for src in sources:
@@ -86,7 +112,7 @@ def build_blocks(source, tokenizer, max_seq_length: int, text_field: str = "text
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp")
-        torch.save(blocks, tmp)
+        torch.save({"blocks": blocks, "sha1": _digest(blocks)}, tmp)
         tmp.replace(cache)
     return blocks
 
@@ -182,6 +208,17 @@ class MLMBatches:
         for start in range(0, n, batch_size):
             idx = range(start, min(n, start + batch_size))
             yield self._make(self.heldout, [(0, i) for i in idx], tag=1)
+
+
+def check_global_batch(data, global_batch: int, cfg) -> None:
+    """Pre-built blocks must fill one global batch: else a one-line error before any model work.
+
+    ``cfg``: the data config (``source``, ``max_seq_length``) for the message.
+    """
+    if isinstance(data, MLMBatches) and len(data.train) < global_batch:
+        raise DataError(f"data.source {cfg.source!r}: {len(data.train)} training blocks of {cfg.max_seq_length} "
+                        f"tokens, fewer than one global batch ({global_batch}): add text, or lower "
+                        f"data.max_seq_length or the batch size")
 
 
 class MLMStream:

@@ -9,8 +9,12 @@ Layout under ``<output_dir>/checkpoints/``::
         rank{r}.pt              each rank's RNG state (torch/python/numpy) and data position
         COMPLETE                written last, after every rank finished
 
-An interrupted save leaves a directory without ``COMPLETE``; ``latest`` still names the
-previous checkpoint, and the partial one is deleted on the next save or resume.
+An interrupted save (a killed process, a full disk) leaves a directory without ``COMPLETE``;
+``latest`` still names the previous checkpoint, resuming ignores the partial one and the
+next save or resume deletes it. Before writing, every rank checks that the file system has
+room for one more checkpoint (the size of the newest one, or an estimate for the first), so a
+full disk stops the run with one line instead of a half-written checkpoint; an ``OSError``
+while writing our own files (ENOSPC, EIO) removes the partial checkpoint and stops the same way.
 """
 from __future__ import annotations
 
@@ -24,7 +28,25 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from . import faults
+from .dist import device
+
 LATEST, COMPLETE, META, PRUNER = "latest", "COMPLETE", "meta.json", "pruner.pt"
+KEEP_LAST = 2  # complete checkpoints kept; older ones are deleted after a save
+
+
+class CheckpointError(OSError):
+    """A checkpoint cannot be written (no space, an I/O error): printed as one line."""
+
+
+def _fsync(directory: Path) -> None:
+    """Flush every file of ``directory`` and the directory entry itself to disk."""
+    for path in [*sorted(p for p in directory.iterdir() if p.is_file()), directory]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -65,30 +87,84 @@ def find_latest(root: Path) -> str | None:
     return tags[-1] if tags else None
 
 
-def remove_incomplete(root: Path) -> None:
+def remove_incomplete(root: Path) -> list[str]:
+    """Delete checkpoint directories without ``COMPLETE``; returns their names."""
+    removed = []
     if root.is_dir():
-        for p in root.iterdir():
+        for p in sorted(root.iterdir()):
             if p.is_dir() and not (p / COMPLETE).exists():
                 shutil.rmtree(p, ignore_errors=True)
+                removed.append(p.name)
+    return removed
+
+
+def estimate_bytes(n_params: int, bf16: bool) -> int:
+    """About one checkpoint of a student with ``n_params`` parameters: the module's weights
+    (bf16 or fp32), the fp32 master copy, Adam's two moments and the importance state (two
+    fp32 EMAs per prunable weight). Measured: 24 bytes per parameter at fp32, ZeRO-2."""
+    return n_params * ((2 if bf16 else 4) + 4 + 8 + 8)
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def space_problem(root: Path, need: int) -> str | None:
+    """Why ``root``'s file system cannot take a checkpoint of ``need`` bytes, or None."""
+    probe = root if root.exists() else next(p for p in root.parents if p.exists())
+    free = shutil.disk_usage(probe).free
+    if free >= need:
+        return None
+    return f"{free / 2**20:.1f} MiB free on the file system of {root}, a checkpoint needs about {need / 2**20:.1f} MiB"
+
+
+def _any(flag: bool) -> bool:
+    """True on every rank when it is True on any rank (collective)."""
+    t = torch.tensor([1.0 if flag else 0.0], device=device())
+    dist.all_reduce(t)
+    return bool(t.item())
 
 
 def save(engine, root: Path, step: int, meta: dict, pruner_state: dict, rank: int, data_state: dict,
-         keep_last: int = 2) -> str:
-    """Save a checkpoint collectively (every rank calls this); returns its tag."""
+         need_bytes: int) -> str:
+    """Save a checkpoint collectively (every rank calls this); returns its tag.
+
+    ``need_bytes``: the size expected for the first checkpoint (later ones are checked against
+    the newest complete one: the student only shrinks).
+    """
     tag = f"step{step:08d}"
+    previous = find_latest(root)
     if rank == 0:
         remove_incomplete(root)
-    dist.barrier()
+    if previous is not None:
+        need_bytes = _size(root / previous)
+    problem = space_problem(root, need_bytes)
+    if _any(problem is not None):
+        raise CheckpointError(f"cannot save {root / tag}: {problem or 'no space on another rank'}; "
+                              f"free some space and resume (latest is {previous or 'none'})")
     engine.save_checkpoint(str(root), tag=tag, save_latest=False)
-    torch.save({"rng": rng_state(), "data": data_state}, root / tag / f"rank{rank}.pt")
+    error = None
+    try:  # our own files: a failure on one rank is agreed on below instead of hanging the others
+        torch.save({"rng": rng_state(), "data": data_state}, root / tag / f"rank{rank}.pt")
+        if rank == 0:
+            torch.save(pruner_state, root / tag / PRUNER)
+            (root / tag / META).write_text(json.dumps(meta, indent=1))
+        faults.point("save", step)
+    except OSError as err:
+        error = err
+    if _any(error is not None):  # also the barrier: every rank's files are written
+        if rank == 0:
+            shutil.rmtree(root / tag, ignore_errors=True)
+        dist.barrier()
+        reason = f"{error.strerror or error}" if error is not None else "an error on another rank"
+        raise CheckpointError(f"could not write {root / tag} ({reason}): removed it; latest is still "
+                              f"{previous or 'none'}")
     if rank == 0:
-        torch.save(pruner_state, root / tag / PRUNER)
-        (root / tag / META).write_text(json.dumps(meta, indent=1))
-    dist.barrier()
-    if rank == 0:
+        _fsync(root / tag)  # the files are on disk before COMPLETE says so (a node may lose power)
         (root / tag / COMPLETE).write_text("")
+        _fsync(root / tag)
         _write_atomic(root / LATEST, tag)
-        for old in complete_tags(root)[:-keep_last]:
+        for old in complete_tags(root)[:-KEEP_LAST]:
             shutil.rmtree(root / old, ignore_errors=True)
     dist.barrier()
     return tag

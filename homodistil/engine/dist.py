@@ -31,12 +31,32 @@ def init_distributed() -> tuple[int, int, int]:
     env.setdefault("LOCAL_RANK", "0")
     import deepspeed  # noqa: PLC0415  (slow import, only when a run starts)
 
-    if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(verbose=False)
     rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"])
+    if not torch.distributed.is_initialized():
+        if int(env.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+            _init_restarted_attempt(rank, world)
+        deepspeed.init_distributed(verbose=False)
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
     return rank, world, local
+
+
+def _init_restarted_attempt(rank: int, world: int) -> None:
+    """Workers restarted by ``torchrun --max-restarts``: join through a per-attempt key prefix.
+
+    The agent's TCP store outlives the killed workers and still holds their addresses under the
+    same keys, so a new worker can read a dead peer's address and fail to connect (seen with
+    gloo, static and c10d rendezvous, torch 2.13).
+    """
+    from deepspeed.accelerator import get_accelerator  # noqa: PLC0415
+
+    env = os.environ
+    agent_store = env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # else rank 0 hosts the store
+    store = torch.distributed.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world,
+                                       is_master=not agent_store and rank == 0)
+    prefixed = torch.distributed.PrefixStore(f"attempt{env['TORCHELASTIC_RESTART_COUNT']}", store)
+    torch.distributed.init_process_group(get_accelerator().communication_backend_name(), store=prefixed,
+                                         rank=rank, world_size=world)
 
 
 def device() -> torch.device:

@@ -1,10 +1,32 @@
-"""Progress bar, log lines, TensorBoard scalars and a metrics file, all on rank 0 only."""
+"""Progress bar, log lines, TensorBoard scalars and a metrics file, all on rank 0 only.
+
+A run that resumes from step ``start`` first drops what a killed predecessor logged after
+that step (rows of ``metrics.jsonl``, TensorBoard events via ``purge_step``), so both hold one
+record per step, as an uninterrupted run's would.
+"""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 from tqdm import tqdm
+
+
+def _truncate_metrics(path: Path, start: int) -> None:
+    """Keep the rows of steps <= ``start`` (and drop a line cut short by a kill)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("step", 0) <= start:
+            kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    tmp.replace(path)
 
 
 class Monitor:
@@ -15,7 +37,8 @@ class Monitor:
             return
         from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415
 
-        self.writer = SummaryWriter(str(out_dir / "tensorboard"))
+        self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start + 1)
+        _truncate_metrics(out_dir / "metrics.jsonl", start)
         self.metrics = (out_dir / "metrics.jsonl").open("a")
         self.bar = tqdm(total=total, initial=start, desc="distill", unit="step", dynamic_ncols=True,
                         disable=not progress)

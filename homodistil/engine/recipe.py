@@ -16,16 +16,17 @@ import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed import zero
+from transformers import set_seed
 
 from homodistil.config import Config, ConfigError, dump_config
 from homodistil.data.corpora import load_text
-from homodistil.data.mlm import MLMBatches, MLMStream, build_blocks
+from homodistil.data.mlm import MLMBatches, MLMStream, build_blocks, check_global_batch
 from homodistil.pruning.adapters import get_adapter
 from homodistil.pruning.groups import KINDS, live_numel, shrink_tensors
 from homodistil.pruning.masked import apply_masks, make_maskable
 from homodistil.pruning.pruner import Pruner
 
-from . import checkpoint
+from . import checkpoint, faults, numerics
 from .dist import device, init_distributed
 from .export import export_dense
 from .losses import distill_losses
@@ -63,12 +64,13 @@ class Recipe:
         cfg = self.cfg
         self.rank, self.world, _ = init_distributed()
         self.device = device()
+        armed = faults.configure(self.rank)
         self.out = Path(cfg.trainer.output_dir)
         if self.rank == 0:
             _check_writable(self.out)
         dist.barrier()
         self.ckpt_root = self.out / "checkpoints"
-        torch.manual_seed(cfg.trainer.seed + self.rank)  # dropout differs per rank, as in any DP run
+        set_seed(cfg.trainer.seed + self.rank)  # torch, numpy, random; dropout differs per rank, as in any DP run
 
         self.tokenizer = load_tokenizer(cfg.model)
         source = teacher_source(cfg.model)  # checked before any data or model work:
@@ -78,6 +80,7 @@ class Recipe:
         declared_adapter.check_targets(declared, cfg.pruning.sparsity.model_dump())
         self.objective = declared_adapter.objective  # MLM (encoders) or next-token (decoders) batches
         self.data = self._load_data()
+        check_global_batch(self.data, cfg.micro_batch_size * cfg.grad_accum * self.world, cfg.data)
         self.teacher_dir = self._teacher_path()
         teacher = self._load_teacher(self.teacher_dir)
         self.tcfg = teacher.config
@@ -98,6 +101,10 @@ class Recipe:
             raise ConfigError(f"{self.ckpt_root / tag} was made with another teacher: use a new trainer.output_dir")
         self.kept = meta["kept"] if meta else self.adapter.kept(self.tcfg, dict.fromkeys(KINDS, 0.0))
         student, self.groups = self._build_student(self.kept)
+        self.ckpt_bytes = checkpoint.estimate_bytes(sum(p.numel() for p in student.parameters()), cfg.bf16)
+        problem = checkpoint.space_problem(self.ckpt_root, self.ckpt_bytes)
+        if problem:
+            raise checkpoint.CheckpointError(f"trainer.output_dir: {problem}")
         if not meta:
             with zero.GatheredParameters(list(teacher.parameters()), enabled=cfg.model.teacher_zero3):
                 student.lm.load_state_dict(teacher.state_dict())  # the student starts as the teacher
@@ -107,6 +114,8 @@ class Recipe:
         self.pruner = Pruner(self.groups, lambda s: self.adapter.kept(self.tcfg, s), metric=p.metric,
                              s_final=p.sparsity.model_dump(), t_i=p.t_i, t_f=p.t_f, beta1=p.beta1, beta2=p.beta2)
         self.step = 0
+        self.bad_steps = 0  # consecutive steps skipped for a non-finite loss or gradient
+        removed = checkpoint.remove_incomplete(self.ckpt_root) if self.rank == 0 else []
         if tag:
             self._resume(tag, meta)
         elif self.rank == 0:
@@ -115,7 +124,9 @@ class Recipe:
         self.monitor.note(f"world size {self.world}, ZeRO stage {cfg.zero_stage}, "
                           f"{'bf16' if cfg.bf16 else 'fp32'}, teacher {cfg.model.teacher} "
                           f"({self._param_count() / 1e6:.2f}M student parameters), data: {self.data.describe()}"
-                          + (f"; resumed from step {self.step} ({tag})" if tag else ""))
+                          + (f"; resumed from step {self.step} ({tag})" if tag else "")
+                          + (f"; removed incomplete checkpoint(s) {', '.join(removed)}" if removed else "")
+                          + (f"; injected faults {armed}" if armed else ""))
         return self
 
     def _teacher_path(self) -> str | None:
@@ -206,7 +217,9 @@ class Recipe:
         o = self.cfg.optimizer
         decay = [p for p in student.parameters() if p.dim() >= 2]
         no_decay = [p for p in student.parameters() if p.dim() < 2]  # biases and norms
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
+        # ZeRO 1-3 skip a step with a non-finite gradient norm themselves; at stage 0 our AdamW does
+        adamw = numerics.AdamW if self.cfg.zero_stage == 0 else torch.optim.AdamW
+        optimizer = adamw([{"params": decay, "weight_decay": o.weight_decay},
                                        {"params": no_decay, "weight_decay": 0.0}],
                                       lr=o.lr, betas=o.betas, eps=o.eps, fused=self.device.type == "cuda" or None)
         ds_config = {"steps_per_print": 2**31, **self.cfg.deepspeed}
@@ -232,6 +245,7 @@ class Recipe:
                     teacher = teacher_outputs(self.teacher, self.adapter.head, batch, want_hidden, want_attn,
                                               self.hidden_pairs, self.attention_pairs) if self.needs_teacher else {}
                     terms = distill_losses(cfg.loss, batch["labels"], student, teacher)
+                    terms["loss"] = faults.loss(terms["loss"], self.step + 1)
                     self.engine.backward(terms["loss"])
                     for k, v in terms.items():
                         terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
@@ -240,16 +254,20 @@ class Recipe:
                     self._observe()
                 self.engine.step()
                 self.step += 1
+                skipped = self._skipped_update(terms_sum)
                 # 5. masks follow the cubic schedule, 6. masked units are removed for real
                 if self.step % p.mask_interval == 0 or self.step == p.t_f:
                     self._update_masks()
                 if (self.step % p.shrink_interval == 0 or self.step >= p.t_f) and not self.pruner.is_dense():
                     self._shrink()
-                self._log(terms_sum, time.perf_counter() - started)
+                self._log(terms_sum, time.perf_counter() - started, skipped)
+                faults.point("step", self.step)
                 if self._should_stop():
                     self.monitor.note(f"SIGTERM: saving at step {self.step} and stopping")
                     self.save()
                     return
+                if self.bad_steps >= cfg.trainer.max_bad_steps:
+                    self._stop_on_bad_steps()
                 if cfg.trainer.save_every and self.step % cfg.trainer.save_every == 0:
                     self.save()
             if not self._saved_at_step():
@@ -267,11 +285,42 @@ class Recipe:
 
     def _observe(self) -> None:
         """Hand the pruner full weights and gradients, one parameter at a time (collective at
-        ZeRO-3: every rank, same order), so the full model never sits on one rank."""
-        wanted = set(self.pruner.params)
+        ZeRO-3: every rank, same order), so the full model never sits on one rank.
+
+        Non-finite gradients (the optimizer will skip this step) are not observed: a first pass
+        checks them, one full gradient at a time; full gradients are the same on every rank, so
+        every rank decides alike.
+        """
+        wanted = [(name, prm) for name, prm in self.engine.module.named_parameters() if name in set(self.pruner.params)]
         need_grad = self.cfg.pruning.metric != "magnitude"
-        self.pruner.observe((name, (full_param(prm), full_grad(prm) if need_grad else None))
-                            for name, prm in self.engine.module.named_parameters() if name in wanted)
+        if need_grad and not numerics.all_finite(full_grad(prm) for _, prm in wanted):
+            return
+        self.pruner.observe((name, (full_param(prm), full_grad(prm) if need_grad else None)) for name, prm in wanted)
+
+    def _skipped_update(self, terms: dict[str, float]) -> bool:
+        """Whether the optimizer skipped this step for a non-finite gradient norm (numerics.py).
+
+        The skipped step changed no weight or optimizer state; the LR schedule still moves on
+        (DeepSpeed holds it back), so that it stays a function of the step.
+        """
+        if self.engine.was_step_applied():
+            self.bad_steps = 0
+            return False
+        self.engine.lr_scheduler.step()
+        self.bad_steps += 1
+        self.monitor.note(f"step {self.step}: non-finite loss or gradient (loss {terms['loss']:.4g} on rank 0): "
+                          f"update skipped, {self.bad_steps} in a row "
+                          f"(trainer.max_bad_steps={self.cfg.trainer.max_bad_steps})")
+        return True
+
+    def _stop_on_bad_steps(self) -> None:
+        """Too many bad steps in a row: save (the weights are still the last good ones) and stop."""
+        first = self.step - self.bad_steps + 1
+        tag = self.save()
+        raise numerics.TrainingStopped(
+            f"steps {first}-{self.step} all had a non-finite loss or gradient (trainer.max_bad_steps="
+            f"{self.cfg.trainer.max_bad_steps}): stopped; {self.ckpt_root / tag} holds the weights of step "
+            f"{first - 1} and resumes with the next batch (lower optimizer.lr or check the data first)")
 
     def _update_masks(self) -> None:
         if self.pruner.update_masks(self.step):
@@ -316,7 +365,7 @@ class Recipe:
         masks = self.pruner.masks if live else {g.name: torch.ones(g.size, dtype=torch.bool) for g in self.groups}
         return live_numel(shapes, self.groups, masks)
 
-    def _log(self, terms: dict[str, float], step_time: float) -> None:
+    def _log(self, terms: dict[str, float], step_time: float, skipped: bool) -> None:
         values = torch.tensor([terms[k] for k in sorted(terms)], dtype=torch.float64, device=self.device)
         dist.all_reduce(values)
         scalars = {f"loss/{'total' if k == 'loss' else k}": float(v) / self.world for k, v in zip(sorted(terms), values)}
@@ -326,6 +375,7 @@ class Recipe:
         scalars["prune/live_params"] = float(self._param_count(live=True))
         scalars["time/step_s"] = step_time
         scalars["lr"] = self.engine.optimizer.param_groups[0]["lr"]
+        scalars["skipped"] = float(skipped)  # 1: a non-finite loss or gradient, no update
         log_line = self.step % self.cfg.trainer.log_every == 0 or self.step == self.cfg.trainer.max_steps
         self.monitor.step(self.step, scalars, log_line)
 
@@ -338,7 +388,7 @@ class Recipe:
 
     def save(self) -> str:
         tag = checkpoint.save(self.engine, self.ckpt_root, self.step, self._meta(), self.pruner.state_dict(),
-                              self.rank, self.data.state_dict())
+                              self.rank, self.data.state_dict(), self.ckpt_bytes)
         self._last_saved = self.step
         return tag
 
