@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import datasets
@@ -55,7 +56,7 @@ def build_blocks(source, tokenizer, max_seq_length: int, text_field: str = "text
     blocks = _blocks_from_ids(docs, max_seq_length, tokenizer.cls_token_id, tokenizer.sep_token_id)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")  # runs sharing a cache may build it at once
         torch.save(blocks, tmp)
         tmp.replace(cache)
     return blocks
