@@ -158,12 +158,15 @@ def machine() -> dict:
 
 
 def compare_main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     from homodistil.config import ConfigError, load_config  # noqa: PLC0415
 
     root = Path(args.out)
-    sizes = [float(s) for s in args.sizes.split(",")]
-    seeds = [int(s) for s in args.seeds.split(",")]
+    try:
+        sizes = [float(s) for s in args.sizes.split(",")]
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        raise ConfigError(f"--sizes ({args.sizes}) and --seeds ({args.seeds}) take comma-separated numbers") from None
     variants = args.variants.split(",")
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:

@@ -21,8 +21,10 @@ PLACEHOLDER = ("<!-- reading -->\n_No reading yet: write it here; `--page-only` 
 
 # ------------------------------------------------------------------------------------- numbers
 def metrics(run: dict) -> dict[str, float | None]:
-    """One run's figures: final held-out KL / MLM loss / masked accuracy, probe and fine-tuning scores."""
-    out = {"kl": run["final"]["kl"], "mlm": run["final"]["mlm_loss"], "acc": 100 * run["final"]["masked_accuracy"]}
+    """One run's figures: final held-out KL, its mean over the evaluations of the run (step 0 included), final
+    MLM loss and masked accuracy, probe and fine-tuning scores."""
+    out = {"kl": run["final"]["kl"], "kl_avg": statistics.fmean(r["kl"] for r in run["heldout"]),
+           "mlm": run["final"]["mlm_loss"], "acc": 100 * run["final"]["masked_accuracy"]}
     out.update({f"probe {t}": v for t, v in run["probe"].items()})
     out.update({f"ft {t}": v for t, v in run["finetune"].items()})
     return out
@@ -112,7 +114,8 @@ def plot_scores(cells, teacher: dict | None, variants: list[str], keys: list[str
                 if v != variant:
                     continue
                 m, s = mean_std([metrics(r).get(key) for r in seeds.values()])
-                xs.append(statistics.fmean(r["params"]["non_embedding"] for r in seeds.values()) / 1e6)
+                dodge = 1 + 0.015 * (i - (len(variants) - 1) / 2)  # side by side, not on top of each other
+                xs.append(statistics.fmean(r["params"]["non_embedding"] for r in seeds.values()) / 1e6 * dodge)
                 ys.append(m)
                 es.append(s or 0.0)
             ax.errorbar(xs, ys, yerr=es, marker=markers[variant], capsize=3, ls="-", lw=1,
@@ -135,9 +138,8 @@ def plot_scores(cells, teacher: dict | None, variants: list[str], keys: list[str
 # ------------------------------------------------------------------------------------- page
 def headline(cells, sizes: list[float]) -> list[str]:
     """Per size: (a) minus each alternative, paired by seed — KL, MLM loss, probe and fine-tuning scores."""
-    keys = sorted({k for seeds in cells.values() for r in seeds.values() for k in metrics(r)},
-                  key=lambda k: ("kl", "mlm", "acc").index(k) if k in ("kl", "mlm", "acc") else 3)
-    keys = [k for k in keys if k != "acc"]
+    keys = [k for k in _ordered({k for seeds in cells.values() for r in seeds.values() for k in metrics(r)})
+            if k != "acc"]
     lines = ["| sparsity | (a) − … | " + " | ".join(_label(k) for k in keys) + " | seeds |",
              "|---|---|" + "---|" * len(keys) + "---|"]
     for size in sizes:
@@ -149,15 +151,24 @@ def headline(cells, sizes: list[float]) -> list[str]:
             for key in keys:
                 m, s, n_key = paired(cells, size, REFERENCE, alt, key)
                 n = max(n, n_key)
-                row.append("–" if math.isnan(m) else f"{m:+.3f}" + (f" ± {s:.3f}" if s is not None else "")
-                           if key in ("kl", "mlm") else "–" if math.isnan(m) else
-                           f"{m:+.1f}" + (f" ± {s:.1f}" if s is not None else ""))
+                digits = 3 if key in LOSSES else 1
+                row.append("–" if math.isnan(m) else f"{m:+.{digits}f}" + (f" ± {s:.{digits}f}" if s is not None else ""))
             lines.append(f"| {size:g} | {alt} | " + " | ".join(row) + f" | {n} |")
     return lines
 
 
+LOSSES = ("kl", "kl_avg", "mlm")
+
+
+def _ordered(keys) -> list[str]:
+    """Losses first (KL, KL over the run, MLM loss), then masked accuracy, then the scores by name."""
+    first = [*LOSSES, "acc"]
+    return sorted(keys, key=lambda k: (first.index(k) if k in first else len(first), k))
+
+
 def _label(key: str) -> str:
-    return {"kl": "held-out KL ↓", "mlm": "MLM loss ↓", "acc": "masked acc. % ↑"}.get(key, key + " ↑")
+    return {"kl": "held-out KL ↓", "kl_avg": "KL, mean over run ↓", "mlm": "MLM loss ↓",
+            "acc": "masked acc. % ↑"}.get(key, key + " ↑")
 
 
 def write_page(results: dict, page: Path) -> Path:
@@ -168,8 +179,7 @@ def write_page(results: dict, page: Path) -> Path:
     cells = by_cell(runs)
     variants = [v for v in results["variants"] if any(v == cv for _, cv in cells)]
     sizes = sorted({s for s, _ in cells}, reverse=True)
-    keys = sorted({k for r in runs for k in metrics(r)}, key=lambda k: ["kl", "mlm", "acc"].index(k)
-                  if k in ("kl", "mlm", "acc") else 3)
+    keys = _ordered({k for r in runs for k in metrics(r)})
     score_keys = [k for k in keys if k.startswith(("probe", "ft"))]
     base, machine = results["base"], results["machine"]
     steps = base["trainer"]["max_steps"]
@@ -187,7 +197,7 @@ def write_page(results: dict, page: Path) -> Path:
               "", *headline(cells, sizes), ""]
     lines += ["## What was run", ""]
     lines += [f"- **{v}** — {desc}" for v, desc in results["variants"].items()]
-    lines += ["", f"Every run: teacher `{base['model']['teacher']}` (prepared MLM head), data `{base['data']['source']}` "
+    lines += ["", f"Every run: teacher `{base['model']['teacher']}`, data `{base['data']['source']}` "
               f"(blocks of {base['data']['max_seq_length']} tokens), {steps} steps of batch "
               f"{base['deepspeed']['train_micro_batch_size_per_gpu']}, AdamW lr {base['optimizer']['lr']} "
               f"(warm-up {base['optimizer']['warmup_steps']}), losses α_lm={base['loss']['alpha_lm']} "
@@ -208,7 +218,7 @@ def write_page(results: dict, page: Path) -> Path:
         t_scores = {**{f"probe {t}": v for t, v in teacher["probe"].items()},
                     **{f"ft {t}": v for t, v in teacher["finetune"].items()}}
         t_mlm = mean_std([r["final"]["teacher_mlm_loss"] for r in runs])
-        cells_t = {"kl": "0", "mlm": fmt(*t_mlm, 3), "acc": "–"}
+        cells_t = {"kl": "0", "kl_avg": "0", "mlm": fmt(*t_mlm, 3), "acc": "–"}
         cells_t.update({k: fmt(t_scores[k], None, 1) if t_scores.get(k) is not None else "–" for k in score_keys})
         lines.append(f"| 0 | **teacher** | {teacher['params']['non_embedding'] / 1e6:.2f} | "
                      + " | ".join(cells_t[k] for k in keys) + " | – |")
@@ -220,12 +230,13 @@ def write_page(results: dict, page: Path) -> Path:
                 continue
             params = statistics.fmean(r["params"]["non_embedding"] for r in seeds.values())
             share = f" ({100 * params / t_params:.0f}%)" if t_params else ""
-            row = [fmt(*mean_std([metrics(r).get(k) for r in seeds.values()]), 3 if k in ("kl", "mlm") else 1)
+            row = [fmt(*mean_std([metrics(r).get(k) for r in seeds.values()]), 3 if k in LOSSES else 1)
                    for k in keys]
             lines.append(f"| {size:g} | {variant} | {params / 1e6:.2f}{share} | " + " | ".join(row)
                          + f" | {len(seeds)} |")
     lines += ["", "Held-out KL = KL(p_teacher ‖ p_student) and MLM loss at the masked positions of the held-out "
-              "blocks after the last step (nats per masked token). Scores 0-100: accuracy (rt-polarity), "
+              "blocks after the last step (nats per masked token); KL mean over run = the mean of the held-out KL "
+              "over every evaluation of the run, step 0 included (the gap kept throughout). Scores 0-100: accuracy (rt-polarity), "
               "macro-F1 (tweets-3class); probe = logistic regression on frozen mean-pooled embeddings.", ""]
     lines += ["## Plots", ""]
     for size in sizes:
