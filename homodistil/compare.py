@@ -174,7 +174,9 @@ def compare_main(argv: list[str]) -> int:
     base = load_config(args.config, args.overrides)  # fails early on a bad config
     if not base.trainer.eval_every:
         raise ConfigError("compare needs trainer.eval_every > 0 (the held-out KL curve)")
-    plan = [(size, variant, seed) for seed in seeds for size in sizes for variant in variants]  # seed-major
+    # seed-major, then variant: a sweep cut short still has every variant at every size for its first seeds,
+    # and the variants in the order given (the headline ones first) for the seed it was on
+    plan = [(size, variant, seed) for seed in seeds for variant in variants for size in sizes]
     for size, variant, seed in plan:  # every run's config is valid before the first one starts
         load_config(args.config, run_overrides(root, size, variant, seed, args.overrides))
     root.mkdir(parents=True, exist_ok=True)
