@@ -14,6 +14,7 @@ EPILOG = """examples:
   homodistil export runs/demo runs/demo/exported            # dense HF model from a checkpoint
   homodistil evaluate runs/demo/export --quick              # fine-tune + linear probe on offline tasks
   homodistil plan configs/homobert_base.yaml --gpu a100-80gb --nodes 1
+  homodistil compare configs/compare.yaml --sizes 0.29,0.5 --seeds 0,1,2 --jobs 2   # vs the alternatives
 """
 
 
@@ -114,6 +115,13 @@ def _evaluate(args) -> int:
     return 0
 
 
+def _compare(args) -> int:
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")
+    from homodistil.compare import compare_main
+
+    return compare_main(args.rest[1:] if args.rest[:1] == ["--"] else args.rest)
+
+
 def _plan(args) -> int:
     from homodistil.plan import plan_main
 
@@ -161,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/eval", help="where eval_results.json / .md go (default: runs/eval)")
     p.add_argument("--quick", action="store_true", help="capped data and one epoch: minutes on a CPU")
     p.set_defaults(func=_evaluate)
+    p = sub.add_parser("compare", add_help=False,
+                       help="HomoDistil vs one-shot, from-scratch, magnitude and no-KL at several sizes and seeds")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_compare)
     p = sub.add_parser("plan", help="memory per GPU and run time for a config on a cluster", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=_plan)
@@ -169,8 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["plan"]:  # `plan` has its own parser (homodistil.plan), --help included
-        argv = ["plan", "--", *argv[1:]]
+    if argv[:1] in (["plan"], ["compare"]):  # these have their own parsers, --help included
+        argv = [argv[0], "--", *argv[1:]]
     args = build_parser().parse_args(argv)
     if args.command == "demo" and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
         args.overrides, args.config = [args.config, *args.overrides], "configs/demo.yaml"

@@ -101,6 +101,13 @@ class ModelConfig(_Strict):
         if self.teacher_offload and not self.teacher_zero3:
             raise ValueError("model.teacher_offload needs model.teacher_zero3=true (offload moves ZeRO-3 partitions)")
         return self
+    init: Literal["teacher", "scratch"] = Field(
+        "teacher",
+        description="'teacher': the student starts as an exact copy of the teacher and is pruned (HomoDistil). "
+        "'scratch': the student is built at the final widths (pruning.sparsity) with a random init seeded by "
+        "trainer.seed and only distilled (TinyBERT/MiniLM-style task-agnostic distillation; the hidden-state "
+        "projections map its width to the teacher's); nothing is pruned.",
+    )
 
 
 class DataConfig(_Strict):
@@ -117,6 +124,10 @@ class DataConfig(_Strict):
     mlm_probability: float = Field(0.15, gt=0.0, lt=1.0)
     heldout_fraction: float = Field(0.02, ge=0.0, lt=0.5)
     max_documents: int | None = Field(None, gt=0, description="Read at most this many documents.")
+    cache_dir: str | None = Field(
+        None, description="Where tokenized blocks are cached (keyed on the data settings); default: "
+        "trainer.output_dir/cache. Runs on the same data can share one."
+    )
 
 
 ATTENTION_LOSS_MAX_T = 512  # longest sequence for which the attention-map loss is on by default
@@ -150,6 +161,14 @@ class PruningConfig(_Strict):
     """Importance metric, cubic schedule and mask/shrink cadence (DESIGN §1 steps 4-6)."""
 
     metric: Literal["magnitude", "sensitivity", "platon"] = "platon"
+    schedule: Literal["cubic", "oneshot"] = Field(
+        "cubic",
+        description="'cubic': sparsity follows the cubic schedule from t_i to t_f (HomoDistil). 'oneshot': "
+        "importance is accumulated with the same metric over calibration_steps batches at step 0 (the first "
+        "training batches, no optimizer step), the student is cut to the final widths at once, then distilled "
+        "for the whole run (t_i, t_f, mask_interval and shrink_interval do not apply).",
+    )
+    calibration_steps: int = Field(4, gt=0, description="Batches scored before a one-shot prune.")
     beta1: float = Field(0.85, ge=0.0, lt=1.0, description="PLATON EMA of the sensitivity.")
     beta2: float = Field(0.95, ge=0.0, lt=1.0, description="PLATON EMA of the uncertainty.")
     sparsity: SparsityConfig = SparsityConfig()
@@ -188,12 +207,20 @@ class TrainerConfig(_Strict):
         "this many in a row the run saves a checkpoint (still the last good weights) and stops with an error.")
     export: bool = Field(True, description="Export the dense student to output_dir/export at the end.")
     progress: bool = True
+    eval_every: int = Field(
+        0, ge=0, description="Every N steps (and at step 0 and the last step) measure KL(teacher || student) and "
+        "the MLM loss on evaluate.heldout_blocks fixed held-out blocks; written to heldout.jsonl and "
+        "TensorBoard (0: never)."
+    )
 
 
 class EvaluateConfig(_Strict):
     """What ``homodistil demo`` evaluates after distilling (``homodistil evaluate`` takes flags)."""
 
     tasks: list[str] = ["rt-polarity", "tweets-3class"]
+    finetune_tasks: list[str] | None = Field(
+        None, description="The tasks that are fine-tuned (null: all of 'tasks'); every task is linearly probed."
+    )
     max_train: int = Field(1000, gt=0, description="Training examples per task (seeded subset).")
     max_eval: int = Field(500, gt=0)
     epochs: int = Field(1, gt=0)
@@ -265,6 +292,14 @@ class Config(_Strict):
                 f"pruning.t_f ({self.pruning.t_f}) is after trainer.max_steps "
                 f"({self.trainer.max_steps}): the target sparsity would never be reached"
             )
+        if self.model.init == "scratch" and self.pruning.schedule != "cubic":
+            raise ValueError(
+                "model.init=scratch builds the student at the final widths and prunes nothing, so "
+                "pruning.schedule does not apply: leave it at cubic"
+            )
+        unknown = set(self.evaluate.finetune_tasks or []) - set(self.evaluate.tasks)
+        if unknown:
+            raise ValueError(f"evaluate.finetune_tasks {sorted(unknown)} are not in evaluate.tasks")
         if not any([self.loss.alpha_lm, self.loss.alpha_pred, self.loss.alpha_hidden, self.loss.alpha_attention]):
             raise ValueError("every loss weight is 0: set at least one of loss.alpha_*")
         return self

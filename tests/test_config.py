@@ -44,6 +44,9 @@ BAD = [  # (config text or None for tiny.yaml, overrides, expected fragment of t
     (None, ["deepspeed.fp16.enabled=true"], "deepspeed.fp16 is not supported"),
     (None, ["deepspeed.bf16.enabled=true"], "deepspeed.bf16 at ZeRO stage 0 is not supported"),
     (None, ["trainer.max_steps"], "is not of the form section.key=value"),
+    (None, ["model.init=scratch", "pruning.schedule=oneshot"], "pruning.schedule does not apply"),
+    (None, ["model.init=random"], "model.init: Input should be 'teacher' or 'scratch'"),
+    (None, ["evaluate.finetune_tasks=[sst2]"], "evaluate.finetune_tasks ['sst2'] are not in evaluate.tasks"),
     ("- a\n- b", [], "the top level must be a mapping"),
     ("trainer: [", [], "is not valid YAML"),
 ]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 
 import datasets
@@ -111,7 +112,7 @@ def build_blocks(source, tokenizer, max_seq_length: int, text_field: str = "text
     blocks = _blocks_from_ids(docs, max_seq_length, prefix, sep, suffix)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")  # runs sharing a cache may build it at once
         torch.save({"blocks": blocks, "sha1": _digest(blocks)}, tmp)
         tmp.replace(cache)
     return blocks

@@ -40,6 +40,7 @@ class Monitor:
         self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start + 1)
         _truncate_metrics(out_dir / "metrics.jsonl", start)
         self.metrics = (out_dir / "metrics.jsonl").open("a")
+        self.heldout_file = (out_dir / "heldout.jsonl").open("a")
         self.bar = tqdm(total=total, initial=start, desc="distill", unit="step", dynamic_ncols=True,
                         disable=not progress)
 
@@ -59,6 +60,15 @@ class Monitor:
             self.bar.write(f"step {step}/{self.bar.total} {terms} sparsity={scalars['prune/sparsity']:.3f} "
                            f"live_params={int(scalars['prune/live_params'])} step_time={scalars['time/step_s']:.3f}s")
 
+    def heldout(self, step: int, values: dict[str, float]) -> None:
+        """Held-out figures at ``step`` (``trainer.eval_every``): TensorBoard ``heldout/*`` and heldout.jsonl."""
+        if not self.active:
+            return
+        for key, value in values.items():
+            self.writer.add_scalar(f"heldout/{key}", value, step)
+        self.heldout_file.write(json.dumps({"step": step, **values}) + "\n")
+        self.heldout_file.flush()
+
     def note(self, message: str) -> None:
         if self.active:
             self.bar.write(message)
@@ -68,3 +78,4 @@ class Monitor:
             self.bar.close()
             self.writer.close()
             self.metrics.close()
+            self.heldout_file.close()

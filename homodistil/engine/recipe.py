@@ -29,6 +29,7 @@ from homodistil.pruning.pruner import Pruner
 from . import checkpoint, faults, numerics
 from .dist import device, init_distributed
 from .export import export_dense
+from .heldout import HeldoutProbe
 from .losses import distill_losses
 from .models import (Student, load_teacher, load_tokenizer, student_config, student_groups, teacher_config,
                      teacher_outputs, teacher_source, tiny_config, tokenizer_name)
@@ -92,27 +93,39 @@ class Recipe:
         self.adapter = get_adapter(self.tcfg.model_type)
         self.hidden_pairs = self.adapter.hidden_pairs(self.tcfg) if cfg.loss.alpha_hidden else []
         self.attention_pairs = self.adapter.attention_pairs(self.tcfg) if cfg.loss.alpha_attention else []
-        self.prunes = any(s > 0 for s in cfg.pruning.sparsity.model_dump().values())
+        # scratch and one-shot students are at the final widths from step 0: nothing to prune while training
+        self.prunes = (cfg.model.init == "teacher" and cfg.pruning.schedule == "cubic"
+                       and any(s > 0 for s in cfg.pruning.sparsity.model_dump().values()))
         self.needs_teacher = bool(cfg.loss.alpha_pred or cfg.loss.alpha_hidden or cfg.loss.alpha_attention)
 
         tag = checkpoint.find_latest(self.ckpt_root) if cfg.trainer.resume else None
         meta = checkpoint.read_meta(self.ckpt_root, tag) if tag else None
         if meta and _architecture(meta["teacher_config"]) != _architecture(self.tcfg.to_dict()):
             raise ConfigError(f"{self.ckpt_root / tag} was made with another teacher: use a new trainer.output_dir")
-        self.kept = meta["kept"] if meta else self.adapter.kept(self.tcfg, dict.fromkeys(KINDS, 0.0))
-        student, self.groups = self._build_student(self.kept)
+        scratch = cfg.model.init == "scratch"
+        final = cfg.pruning.sparsity.model_dump() if scratch else dict.fromkeys(KINDS, 0.0)
+        self.kept = meta["kept"] if meta else self.adapter.kept(self.tcfg, final)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.trainer.seed)  # a scratch student's init: the same on every rank, seeded
+            student, self.groups = self._build_student(self.kept)
         self.ckpt_bytes = checkpoint.estimate_bytes(sum(p.numel() for p in student.parameters()), cfg.bf16)
         problem = checkpoint.space_problem(self.ckpt_root, self.ckpt_bytes)
         if problem:
             raise checkpoint.CheckpointError(f"trainer.output_dir: {problem}")
-        if not meta:
+        if not meta and not scratch:
             with zero.GatheredParameters(list(teacher.parameters()), enabled=cfg.model.teacher_zero3):
                 student.lm.load_state_dict(teacher.state_dict())  # the student starts as the teacher
         self.teacher = self._host_teacher(teacher)
-        self.engine = self._init_engine(student)
         p = cfg.pruning
+        schedule = "oneshot" if scratch else p.schedule  # what the logged target sparsity follows
         self.pruner = Pruner(self.groups, lambda s: self.adapter.kept(self.tcfg, s), metric=p.metric,
-                             s_final=p.sparsity.model_dump(), t_i=p.t_i, t_f=p.t_f, beta1=p.beta1, beta2=p.beta2)
+                             s_final=p.sparsity.model_dump(), t_i=p.t_i, t_f=p.t_f, beta1=p.beta1, beta2=p.beta2,
+                             schedule=schedule)
+        if not meta and p.schedule == "oneshot":
+            student = self._prune_at_start(student)
+        self.engine = self._init_engine(student)
+        self.heldout = (HeldoutProbe(self.data, self.teacher, self.adapter.head, cfg.evaluate.heldout_blocks,
+                                     cfg.micro_batch_size, self.device) if cfg.trainer.eval_every else None)
         self.step = 0
         self.bad_steps = 0  # consecutive steps skipped for a non-finite loss or gradient
         removed = checkpoint.remove_incomplete(self.ckpt_root) if self.rank == 0 else []
@@ -123,7 +136,8 @@ class Recipe:
         self.monitor = Monitor(self.out, self.rank, cfg.trainer.max_steps, self.step, cfg.trainer.progress)
         self.monitor.note(f"world size {self.world}, ZeRO stage {cfg.zero_stage}, "
                           f"{'bf16' if cfg.bf16 else 'fp32'}, teacher {cfg.model.teacher} "
-                          f"({self._param_count() / 1e6:.2f}M student parameters), data: {self.data.describe()}"
+                          f"({self._param_count() / 1e6:.2f}M student parameters, init {cfg.model.init}, "
+                          f"schedule {schedule}), data: {self.data.describe()}"
                           + (f"; resumed from step {self.step} ({tag})" if tag else "")
                           + (f"; removed incomplete checkpoint(s) {', '.join(removed)}" if removed else "")
                           + (f"; injected faults {armed}" if armed else ""))
@@ -169,7 +183,7 @@ class Recipe:
             return MLMStream(load_text(d.source, d.text_field, d.max_documents, streaming=True), self.tokenizer,
                              max_seq_length=d.max_seq_length, mlm_probability=d.mlm_probability,
                              seed=self.cfg.trainer.seed, rank=self.rank, world=self.world, objective=self.objective)
-        cache = self.out / "cache"
+        cache = Path(d.cache_dir) if d.cache_dir else self.out / "cache"
         if self.rank == 0:  # rank 0 tokenizes and caches; the others read the cache
             blocks = build_blocks(d.source, self.tokenizer, d.max_seq_length, d.text_field, d.max_documents, cache,
                                   self.objective)
@@ -234,6 +248,7 @@ class Recipe:
         want_hidden, want_attn = bool(self.hidden_pairs), bool(self.attention_pairs)
         previous = signal.signal(signal.SIGTERM, self._on_sigterm) if self._main_thread() else None
         try:
+            self._evaluate_heldout()  # step 0: where each variant starts from
             while self.step < cfg.trainer.max_steps:
                 started = time.perf_counter()
                 # 1. forward teacher and student on the same batch, 2. losses, 3. backward
@@ -261,6 +276,7 @@ class Recipe:
                 if (self.step % p.shrink_interval == 0 or self.step >= p.t_f) and not self.pruner.is_dense():
                     self._shrink()
                 self._log(terms_sum, time.perf_counter() - started, skipped)
+                self._evaluate_heldout()
                 faults.point("step", self.step)
                 if self._should_stop():
                     self.monitor.note(f"SIGTERM: saving at step {self.step} and stopping")
@@ -282,6 +298,60 @@ class Recipe:
         batch = self.data.batch(self.step, micro, grad_accum=self.cfg.grad_accum,
                                 micro_batch=self.cfg.micro_batch_size, rank=self.rank, world=self.world)
         return {k: v.to(self.device) for k, v in batch.items()}
+
+    def _evaluate_heldout(self) -> None:
+        """Held-out KL(teacher || student) and MLM loss at step 0, every ``eval_every`` steps and at the end."""
+        every = self.cfg.trainer.eval_every
+        if every and (self.step % every == 0 or self.step == self.cfg.trainer.max_steps):
+            self.monitor.heldout(self.step, self.heldout(self.engine.module.lm))
+
+    def _prune_at_start(self, student: Student) -> Student:
+        """One-shot: score the dense student on ``calibration_steps`` batches with the run's metric (no
+        optimizer step; the batches are the first training batches), mask to the final sparsity at once
+        and return the student rebuilt at the final widths."""
+        cfg = self.cfg
+        want_hidden, want_attn = bool(self.hidden_pairs), bool(self.attention_pairs)
+        wanted = set(self.pruner.params)
+        student.to(self.device).train()
+        with torch.random.fork_rng(devices=[]):  # calibration must not move the training's dropout stream
+            for k in range(cfg.pruning.calibration_steps):
+                student.zero_grad(set_to_none=True)
+                for micro in range(cfg.grad_accum):
+                    batch = {n: v.to(self.device) for n, v in self.data.batch(
+                        k, micro, grad_accum=cfg.grad_accum, micro_batch=cfg.micro_batch_size, rank=self.rank,
+                        world=self.world).items()}
+                    out = student(batch["input_ids"], batch["attention_mask"], batch["labels"] != -100,
+                                  want_hidden, want_attn)
+                    teacher = teacher_outputs(self.teacher, self.adapter.head, batch, want_hidden, want_attn,
+                                              self.hidden_pairs, self.attention_pairs) if self.needs_teacher else {}
+                    (distill_losses(cfg.loss, batch["labels"], out, teacher)["loss"] / cfg.grad_accum).backward()
+                tensors = {}
+                for name, prm in student.named_parameters():
+                    if name in wanted:
+                        grad = prm.grad if prm.grad is not None else torch.zeros_like(prm)
+                        dist.all_reduce(grad)  # the global batch's mean gradient, as in training
+                        tensors[name] = (prm.detach(), grad / self.world)
+                self.pruner.observe(tensors)
+        student.zero_grad(set_to_none=True)
+        self.pruner.update_masks(0)
+        params = {n: prm.detach().cpu() for n, prm in student.named_parameters()}
+        student, params, _ = self._slice_student(params)
+        return student
+
+    def _slice_student(self, params: dict[str, torch.Tensor]):
+        """Build the student at the pruner's mask widths and load ``params`` sliced to the kept units.
+
+        Returns (student, sliced params, kept indices per group); the pruner's own state is sliced too."""
+        old_groups = self.groups
+        kept = {g.kind: int(self.pruner.masks[g.name].view(g.blocks, -1)[0].sum()) for g in old_groups}
+        student, self.groups = self._build_student(kept)
+        keep = self.pruner.shrink(self.groups)
+        params = shrink_tensors(params, old_groups, keep)
+        with torch.no_grad():
+            for name, prm in student.named_parameters():
+                prm.copy_(params[name])
+        self.kept = kept
+        return student, params, (old_groups, keep)
 
     def _observe(self) -> None:
         """Hand the pruner full weights and gradients, one parameter at a time (collective at
@@ -333,16 +403,9 @@ class Recipe:
         """Remove masked units: gather full state, slice it, rebuild the engine, restore (DESIGN §4)."""
         started = time.perf_counter()
         params, moments, adam_step = gather(self.engine)
-        old_groups = self.groups
-        kept = {g.kind: int(self.pruner.masks[g.name].view(g.blocks, -1)[0].sum()) for g in old_groups}
-        student, self.groups = self._build_student(kept)
-        keep = self.pruner.shrink(self.groups)
-        params = shrink_tensors(params, old_groups, keep)
+        student, params, (old_groups, keep) = self._slice_student(params)
         sliced = {k: shrink_tensors({n: m[k] for n, m in moments.items()}, old_groups, keep) for k in MOMENTS}
         moments = {n: {k: sliced[k][n] for k in MOMENTS} for n in params}
-        with torch.no_grad():
-            for name, prm in student.named_parameters():
-                prm.copy_(params[name])
         global_steps, global_samples = self.engine.global_steps, self.engine.global_samples
         scheduler_state = self.engine.lr_scheduler.state_dict()
         self.engine.destroy()
@@ -354,8 +417,7 @@ class Recipe:
         self.engine.lr_scheduler.load_state_dict(scheduler_state)
         for group, lr in zip(self.engine.optimizer.param_groups, self.engine.lr_scheduler.get_last_lr()):
             group["lr"] = lr
-        self.kept = kept
-        self.monitor.note(f"step {self.step}: shrunk to {kept} ({self._param_count() / 1e6:.2f}M parameters) "
+        self.monitor.note(f"step {self.step}: shrunk to {self.kept} ({self._param_count() / 1e6:.2f}M parameters) "
                           f"in {time.perf_counter() - started:.2f}s")
 
     # ------------------------------------------------------------------ logging

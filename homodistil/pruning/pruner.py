@@ -21,11 +21,11 @@ class Pruner:
     """
 
     def __init__(self, groups: list[Group], kept_fn, *, metric: str, s_final: dict[str, float],
-                 t_i: int, t_f: int, beta1: float = 0.85, beta2: float = 0.95):
+                 t_i: int, t_f: int, beta1: float = 0.85, beta2: float = 0.95, schedule: str = "cubic"):
         self.groups = groups
         self.kept_fn = kept_fn
         self.metric, self.beta1, self.beta2 = metric, beta1, beta2
-        self.s_final, self.t_i, self.t_f = dict(s_final), t_i, t_f
+        self.s_final, self.t_i, self.t_f, self.schedule = dict(s_final), t_i, t_f, schedule
         self.params = sorted({s.param for g in groups for s in g.slices})
         self.masks = {g.name: torch.ones(g.size, dtype=torch.bool) for g in groups}
         self.scores = {g.name: torch.zeros(g.size) for g in groups}  # fp32 (size,)
@@ -34,6 +34,9 @@ class Pruner:
 
     # --- schedule -------------------------------------------------------------------------
     def sparsity(self, step: int) -> dict[str, float]:
+        """Target sparsity per kind: the cubic schedule, or the final sparsity from step 0 (``oneshot``)."""
+        if self.schedule == "oneshot":
+            return dict(self.s_final)
         return {k: cubic_sparsity(step, self.t_i, self.t_f, s) for k, s in self.s_final.items()}
 
     def live(self) -> dict[str, int]:

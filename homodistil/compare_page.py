@@ -1,0 +1,265 @@
+"""The results page of ``homodistil compare``: tables (mean ± std over seeds), the headline, plots.
+
+Reads only ``ROOT/results.json`` (``homodistil.compare.collect``), so the page can be
+rewritten at any time (``homodistil compare CONFIG ... --page-only``). Plots go to a folder
+beside the page named after it (``docs/results.md`` -> ``docs/results/``). A hand-written
+reading between ``<!-- reading -->`` and ``<!-- /reading -->`` in an existing page is kept.
+"""
+from __future__ import annotations
+
+import math
+import re
+import statistics
+from pathlib import Path
+
+REFERENCE = "homodistil"
+ALTERNATIVES = ("oneshot", "scratch")  # the headline: does (a) beat these at each size?
+READING = re.compile(r"<!-- reading -->.*?<!-- /reading -->", re.S)
+PLACEHOLDER = ("<!-- reading -->\n_No reading yet: write it here; `--page-only` keeps this section._\n"
+               "<!-- /reading -->")
+
+
+# ------------------------------------------------------------------------------------- numbers
+def metrics(run: dict) -> dict[str, float | None]:
+    """One run's figures: final held-out KL, its mean over the evaluations of the run (step 0 included), final
+    MLM loss and masked accuracy, probe and fine-tuning scores."""
+    out = {"kl": run["final"]["kl"], "kl_avg": statistics.fmean(r["kl"] for r in run["heldout"]),
+           "mlm": run["final"]["mlm_loss"], "acc": 100 * run["final"]["masked_accuracy"]}
+    out.update({f"probe {t}": v for t, v in run["probe"].items()})
+    out.update({f"ft {t}": v for t, v in run["finetune"].items()})
+    return out
+
+
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return math.nan, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def fmt(m: float, s: float | None, digits: int) -> str:
+    if math.isnan(m):
+        return "–"
+    return f"{m:.{digits}f} ± {s:.{digits}f}" if s is not None else f"{m:.{digits}f}"
+
+
+def by_cell(runs: list[dict]) -> dict[tuple[float, str], dict[int, dict]]:
+    """(size, variant) -> seed -> run."""
+    cells: dict[tuple[float, str], dict[int, dict]] = {}
+    for run in runs:
+        cells.setdefault((run["size"], run["variant"]), {})[run["seed"]] = run
+    return cells
+
+
+def paired(cells, size: float, a: str, b: str, key: str) -> tuple[float, float | None, int]:
+    """Mean and std over seeds of ``key(a) - key(b)``, on the seeds both finished (same data per seed)."""
+    ra, rb = cells.get((size, a), {}), cells.get((size, b), {})
+    diffs = [metrics(ra[s])[key] - metrics(rb[s])[key] for s in sorted(set(ra) & set(rb))
+             if metrics(ra[s]).get(key) is not None and metrics(rb[s]).get(key) is not None]
+    m, s = mean_std(diffs)
+    return m, s, len(diffs)
+
+
+# ------------------------------------------------------------------------------------- plots
+def _plt():
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    return plt
+
+
+def plot_curves(cells, size: float, variants: list[str], path: Path) -> Path:
+    """Held-out KL(teacher ‖ student) and MLM loss over steps, mean over seeds with a min-max band."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for variant in variants:
+        seeds = cells.get((size, variant))
+        if not seeds:
+            continue
+        steps = [r["step"] for r in next(iter(seeds.values()))["heldout"]]
+        for ax, key in zip(axes, ("kl", "mlm_loss")):
+            series = [[r[key] for r in run["heldout"]] for run in seeds.values()
+                      if [r["step"] for r in run["heldout"]] == steps]
+            mean = [statistics.fmean(v) for v in zip(*series)]
+            line, = ax.plot(steps, mean, marker=".", label=f"{variant} (n={len(series)})")
+            ax.fill_between(steps, [min(v) for v in zip(*series)], [max(v) for v in zip(*series)],
+                            color=line.get_color(), alpha=0.2)
+    teacher_mlm = [run["final"]["teacher_mlm_loss"] for seeds in cells.values() for run in seeds.values()]
+    if teacher_mlm:
+        axes[1].axhline(statistics.fmean(teacher_mlm), color="black", ls="--", lw=1, label="teacher")
+    axes[0].set(title=f"held-out KL(teacher ‖ student), sparsity {size:g}", xlabel="step", ylabel="nats / masked token",
+                yscale="symlog", )
+    axes[0].set_yscale("symlog", linthresh=0.01)
+    axes[1].set(title=f"held-out MLM loss, sparsity {size:g}", xlabel="step", ylabel="nats / masked token")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def plot_scores(cells, teacher: dict | None, variants: list[str], keys: list[str], path: Path) -> Path:
+    """Each downstream score against non-embedding parameters: mean ± std over seeds per variant and size."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 4), squeeze=False)
+    markers = dict(zip(variants, "osD^vP*X"))
+    for ax, key in zip(axes[0], keys):
+        for i, variant in enumerate(variants):
+            xs, ys, es = [], [], []
+            for (size, v), seeds in sorted(cells.items()):
+                if v != variant:
+                    continue
+                m, s = mean_std([metrics(r).get(key) for r in seeds.values()])
+                dodge = 1 + 0.015 * (i - (len(variants) - 1) / 2)  # side by side, not on top of each other
+                xs.append(statistics.fmean(r["params"]["non_embedding"] for r in seeds.values()) / 1e6 * dodge)
+                ys.append(m)
+                es.append(s or 0.0)
+            ax.errorbar(xs, ys, yerr=es, marker=markers[variant], capsize=3, ls="-", lw=1,
+                        color=f"C{i}", label=variant)
+        if teacher:
+            score = {**{f"probe {t}": v for t, v in teacher["probe"].items()},
+                     **{f"ft {t}": v for t, v in teacher["finetune"].items()}}.get(key)
+            if score is not None:
+                ax.plot([teacher["params"]["non_embedding"] / 1e6], [score], marker="*", ms=12, color="black",
+                        ls="", label="teacher")
+        ax.set(title=key, xlabel="non-embedding parameters (M)", ylabel="score (0-100)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------- page
+def headline(cells, sizes: list[float]) -> list[str]:
+    """Per size: (a) minus each alternative, paired by seed — KL, MLM loss, probe and fine-tuning scores."""
+    keys = [k for k in _ordered({k for seeds in cells.values() for r in seeds.values() for k in metrics(r)})
+            if k != "acc"]
+    lines = ["| sparsity | (a) − … | " + " | ".join(_label(k) for k in keys) + " | seeds |",
+             "|---|---|" + "---|" * len(keys) + "---|"]
+    for size in sizes:
+        for alt in ALTERNATIVES:
+            cells_ok = (size, REFERENCE) in cells and (size, alt) in cells
+            if not cells_ok:
+                continue
+            row, n = [], 0
+            for key in keys:
+                m, s, n_key = paired(cells, size, REFERENCE, alt, key)
+                n = max(n, n_key)
+                digits = 3 if key in LOSSES else 1
+                row.append("–" if math.isnan(m) else f"{m:+.{digits}f}" + (f" ± {s:.{digits}f}" if s is not None else ""))
+            lines.append(f"| {size:g} | {alt} | " + " | ".join(row) + f" | {n} |")
+    return lines
+
+
+LOSSES = ("kl", "kl_avg", "mlm")
+
+
+def _ordered(keys) -> list[str]:
+    """Losses first (KL, KL over the run, MLM loss), then masked accuracy, then the scores by name."""
+    first = [*LOSSES, "acc"]
+    return sorted(keys, key=lambda k: (first.index(k) if k in first else len(first), k))
+
+
+def _label(key: str) -> str:
+    return {"kl": "held-out KL ↓", "kl_avg": "KL, mean over run ↓", "mlm": "MLM loss ↓",
+            "acc": "masked acc. % ↑"}.get(key, key + " ↑")
+
+
+def write_page(results: dict, page: Path) -> Path:
+    page = Path(page)
+    figs = page.with_suffix("")
+    figs.mkdir(parents=True, exist_ok=True)
+    runs, teacher = results["runs"], results.get("teacher")
+    cells = by_cell(runs)
+    variants = [v for v in results["variants"] if any(v == cv for _, cv in cells)]
+    sizes = sorted({s for s, _ in cells}, reverse=True)
+    keys = _ordered({k for r in runs for k in metrics(r)})
+    score_keys = [k for k in keys if k.startswith(("probe", "ft"))]
+    base, machine = results["base"], results["machine"]
+    steps = base["trainer"]["max_steps"]
+    seeds_done = sorted({r["seed"] for r in runs})
+    planned = len(results["sizes"].split(",")) * len(results["seeds"].split(",")) * len(results["variants"])
+    lines = ["# HomoDistil against its alternatives, at small scale", "",
+             f"_Generated by `homodistil.compare_page` from `{results.get('root', 'runs/compare')}/results.json`: "
+             f"{len(runs)} of {planned} planned runs finished (seeds {', '.join(map(str, seeds_done))})._", ""]
+    if len(runs) < planned:
+        lines += [f"**Partial sweep**: {planned - len(runs)} runs did not finish; every figure below is over the "
+                  "runs that did (the `seeds` column says how many).", ""]
+    lines += ["## Headline: (a) HomoDistil minus (b) one-shot and (c) from scratch", "",
+              "Paired by seed (each seed: same batches, same held-out blocks), mean ± std over seeds. "
+              "KL and MLM loss: lower is better, so a negative difference favours (a); scores: higher is better.",
+              "", *headline(cells, sizes), ""]
+    lines += ["## What was run", ""]
+    lines += [f"- **{v}** — {desc}" for v, desc in results["variants"].items()]
+    lines += ["", f"Every run: teacher `{base['model']['teacher']}`, data `{base['data']['source']}` "
+              f"(blocks of {base['data']['max_seq_length']} tokens), {steps} steps of batch "
+              f"{base['deepspeed']['train_micro_batch_size_per_gpu']}, AdamW lr {base['optimizer']['lr']} "
+              f"(warm-up {base['optimizer']['warmup_steps']}), losses α_lm={base['loss']['alpha_lm']} "
+              f"α_pred={base['loss']['alpha_pred']} α_hid={base['loss']['alpha_hidden']} "
+              f"α_att={base['loss']['alpha_attention']}; importance `{base['pruning']['metric']}`; cubic schedule "
+              f"t_i={base['pruning']['t_i']}, t_f={base['pruning']['t_f']}, masks every "
+              f"{base['pruning']['mask_interval']} steps, shrink every {base['pruning']['shrink_interval']}; one-shot "
+              f"scores {base['pruning']['calibration_steps']} calibration batches. Held-out figures: "
+              f"{base['evaluate']['heldout_blocks']} fixed held-out blocks, every {base['trainer']['eval_every']} "
+              f"steps. Downstream: linear probe on {', '.join(base['evaluate']['tasks'])}; fine-tuning on "
+              f"{', '.join(base['evaluate']['finetune_tasks'] or base['evaluate']['tasks'])} "
+              f"({base['evaluate']['max_train']} train / {base['evaluate']['max_eval']} validation examples, "
+              f"{base['evaluate']['epochs']} epoch, lr {base['evaluate']['lr']}).", ""]
+    lines += ["## Results (mean ± std over seeds)", ""]
+    head = ["sparsity", "variant", "non-emb. params (M)", *(_label(k) for k in keys), "seeds"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    if teacher:
+        t_scores = {**{f"probe {t}": v for t, v in teacher["probe"].items()},
+                    **{f"ft {t}": v for t, v in teacher["finetune"].items()}}
+        t_mlm = mean_std([r["final"]["teacher_mlm_loss"] for r in runs])
+        cells_t = {"kl": "0", "kl_avg": "0", "mlm": fmt(*t_mlm, 3), "acc": "–"}
+        cells_t.update({k: fmt(t_scores[k], None, 1) if t_scores.get(k) is not None else "–" for k in score_keys})
+        lines.append(f"| 0 | **teacher** | {teacher['params']['non_embedding'] / 1e6:.2f} | "
+                     + " | ".join(cells_t[k] for k in keys) + " | – |")
+    t_params = teacher["params"]["non_embedding"] if teacher else None
+    for size in sizes:
+        for variant in variants:
+            seeds = cells.get((size, variant))
+            if not seeds:
+                continue
+            params = statistics.fmean(r["params"]["non_embedding"] for r in seeds.values())
+            share = f" ({100 * params / t_params:.0f}%)" if t_params else ""
+            row = [fmt(*mean_std([metrics(r).get(k) for r in seeds.values()]), 3 if k in LOSSES else 1)
+                   for k in keys]
+            lines.append(f"| {size:g} | {variant} | {params / 1e6:.2f}{share} | " + " | ".join(row)
+                         + f" | {len(seeds)} |")
+    lines += ["", "Held-out KL = KL(p_teacher ‖ p_student) and MLM loss at the masked positions of the held-out "
+              "blocks after the last step (nats per masked token); KL mean over run = the mean of the held-out KL "
+              "over every evaluation of the run, step 0 included (the gap kept throughout). Scores 0-100: accuracy (rt-polarity), "
+              "macro-F1 (tweets-3class); probe = logistic regression on frozen mean-pooled embeddings.", ""]
+    lines += ["## Plots", ""]
+    for size in sizes:
+        path = plot_curves(cells, size, variants, figs / f"heldout_s{size:g}.png")
+        lines += [f"![held-out KL and MLM loss over steps, sparsity {size:g}]({figs.name}/{path.name})", ""]
+    if score_keys:
+        path = plot_scores(cells, teacher, variants, score_keys, figs / "scores_vs_params.png")
+        lines += [f"![downstream scores against parameters]({figs.name}/{path.name})", ""]
+    lines += ["Curves: mean over seeds, band = min-max over seeds. Scores: mean ± std over seeds.", ""]
+    lines += ["## Reading", "", PLACEHOLDER, ""]
+    wall = [r["wall_s"] for r in runs]
+    lines += ["## How to regenerate", "", "```bash", results["command"],
+              "# rewrite this page (and its plots) from the finished runs only:",
+              results["command"] + " --page-only", "```", "",
+              f"Machine: {machine['cpu']}, {machine['cores']} cores, CUDA {'yes' if machine['cuda'] else 'no'}, "
+              f"torch {machine['torch']}, Python {machine['python']} ({machine['platform']}); "
+              f"{results['jobs']} run(s) at a time"
+              + (f", {statistics.fmean(wall) / 60:.1f} min per run (distill + evaluation), "
+                 f"{sum(wall) / 60:.0f} run-minutes in all." if wall else "."), ""]
+    text = "\n".join(lines)
+    if page.exists():
+        kept = READING.search(page.read_text())
+        if kept:
+            text = text.replace(PLACEHOLDER, kept.group(0))
+    page.write_text(text)
+    return page
