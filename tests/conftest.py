@@ -32,3 +32,13 @@ def tiny_overrides(out_dir, **kw) -> list[str]:
 @pytest.fixture
 def tiny():
     return tiny_overrides
+
+
+@pytest.fixture(autouse=True)
+def _torch_linear_restored():
+    """A ZeRO-3 engine patches F.linear process-wide; a test that fails before Recipe.close()
+    must not hand the patch to the tests after it."""
+    yield
+    from homodistil.engine.zero import restore_torch_linear
+
+    restore_torch_linear()

@@ -36,7 +36,7 @@ from .models import (Student, load_teacher, load_tokenizer, student_config, stud
 from .prepare import PREP_FILE, missing_head, prepare_teacher
 from .prepare import cache_dir as prepare_cache_dir
 from .monitor import Monitor
-from .zero import MOMENTS, full_grad, full_param, gather, restore
+from .zero import MOMENTS, full_grad, full_param, gather, restore, restore_torch_linear
 
 
 def _check_writable(path: Path) -> None:
@@ -495,3 +495,4 @@ class Recipe:
     def close(self) -> None:
         if hasattr(self, "monitor"):
             self.monitor.close()
+        restore_torch_linear()

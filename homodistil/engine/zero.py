@@ -110,3 +110,18 @@ def restore(engine, params: dict[str, torch.Tensor], moments: dict[str, dict[str
         for name, p in named.items():
             assert p.shape == params[name].shape, (name, tuple(p.shape), tuple(params[name].shape))
             base.state[p].update({k: moments[name][k].to(p.device, p.dtype) for k in MOMENTS})
+
+
+def restore_torch_linear() -> None:
+    """Undo DeepSpeed's process-wide ``torch.nn.functional.linear`` patch.
+
+    Building a ZeRO-3 engine (``zero.Init``) replaces ``F.linear`` with its memory-efficient
+    version for the whole process, "until manually reset" (DeepSpeed's words), and that version
+    fails on zero-width outputs. A finished run resets it, so that what runs next in the same
+    process (another run, an evaluation, a test) gets torch's own.
+    """
+    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses  # noqa: PLC0415
+
+    original = getattr(InsertPostInitMethodToModuleSubClasses, "linear_bk", None)
+    if original is not None:
+        torch.nn.functional.linear = original
