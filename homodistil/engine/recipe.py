@@ -243,6 +243,8 @@ class Recipe:
                     self.engine.backward(terms["loss"])
                     for k, v in terms.items():
                         terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+                    if micro < cfg.grad_accum - 1:
+                        self.engine.step()  # counts the micro-batch; DeepSpeed updates only at the boundary
                 # 4. importance, from the full gradients of this step (before the optimizer uses them)
                 if self.prunes and self.step < p.t_f and self.step + 1 >= p.t_i - p.mask_interval:
                     self._observe()
