@@ -213,9 +213,8 @@ class Recipe:
         no_decay = [p for p in student.parameters() if p.dim() < 2]  # biases and norms
         # ZeRO 1-3 skip a step with a non-finite gradient norm themselves; at stage 0 our AdamW does
         adamw = numerics.AdamW if self.cfg.zero_stage == 0 else torch.optim.AdamW
-        optimizer = adamw([{"params": decay, "weight_decay": o.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}],
-                                      lr=o.lr, betas=o.betas, eps=o.eps, fused=self.device.type == "cuda" or None)
+        optimizer = adamw([{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                          lr=o.lr, betas=o.betas, eps=o.eps, fused=self.device.type == "cuda" or None)
         ds_config = {"steps_per_print": 2**31, **self.cfg.deepspeed}
         engine, *_ = deepspeed.initialize(
             model=student, optimizer=optimizer, config=ds_config,
