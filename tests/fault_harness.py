@@ -183,13 +183,14 @@ def run_trial(trial: Trial, out: Path, reference: Path) -> Result:
 
 
 def ci_trials(seed: int = 0) -> list[Trial]:
-    """The fixed trials of the test suite and one seeded random kill."""
+    """The fixed trials of the test suite and one seeded random kill at a step they leave out."""
     rng = random.Random(seed)
+    step = rng.choice([s for s in range(1, STEPS) if s not in (3, 4, 7)])
     return [
         Trial("kill@3:rank=0"),       # before the first checkpoint, before the mask update + shrink at 4
         Trial("kill@4:rank=1"),       # right after a mask update and a shrink
         Trial("kill@7:rank=0"),       # right before the last mask update and shrink (8)
-        Trial(f"kill@{rng.randint(1, STEPS - 1)}:rank={rng.randint(0, 1)}"),
+        Trial(f"kill@{step}:rank={rng.randint(0, 1)}"),
         Trial("term@5:rank=1"),       # preemption: saves at 5
         Trial("kill_in_save@6:rank=0"),  # files written, COMPLETE not
         Trial("enospc_in_save@6:rank=1"),  # a disk that fills on one rank while saving

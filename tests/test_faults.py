@@ -48,7 +48,7 @@ def test_fault_then_relaunch_ends_exactly_like_an_uninterrupted_run(trial, refer
         assert result.resumed_from == 3 and result.removed_partial
     if trial.kind == "enospc_in_save":
         assert result.message.endswith("could not write "
-                                       f"{tmp_path / 'run' / 'checkpoints' / 'step00000006'} (No space left on device): "
+                                       f"{tmp_path / 'run' / 'checkpoints' / 'step00000006'} (No space left on device on rank 1): "
                                        "removed it; latest is still step00000003"), result.message
         assert result.resumed_from == 3
 
@@ -110,6 +110,21 @@ def test_a_non_finite_step_changes_nothing_and_the_run_goes_on(tmp_path, monkeyp
     # linear decay from 1e-3 to 0 over 4 steps: the skipped step still counts
     assert [snapshots[s]["lr"] for s in (1, 2, 3)] == pytest.approx([7.5e-4, 5e-4, 2.5e-4], rel=1e-6)
     assert torch.isfinite(torch.tensor(three["loss"]))
+
+
+def test_gradient_accumulation_updates_once_per_step_and_matches_one_big_batch(tmp_path):
+    """2 micro-batches of 2 per step train like 1 of 4 (the same global batch): the verdict
+    "update applied" must come from the accumulation boundary, once per step."""
+    from recipe_runs import losses
+
+    common = SHORT + ["deepspeed.zero_optimization.stage=2"]
+    run_inprocess(tiny_overrides(tmp_path / "big") + common).close()
+    recipe = run_inprocess(tiny_overrides(tmp_path / "accum") + common + [
+        "deepspeed.gradient_accumulation_steps=2", "deepspeed.train_micro_batch_size_per_gpu=2"])
+    recipe.close()
+    assert recipe.engine.global_steps == 4 and recipe.engine.skipped_steps == 0
+    torch.testing.assert_close(torch.tensor(losses(tmp_path / "accum")), torch.tensor(losses(tmp_path / "big")),
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_too_many_bad_steps_stop_with_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):

@@ -153,12 +153,13 @@ def save(engine, root: Path, step: int, meta: dict, pruner_state: dict, rank: in
     except OSError as err:
         error = err
     if _any(error is not None):  # also the barrier: every rank's files are written
+        reasons = [None] * dist.get_world_size()
+        dist.all_gather_object(reasons, None if error is None else f"{error.strerror or error} on rank {rank}")
         if rank == 0:
             shutil.rmtree(root / tag, ignore_errors=True)
         dist.barrier()
-        reason = f"{error.strerror or error}" if error is not None else "an error on another rank"
-        raise CheckpointError(f"could not write {root / tag} ({reason}): removed it; latest is still "
-                              f"{previous or 'none'}")
+        raise CheckpointError(f"could not write {root / tag} ({next(r for r in reasons if r)}): removed it; "
+                              f"latest is still {previous or 'none'}")
     if rank == 0:
         _fsync(root / tag)  # the files are on disk before COMPLETE says so (a node may lose power)
         (root / tag / COMPLETE).write_text("")

@@ -233,9 +233,8 @@ class Recipe:
         no_decay = [p for p in student.parameters() if p.dim() < 2]  # biases and norms
         # ZeRO 1-3 skip a step with a non-finite gradient norm themselves; at stage 0 our AdamW does
         adamw = numerics.AdamW if self.cfg.zero_stage == 0 else torch.optim.AdamW
-        optimizer = adamw([{"params": decay, "weight_decay": o.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}],
-                                      lr=o.lr, betas=o.betas, eps=o.eps, fused=self.device.type == "cuda" or None)
+        optimizer = adamw([{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                          lr=o.lr, betas=o.betas, eps=o.eps, fused=self.device.type == "cuda" or None)
         ds_config = {"steps_per_print": 2**31, **self.cfg.deepspeed}
         engine, *_ = deepspeed.initialize(
             model=student, optimizer=optimizer, config=ds_config,
@@ -264,6 +263,8 @@ class Recipe:
                     self.engine.backward(terms["loss"])
                     for k, v in terms.items():
                         terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+                    if micro < cfg.grad_accum - 1:
+                        self.engine.step()  # counts the micro-batch; DeepSpeed updates only at the boundary
                 # 4. importance, from the full gradients of this step (before the optimizer uses them)
                 if self.prunes and self.step < p.t_f and self.step + 1 >= p.t_i - p.mask_interval:
                     self._observe()
