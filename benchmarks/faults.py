@@ -62,7 +62,7 @@ def bad_inputs(tmp: Path) -> str:
     rows = []
     for i, (what, make, expected) in enumerate(H.BAD_INPUTS):
         outcome, message = H.try_input(make, tmp / f"input{i}")
-        message = message.replace(str(tmp / f"input{i}"), "…")
+        message = message.replace(str(tmp / f"input{i}"), "…").replace("`", "'")
         rows.append([what, {"error": "stopped", "log": "handled, logged", "ok": "handled"}[outcome], f"`{message}`"])
     return _table(["bad input", "outcome", "message (one line)"], rows)
 
