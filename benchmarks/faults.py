@@ -3,9 +3,9 @@
     python benchmarks/faults.py                    # 20 trials, seed 0
     python benchmarks/faults.py --trials 50 --seed 3 --out /tmp/faults
 
-Each trial draws a fault (SIGKILL at a random step — four times as often as the others —,
-SIGTERM, SIGKILL during a checkpoint save, ENOSPC during a save), a rank, a ZeRO stage (0-3)
-and pre-built or streamed data; runs the tiny world-size-2 job of ``tests/fault_harness.py``
+Each trial takes the next fault kind in turn (SIGKILL at a step every other trial, SIGTERM,
+SIGKILL during a checkpoint save, ENOSPC during a save) and draws its step, a rank, a ZeRO
+stage (0-3) and pre-built or streamed data; runs the tiny world-size-2 job of ``tests/fault_harness.py``
 with it; relaunches it (``torchrun --max-restarts 1`` after a kill, a second launch after a
 SIGTERM or a full disk); and compares the end with an uninterrupted run of the same
 configuration: weights, masks, importance state, every checkpoint file and the losses, exactly.
@@ -62,7 +62,7 @@ def bad_inputs(tmp: Path) -> str:
     rows = []
     for i, (what, make, expected) in enumerate(H.BAD_INPUTS):
         outcome, message = H.try_input(make, tmp / f"input{i}")
-        message = message.replace(str(tmp / f"input{i}"), "…")
+        message = message.replace(str(tmp / f"input{i}"), "…").replace("`", "'")
         rows.append([what, {"error": "stopped", "log": "handled, logged", "ok": "handled"}[outcome], f"`{message}`"])
     return _table(["bad input", "outcome", "message (one line)"], rows)
 

@@ -198,12 +198,13 @@ def ci_trials(seed: int = 0) -> list[Trial]:
 
 
 def random_trials(n: int, seed: int) -> list[Trial]:
-    """``n`` seeded trials: a fault kind, step, rank and ZeRO stage drawn at random."""
+    """``n`` seeded trials: the kinds in turn (SIGKILL at a step every other trial), then the
+    step, rank, ZeRO stage and data (pre-built or streamed) drawn at random."""
     rng = random.Random(seed)
-    kinds = ["kill"] * 4 + ["term", "kill_in_save", "enospc_in_save"]
+    kinds = ["kill", "term", "kill", "kill_in_save", "kill", "enospc_in_save"]
     trials = []
-    for _ in range(n):
-        kind = rng.choice(kinds)
+    for i in range(n):
+        kind = kinds[i % len(kinds)]
         step = rng.choice([s for s in range(SAVE_EVERY, STEPS, SAVE_EVERY)]) if kind.endswith("_save") \
             else rng.randint(1, STEPS - 1)
         trials.append(Trial(f"{kind}@{step}:rank={rng.randint(0, 1)}", stage=rng.choice([0, 1, 2, 3]),
@@ -302,6 +303,7 @@ def try_input(make, tmp: Path) -> tuple[str, str]:
     from homodistil.data.corpora import DataError  # noqa: PLC0415
     from homodistil.data.mlm import MLMBatches, build_blocks, check_global_batch  # noqa: PLC0415
 
+    tmp.mkdir(parents=True, exist_ok=True)
     records: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda record: records.append(record.getMessage())

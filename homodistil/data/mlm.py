@@ -82,7 +82,8 @@ def _read_cache(path: Path, max_seq_length: int) -> torch.Tensor | None:
         else:
             return blocks
     except Exception as err:  # noqa: BLE001 - any unreadable cache is rebuilt, never a traceback
-        problem = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else 'unreadable'}"
+        first = str(err).strip().splitlines()[0] if str(err).strip() else "unreadable"
+        problem = f"{type(err).__name__}: {first[:80]}{'…' if len(first) > 80 else ''}"
     log.warning("%s: corrupt token cache (%s): rebuilding it", path, problem)
     return None
 
@@ -109,7 +110,10 @@ def build_blocks(source, tokenizer, max_seq_length: int, text_field: str = "text
         ds = ds.map(lambda b: {"ids": tokenizer(b["text"], add_special_tokens=False, verbose=False)["input_ids"]},
                     batched=True, remove_columns=["text"], desc=f"tokenizing {src}")
         docs.extend(ds["ids"])
-    blocks = _blocks_from_ids(docs, max_seq_length, prefix, sep, suffix)
+    try:
+        blocks = _blocks_from_ids(docs, max_seq_length, prefix, sep, suffix)
+    except DataError as err:
+        raise DataError(f"data.source {source!r}: {err}") from None
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(f".{os.getpid()}.tmp")  # runs sharing a cache may build it at once
