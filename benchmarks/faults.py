@@ -48,7 +48,7 @@ def figures(results: list[H.Result]) -> str:
     rows.append(["**all**", *total, "", max((r.lost_beyond_checkpoint or 0) for r in results), 
                  sum(r.launches for r in results)])
     return _table(["fault", "trials", "fault took effect", "resumed exactly", "steps lost (mean / max)",
-                   "lost beyond the last checkpoint (max)", "launches"], rows)
+                   "lost beyond the last checkpoint (max)", "torchrun launches"], rows)
 
 
 def trial_rows(results: list[H.Result]) -> str:
