@@ -36,15 +36,9 @@ def _user_errors() -> tuple[type[Exception], ...]:
 def _distill(args) -> int:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")
     from homodistil.config import load_config
-    from homodistil.engine.recipe import Recipe
+    from homodistil.engine.recipe import distill
 
-    cfg = load_config(args.config, args.overrides)
-    recipe = Recipe(cfg)
-    try:
-        recipe.setup()
-        recipe.train()
-    finally:
-        recipe.close()
+    distill(load_config(args.config, args.overrides))
     return 0
 
 
@@ -54,19 +48,14 @@ def _demo(args) -> int:
 
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")
     from homodistil.config import load_config
-    from homodistil.engine.recipe import Recipe
+    from homodistil.engine.recipe import distill
     from homodistil.eval.heldout import heldout_metrics
     from homodistil.eval.report import evaluate_main
     from homodistil.report import write_report
 
     started = time.perf_counter()
     cfg = load_config(args.config, args.overrides)
-    recipe = Recipe(cfg)
-    try:
-        recipe.setup()
-        recipe.train()
-    finally:
-        recipe.close()
+    recipe = distill(cfg)
     out, d, e = recipe.out, cfg.data, cfg.evaluate
     student = str(out / "export")
     print("measuring held-out MLM loss and teacher-student KL ...", flush=True)

@@ -497,3 +497,14 @@ class Recipe:
         if hasattr(self, "monitor"):
             self.monitor.close()
         restore_torch_linear()
+
+
+def distill(cfg: Config) -> Recipe:
+    """The whole ``homodistil distill``: set up, train (and export), always close."""
+    recipe = Recipe(cfg)
+    try:
+        recipe.setup()
+        recipe.train()
+    finally:
+        recipe.close()
+    return recipe
