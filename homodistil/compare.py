@@ -196,7 +196,7 @@ def compare_main(argv: list[str]) -> int:
                                      initargs=(threads,)) as pool:
                 for fut in [pool.submit(run_one, *job) for job in jobs]:
                     _report_done(fut.result(), started)
-    results = collect(root, args, base, ["homodistil", "compare", *argv])
+    results = collect(root, args, base, plan, ["homodistil", "compare", *argv])
     from homodistil.compare_page import write_page  # noqa: PLC0415
 
     page = write_page(results, Path(args.page))
@@ -211,9 +211,10 @@ def _report_done(result: dict, started: float) -> None:
           f"({result['wall_s'] / 60:.1f} min; {(time.perf_counter() - started) / 60:.1f} min so far)", flush=True)
 
 
-def collect(root: Path, args, base, argv: list[str]) -> dict:
-    """Every finished run under ``root`` and the teacher's scores -> ``ROOT/results.json``."""
-    runs = [json.loads(p.read_text()) for p in sorted(root.glob("s*/*/seed*/result.json"))]
+def collect(root: Path, args, base, plan: list[tuple[float, str, int]], argv: list[str]) -> dict:
+    """The finished runs of ``plan`` and the teacher's scores -> ``ROOT/results.json``."""
+    runs = [json.loads((run_dir(root, *run) / "result.json").read_text()) for run in plan
+            if (run_dir(root, *run) / "result.json").exists()]
     teacher = teacher_eval(args.config, args.overrides, root) if runs else None
     results = {"command": " ".join(argv), "root": str(root),
                "config": args.config, "overrides": args.overrides, "sizes": args.sizes, "seeds": args.seeds,

@@ -238,8 +238,9 @@ def write_page(results: dict, page: Path) -> Path:
                          + f" | {len(seeds)} |")
     lines += ["", "Held-out KL = KL(p_teacher ‖ p_student) and MLM loss at the masked positions of the held-out "
               "blocks after the last step (nats per masked token); KL mean over run = the mean of the held-out KL "
-              "over every evaluation of the run, step 0 included (the gap kept throughout). Scores 0-100: accuracy (rt-polarity), "
-              "macro-F1 (tweets-3class); probe = logistic regression on frozen mean-pooled embeddings.", ""]
+              "over every evaluation of the run, step 0 included (the gap kept throughout). Scores 0-100: the mean of "
+              "accuracy and F1 (rt-polarity) or of accuracy and macro-F1 (tweets-3class); ft = fine-tuned, probe = logistic regression on "
+              "frozen mean-pooled embeddings.", ""]
     lines += ["## Plots", ""]
     for size in sizes:
         window = (base["pruning"]["t_i"], base["pruning"]["t_f"])
