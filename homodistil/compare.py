@@ -196,7 +196,8 @@ def compare_main(argv: list[str]) -> int:
                                      initargs=(threads,)) as pool:
                 for fut in [pool.submit(run_one, *job) for job in jobs]:
                     _report_done(fut.result(), started)
-    results = collect(root, args, base, plan, ["homodistil", "compare", *argv])
+    command = ["homodistil", "compare", *(a for a in argv if a != "--page-only")]  # what makes the runs
+    results = collect(root, args, base, plan, command)
     from homodistil.compare_page import write_page  # noqa: PLC0415
 
     page = write_page(results, Path(args.page))
