@@ -96,8 +96,9 @@ def run_one(config: str | None, overrides: list[str], meta: dict) -> dict:
         train_s = time.perf_counter() - started
         scores = evaluate_export(str(out / "export"), cfg, out / "eval")
     curve = _rows(out / "heldout.jsonl")
-    result = {**meta, "overrides": overrides, "teacher_dir": recipe.teacher_dir, "train_s": train_s, "wall_s": time.perf_counter() - started,
-              "threads": _threads(), "heldout": curve, "final": curve[-1], **scores}
+    result = {**meta, "overrides": overrides, "teacher_dir": recipe.teacher_dir, "train_s": train_s,
+              "wall_s": time.perf_counter() - started, "threads": _threads(), "heldout": curve, "final": curve[-1],
+              **scores}
     (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
 

@@ -92,7 +92,8 @@ def plot_curves(cells, size: float, variants: list[str], window: tuple[int, int]
     teacher_mlm = [run["final"]["teacher_mlm_loss"] for seeds in cells.values() for run in seeds.values()]
     if teacher_mlm:
         axes[1].axhline(statistics.fmean(teacher_mlm), color="black", ls="--", lw=1, label="teacher")
-    axes[0].set(title=f"held-out KL(teacher ‖ student), sparsity {size:g}", xlabel="step", ylabel="nats / masked token")
+    axes[0].set(title=f"held-out KL(teacher ‖ student), sparsity {size:g}", xlabel="step",
+                ylabel="nats / masked token")
     axes[0].set_yscale("symlog", linthresh=0.01)  # KL is exactly 0 at step 0 for the runs that start as the teacher
     axes[1].set(title=f"held-out MLM loss, sparsity {size:g}", xlabel="step", ylabel="nats / masked token")
     for ax in axes:
@@ -154,7 +155,8 @@ def headline(cells, sizes: list[float]) -> list[str]:
                 m, s, n_key = paired(cells, size, REFERENCE, alt, key)
                 n = max(n, n_key)
                 digits = 3 if key in LOSSES else 1
-                row.append("–" if math.isnan(m) else f"{m:+.{digits}f}" + (f" ± {s:.{digits}f}" if s is not None else ""))
+                spread = f" ± {s:.{digits}f}" if s is not None else ""
+                row.append("–" if math.isnan(m) else f"{m:+.{digits}f}{spread}")
             lines.append(f"| {size:g} | {alt} | " + " | ".join(row) + f" | {n} |")
     return lines
 
@@ -239,8 +241,8 @@ def write_page(results: dict, page: Path) -> Path:
     lines += ["", "Held-out KL = KL(p_teacher ‖ p_student) and MLM loss at the masked positions of the held-out "
               "blocks after the last step (nats per masked token); KL mean over run = the mean of the held-out KL "
               "over every evaluation of the run, step 0 included (the gap kept throughout). Scores 0-100: the mean of "
-              "accuracy and F1 (rt-polarity) or of accuracy and macro-F1 (tweets-3class); ft = fine-tuned, probe = logistic regression on "
-              "frozen mean-pooled embeddings.", ""]
+              "accuracy and F1 (rt-polarity) or of accuracy and macro-F1 (tweets-3class); ft = fine-tuned, "
+              "probe = logistic regression on frozen mean-pooled embeddings.", ""]
     lines += ["## Plots", ""]
     for size in sizes:
         window = (base["pruning"]["t_i"], base["pruning"]["t_f"])
