@@ -96,8 +96,9 @@ def run_one(config: str | None, overrides: list[str], meta: dict) -> dict:
         train_s = time.perf_counter() - started
         scores = evaluate_export(str(out / "export"), cfg, out / "eval")
     curve = _rows(out / "heldout.jsonl")
-    result = {**meta, "overrides": overrides, "teacher_dir": recipe.teacher_dir, "train_s": train_s, "wall_s": time.perf_counter() - started,
-              "threads": _threads(), "heldout": curve, "final": curve[-1], **scores}
+    result = {**meta, "overrides": overrides, "teacher_dir": recipe.teacher_dir, "train_s": train_s,
+              "wall_s": time.perf_counter() - started, "threads": _threads(), "heldout": curve, "final": curve[-1],
+              **scores}
     (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
 
@@ -196,7 +197,8 @@ def compare_main(argv: list[str]) -> int:
                                      initargs=(threads,)) as pool:
                 for fut in [pool.submit(run_one, *job) for job in jobs]:
                     _report_done(fut.result(), started)
-    results = collect(root, args, base, ["homodistil", "compare", *argv])
+    command = ["homodistil", "compare", *(a for a in argv if a != "--page-only")]  # what makes the runs
+    results = collect(root, args, base, plan, command)
     from homodistil.compare_page import write_page  # noqa: PLC0415
 
     page = write_page(results, Path(args.page))
@@ -211,9 +213,10 @@ def _report_done(result: dict, started: float) -> None:
           f"({result['wall_s'] / 60:.1f} min; {(time.perf_counter() - started) / 60:.1f} min so far)", flush=True)
 
 
-def collect(root: Path, args, base, argv: list[str]) -> dict:
-    """Every finished run under ``root`` and the teacher's scores -> ``ROOT/results.json``."""
-    runs = [json.loads(p.read_text()) for p in sorted(root.glob("s*/*/seed*/result.json"))]
+def collect(root: Path, args, base, plan: list[tuple[float, str, int]], argv: list[str]) -> dict:
+    """The finished runs of ``plan`` and the teacher's scores -> ``ROOT/results.json``."""
+    runs = [json.loads((run_dir(root, *run) / "result.json").read_text()) for run in plan
+            if (run_dir(root, *run) / "result.json").exists()]
     teacher = teacher_eval(args.config, args.overrides, root) if runs else None
     results = {"command": " ".join(argv), "root": str(root),
                "config": args.config, "overrides": args.overrides, "sizes": args.sizes, "seeds": args.seeds,

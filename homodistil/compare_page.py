@@ -70,10 +70,13 @@ def _plt():
     return plt
 
 
-def plot_curves(cells, size: float, variants: list[str], path: Path) -> Path:
-    """Held-out KL(teacher ‖ student) and MLM loss over steps, mean over seeds with a min-max band."""
+def plot_curves(cells, size: float, variants: list[str], window: tuple[int, int], path: Path) -> Path:
+    """Held-out KL(teacher ‖ student) and MLM loss over steps, mean over seeds with a min-max band; the
+    shaded ``window`` (t_i, t_f) is where the cubic schedule prunes."""
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax in axes:
+        ax.axvspan(*window, color="grey", alpha=0.12, lw=0, label="pruning window (a, d, e)")
     for variant in variants:
         seeds = cells.get((size, variant))
         if not seeds:
@@ -89,9 +92,9 @@ def plot_curves(cells, size: float, variants: list[str], path: Path) -> Path:
     teacher_mlm = [run["final"]["teacher_mlm_loss"] for seeds in cells.values() for run in seeds.values()]
     if teacher_mlm:
         axes[1].axhline(statistics.fmean(teacher_mlm), color="black", ls="--", lw=1, label="teacher")
-    axes[0].set(title=f"held-out KL(teacher ‖ student), sparsity {size:g}", xlabel="step", ylabel="nats / masked token",
-                yscale="symlog", )
-    axes[0].set_yscale("symlog", linthresh=0.01)
+    axes[0].set(title=f"held-out KL(teacher ‖ student), sparsity {size:g}", xlabel="step",
+                ylabel="nats / masked token")
+    axes[0].set_yscale("symlog", linthresh=0.01)  # KL is exactly 0 at step 0 for the runs that start as the teacher
     axes[1].set(title=f"held-out MLM loss, sparsity {size:g}", xlabel="step", ylabel="nats / masked token")
     for ax in axes:
         ax.grid(alpha=0.3)
@@ -152,7 +155,8 @@ def headline(cells, sizes: list[float]) -> list[str]:
                 m, s, n_key = paired(cells, size, REFERENCE, alt, key)
                 n = max(n, n_key)
                 digits = 3 if key in LOSSES else 1
-                row.append("–" if math.isnan(m) else f"{m:+.{digits}f}" + (f" ± {s:.{digits}f}" if s is not None else ""))
+                spread = f" ± {s:.{digits}f}" if s is not None else ""
+                row.append("–" if math.isnan(m) else f"{m:+.{digits}f}{spread}")
             lines.append(f"| {size:g} | {alt} | " + " | ".join(row) + f" | {n} |")
     return lines
 
@@ -236,11 +240,13 @@ def write_page(results: dict, page: Path) -> Path:
                          + f" | {len(seeds)} |")
     lines += ["", "Held-out KL = KL(p_teacher ‖ p_student) and MLM loss at the masked positions of the held-out "
               "blocks after the last step (nats per masked token); KL mean over run = the mean of the held-out KL "
-              "over every evaluation of the run, step 0 included (the gap kept throughout). Scores 0-100: accuracy (rt-polarity), "
-              "macro-F1 (tweets-3class); probe = logistic regression on frozen mean-pooled embeddings.", ""]
+              "over every evaluation of the run, step 0 included (the gap kept throughout). Scores 0-100: the mean of "
+              "accuracy and F1 (rt-polarity) or of accuracy and macro-F1 (tweets-3class); ft = fine-tuned, "
+              "probe = logistic regression on frozen mean-pooled embeddings.", ""]
     lines += ["## Plots", ""]
     for size in sizes:
-        path = plot_curves(cells, size, variants, figs / f"heldout_s{size:g}.png")
+        window = (base["pruning"]["t_i"], base["pruning"]["t_f"])
+        path = plot_curves(cells, size, variants, window, figs / f"heldout_s{size:g}.png")
         lines += [f"![held-out KL and MLM loss over steps, sparsity {size:g}]({figs.name}/{path.name})", ""]
     if score_keys:
         path = plot_scores(cells, teacher, variants, score_keys, figs / "scores_vs_params.png")

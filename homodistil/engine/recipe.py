@@ -336,13 +336,14 @@ class Recipe:
         student.zero_grad(set_to_none=True)
         self.pruner.update_masks(0)
         params = {n: prm.detach().cpu() for n, prm in student.named_parameters()}
-        student, params, _ = self._slice_student(params)
+        student, *_ = self._slice_student(params)
         return student
 
     def _slice_student(self, params: dict[str, torch.Tensor]):
         """Build the student at the pruner's mask widths and load ``params`` sliced to the kept units.
 
-        Returns (student, sliced params, kept indices per group); the pruner's own state is sliced too."""
+        Returns (student, sliced params, (groups before, kept indices per group)) so that the caller can slice
+        other per-parameter state alike; the pruner's own state is sliced here."""
         old_groups = self.groups
         kept = {g.kind: int(self.pruner.masks[g.name].view(g.blocks, -1)[0].sum()) for g in old_groups}
         student, self.groups = self._build_student(kept)
