@@ -80,19 +80,14 @@ def _rows(path: Path) -> list[dict]:
 def run_one(config: str | None, overrides: list[str], meta: dict) -> dict:
     """Distill, export, evaluate one run; writes and returns its ``result.json``."""
     from homodistil.config import load_config  # noqa: PLC0415
-    from homodistil.engine.recipe import Recipe  # noqa: PLC0415
+    from homodistil.engine.recipe import distill  # noqa: PLC0415
 
     cfg = load_config(config, overrides)
     out = Path(cfg.trainer.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with (out / "log.txt").open("a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        recipe = Recipe(cfg)
-        try:
-            recipe.setup()
-            recipe.train()
-        finally:
-            recipe.close()
+        recipe = distill(cfg)
         train_s = time.perf_counter() - started
         scores = evaluate_export(str(out / "export"), cfg, out / "eval")
     curve = _rows(out / "heldout.jsonl")
