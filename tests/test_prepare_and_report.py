@@ -108,3 +108,25 @@ def test_report_writes_plots_and_tables(tmp_path):
         assert (tmp_path / png).stat().st_size > 5000, png
     assert "| student | 3.000 | 30.0% | 0.420 |" in report
     assert "student parameters 0.90M -> 0.50M" in report and "| teacher | 80.0 |" in report
+
+
+def test_prepared_teacher_cache_is_keyed_on_contents_not_location(tmp_path):
+    """A reinstall (the teacher and tokenizer at another path) reuses the prepared teacher;
+    changed weights do not."""
+    import shutil
+
+    from homodistil.config import PrepareConfig
+    from homodistil.engine.prepare import cache_dir, fingerprint
+
+    first = tmp_path / "site-a" / "model"
+    first.mkdir(parents=True)
+    (first / "config.json").write_text('{"model_type": "bert"}')
+    (first / "model.safetensors").write_bytes(b"\x00weights" * 1000)
+    second = tmp_path / "site-b" / "model"
+    shutil.copytree(first, second)
+    prep = PrepareConfig(cache_dir=str(tmp_path / "cache"))
+    assert cache_dir(str(first), "data", prep) == cache_dir(str(second), "data", prep)
+    assert fingerprint(str(first)) == fingerprint(str(second)) != fingerprint("bert-base-uncased")
+    (second / "model.safetensors").write_bytes(b"\x01weights" * 1000)
+    assert cache_dir(str(first), "data", prep) != cache_dir(str(second), "data", prep)
+    assert cache_dir(str(first), "data", prep) != cache_dir(str(first), "other data", prep)

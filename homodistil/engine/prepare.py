@@ -39,9 +39,26 @@ def missing_head(source: str) -> list[str]:
     return sorted(info["missing_keys"])
 
 
+def fingerprint(source: str) -> str:
+    """What a model or tokenizer is, not where it lies: the SHA-1 of the files of a local
+    directory (so a reinstall elsewhere, or a copy, reuses the prepared teacher, and changed
+    weights do not), or the hub id itself."""
+    path = Path(source).expanduser()
+    if not path.is_dir():
+        return source
+    digest = hashlib.sha1()
+    for file in sorted(f for f in path.iterdir() if f.is_file()):
+        digest.update(file.name.encode())
+        with file.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
 def cache_dir(source: str, data_key: str, cfg: PrepareConfig) -> Path:
-    key = json.dumps([str(Path(source).resolve()) if Path(source).exists() else source, data_key,
-                      cfg.model_dump(exclude={"cache_dir"})])
+    """The prepared teacher's directory, keyed on the teacher's files, the data (``data_key``,
+    in which local tokenizers should appear by :func:`fingerprint`) and the preparation settings."""
+    key = json.dumps([fingerprint(source), data_key, cfg.model_dump(exclude={"cache_dir"})])
     root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else Path.home() / ".cache" / "homodistil" / "teachers"
     return root / f"{Path(source).name}-mlm-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
 

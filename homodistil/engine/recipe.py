@@ -35,6 +35,7 @@ from .models import (Student, load_teacher, load_tokenizer, student_config, stud
                      teacher_outputs, teacher_source, tiny_config, tokenizer_name)
 from .prepare import PREP_FILE, missing_head, prepare_teacher
 from .prepare import cache_dir as prepare_cache_dir
+from .prepare import fingerprint
 from .monitor import Monitor
 from .zero import MOMENTS, full_grad, full_param, gather, restore, restore_torch_linear
 
@@ -154,7 +155,7 @@ class Recipe:
                               f"set data.streaming=false, or give a teacher with a head")
         d = self.cfg.data
         out = prepare_cache_dir(source, json.dumps([d.source, d.max_seq_length, d.mlm_probability, d.max_documents,
-                                                    tokenizer_name(m)]), m.prepare)
+                                                    fingerprint(tokenizer_name(m))]), m.prepare)
         if self.rank == 0 and not (out / PREP_FILE).exists():
             head = get_adapter(teacher_config(source).model_type).head
             info = prepare_teacher(source, out, self.data, m.prepare, head, self.tokenizer, self.cfg.trainer.progress)
