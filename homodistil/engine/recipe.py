@@ -364,7 +364,8 @@ class Recipe:
         checks them, one full gradient at a time; full gradients are the same on every rank, so
         every rank decides alike.
         """
-        wanted = [(name, prm) for name, prm in self.engine.module.named_parameters() if name in set(self.pruner.params)]
+        scored = set(self.pruner.params)
+        wanted = [(name, prm) for name, prm in self.engine.module.named_parameters() if name in scored]
         need_grad = self.cfg.pruning.metric != "magnitude"
         if need_grad and not numerics.all_finite(full_grad(prm) for _, prm in wanted):
             return
