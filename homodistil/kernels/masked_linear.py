@@ -314,11 +314,27 @@ def _tiles(live: int, total: int, block: int) -> int:
     return triton.cdiv(live, block) + triton.cdiv(total - live, block)
 
 
+def fp32_dot_precision() -> str:
+    """``"tf32"`` or ``"ieee"`` for fp32 ``tl.dot``, following torch's cuBLAS setting.
+
+    The new API (``torch.backends.cuda.matmul.fp32_precision``, torch ≥ 2.9) is read first:
+    once it has been set (``transformers`` does), reading the legacy ``allow_tf32`` raises.
+    ``"none"`` inherits the generic ``torch.backends.fp32_precision``; ``"none"`` there too
+    means torch's default, IEEE fp32.
+    """
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):  # torch < 2.9: only the legacy flag exists
+        return "tf32" if matmul.allow_tf32 else "ieee"
+    precision = matmul.fp32_precision
+    if precision == "none":
+        precision = torch.backends.fp32_precision
+    return "tf32" if precision == "tf32" else "ieee"
+
+
 def _dot_meta(x: torch.Tensor, interpreted: bool) -> dict:
     """``tl.dot`` operand dtype and fp32 precision for inputs like ``x`` (see kernel notes)."""
     dot_dtype = tl.float32 if interpreted else _TL_DTYPES[x.dtype]
-    precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-    return dict(DOT_DTYPE=dot_dtype, PRECISION=precision)
+    return dict(DOT_DTYPE=dot_dtype, PRECISION=fp32_dot_precision())
 
 
 class _MaskedLinearFn(torch.autograd.Function):
