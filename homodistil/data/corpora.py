@@ -61,6 +61,9 @@ AUSTEN_DIRS = ("/usr/lib/R/site-library/janeaustenr", "/usr/local/lib/R/site-lib
 AUSTEN_NOVELS = ("sensesensibility", "prideprejudice", "mansfieldpark", "emma",
                  "northangerabbey", "persuasion")
 PYDOCS_GLOB = "/usr/share/doc/python3*/html/_sources"
+# The Debian package each packaged source needs (scripts/system-deps.sh installs them for the
+# demo; a test checks that it lists every one the embedded corpus needs).
+DEBIAN_PACKAGES = {"austen": "r-cran-janeaustenr", "pydocs": "python3.11-doc"}
 
 VADER_PIN = "vadersentiment==3.3.2"
 VADER_SDIST = "vaderSentiment-3.3.2.tar.gz"
@@ -106,15 +109,17 @@ def _austen_dir() -> Path:
     for d in AUSTEN_DIRS:
         if (Path(d) / "data" / "Rdata.rdx").is_file():
             return Path(d)
-    raise DataError("source 'austen' needs the Debian package r-cran-janeaustenr: "
-                    "apt-get install --no-install-recommends r-cran-janeaustenr")
+    pkg = DEBIAN_PACKAGES["austen"]
+    raise DataError(f"source 'austen' needs the Debian package {pkg}: "
+                    f"apt-get install --no-install-recommends {pkg} (or: bash scripts/system-deps.sh demo)")
 
 
 def _pydocs_dir() -> Path:
     found = sorted(glob.glob(PYDOCS_GLOB))
     if not found:
-        raise DataError("source 'pydocs' needs the Debian package python3.11-doc: "
-                        "apt-get install python3.11-doc")
+        pkg = DEBIAN_PACKAGES["pydocs"]
+        raise DataError(f"source 'pydocs' needs the Debian package {pkg}: apt-get install "
+                        f"--no-install-recommends {pkg} (or: bash scripts/system-deps.sh demo)")
     return Path(found[-1])
 
 
