@@ -130,3 +130,21 @@ def test_prepared_teacher_cache_is_keyed_on_contents_not_location(tmp_path):
     (second / "model.safetensors").write_bytes(b"\x01weights" * 1000)
     assert cache_dir(str(first), "data", prep) != cache_dir(str(second), "data", prep)
     assert cache_dir(str(first), "data", prep) != cache_dir(str(first), "other data", prep)
+
+
+def test_prepare_leaves_the_callers_rng_alone_and_publishes_atomically(headless, tmp_path):
+    """A cold-cache run must train like a warm one (the preparation once reseeded the global RNG),
+    and a second preparation of the same key (a concurrent worker) must not fail or mix files."""
+    tok = AutoTokenizer.from_pretrained(headless)
+    data = MLMBatches(build_blocks("kjv", tok, 32, max_documents=20), tok, mlm_probability=0.15, seed=0,
+                      heldout_fraction=0.1)
+    cfg = PrepareConfig(steps=2, lr=1e-3, batch_size=4)
+    out = tmp_path / "prepared"
+    torch.manual_seed(123)
+    want = torch.rand(5)
+    torch.manual_seed(123)
+    first = prep.prepare_teacher(headless, out, data, cfg, "cls", tok, progress=False)
+    assert torch.equal(torch.rand(5), want)
+    second = prep.prepare_teacher(headless, out, data, cfg, "cls", tok, progress=False)
+    assert second == first  # the published preparation is kept and reported
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared"]  # no temporary left behind

@@ -12,6 +12,8 @@ import hashlib
 import json
 import logging
 import math
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -86,8 +88,35 @@ def masked_accuracy(model, head: str, data: MLMBatches, batch_size: int, limit: 
 
 def prepare_teacher(source: str, out: Path, data: MLMBatches, cfg: PrepareConfig, head: str, tokenizer,
                     progress: bool = True) -> dict:
-    """Train an MLM head (and the encoder under it) for ``cfg.steps`` steps; save to ``out``."""
-    torch.manual_seed(cfg.seed)
+    """Train an MLM head (and the encoder under it) for ``cfg.steps`` steps; save to ``out``.
+
+    Runs under its own RNG (``cfg.seed``, forked): the caller's stream — the run's dropout —
+    is the same whether the teacher was prepared now or read from the cache. Writes to a
+    per-process temporary directory beside ``out`` and renames it into place, so concurrent
+    preparations (``compare --jobs 2`` on a cold cache) cannot mix files; the first to finish wins.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        info, model = _train_head(source, data, cfg, head, progress)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / PREP_FILE).write_text(json.dumps(info, indent=1))
+    try:
+        tmp.rename(out)
+    except OSError:  # another process published the same preparation first
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out / PREP_FILE).exists():
+            raise
+        info = json.loads((out / PREP_FILE).read_text())
+    log.info("prepared teacher %s: held-out masked-token accuracy %.1f%% -> %.1f%%", source,
+             100 * info["heldout_masked_accuracy_before"], 100 * info["heldout_masked_accuracy"])
+    return info
+
+
+def _train_head(source: str, data: MLMBatches, cfg: PrepareConfig, head: str, progress: bool):
+    """(info, model): continued MLM training of ``source`` with a new head, on the caller's RNG."""
     model = AutoModelForMaskedLM.from_pretrained(source, dtype=torch.float32)
     acc_before, loss_before = masked_accuracy(model, head, data, cfg.batch_size)
     model.train()
@@ -113,12 +142,4 @@ def prepare_teacher(source: str, out: Path, data: MLMBatches, cfg: PrepareConfig
     info = {"source": source, "steps": cfg.steps, "lr": cfg.lr, "batch_size": cfg.batch_size,
             "heldout_masked_accuracy_before": acc_before, "heldout_masked_accuracy": acc_after,
             "heldout_mlm_loss_before": loss_before, "heldout_mlm_loss": loss_after}
-    tmp = out.with_name(out.name + ".tmp")
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    (tmp / PREP_FILE).write_text(json.dumps(info, indent=1))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp.rename(out)
-    log.info("prepared teacher %s: held-out masked-token accuracy %.1f%% -> %.1f%%", source,
-             100 * acc_before, 100 * acc_after)
-    return info
+    return info, model
