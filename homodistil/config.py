@@ -119,10 +119,15 @@ class DataConfig(_Strict):
         "file or directory, 'hub:NAME[:CONFIG]' for a Hugging Face dataset, or a list of these.",
     )
     streaming: bool = Field(False, description="Stream hub datasets instead of downloading them whole.")
-    text_field: str = "text"
+    text_field: str = Field("text", description="The text column of .jsonl files and hub datasets.")
     max_seq_length: int = Field(128, ge=8)
     mlm_probability: float = Field(0.15, gt=0.0, lt=1.0)
-    heldout_fraction: float = Field(0.02, ge=0.0, lt=0.5)
+    heldout_fraction: float = Field(
+        0.02, ge=0.0, lt=0.5,
+        description="Share of the pre-built blocks held out (never trained on) for trainer.eval_every. "
+        "A stream has no known length: any value > 0 holds out the documents at the head of the stream "
+        "that pack into evaluate.heldout_blocks blocks, on every rank alike.",
+    )
     max_documents: int | None = Field(None, gt=0, description="Read at most this many documents.")
     cache_dir: str | None = Field(
         None, description="Where tokenized blocks are cached (keyed on the data settings); default: "

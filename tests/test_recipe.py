@@ -6,6 +6,7 @@ losses. Resume is exact (bit-equal) in fp32.
 """
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -89,12 +90,15 @@ def test_resume_is_exact_across_a_shrink(tmp_path, streaming):
     dropout on (so the RNG state must be restored) and a shrink at step 6 after the resume;
     for pre-built blocks and for a streamed corpus (whose position is in the checkpoint)."""
     args = ["trainer.max_steps=8", "pruning.t_f=6", "pruning.shrink_interval=3", "trainer.save_every=4",
-            "model.dropout=0.1", "deepspeed.zero_optimization.stage=2", f"data.streaming={str(streaming).lower()}"]
+            "model.dropout=0.1", "deepspeed.zero_optimization.stage=2", f"data.streaming={str(streaming).lower()}",
+            "trainer.eval_every=2", "evaluate.heldout_blocks=3"]
     run_inprocess(tiny_overrides(tmp_path / "full") + args).close()
     resumed = tmp_path / "resumed" / "checkpoints"
     resumed.mkdir(parents=True)
     shutil.copytree(tmp_path / "full" / "checkpoints" / "step00000004", resumed / "step00000004")
     (resumed / "latest").write_text("step00000004")
+    # what a predecessor killed after step 6 had logged: the resumed run must drop steps 5-6
+    shutil.copy(tmp_path / "full" / "heldout.jsonl", tmp_path / "resumed" / "heldout.jsonl")
     recipe = run_inprocess(tiny_overrides(tmp_path / "resumed") + args, train=False)
     assert recipe.step == 4 and recipe.kept["ffn"] == 36 and not recipe.pruner.is_dense()  # shrunk at 3, masked at 4
     recipe.train()
@@ -106,6 +110,10 @@ def test_resume_is_exact_across_a_shrink(tmp_path, streaming):
     for name in full:
         assert torch.equal(full[name], again[name]), name
     assert losses(tmp_path / "full")[4:] == losses(tmp_path / "resumed")
+    # held-out rows: each evaluated step once (0, 2, 4 from before the stop; 6, 8 after), same figures
+    full_rows, resumed_rows = ((tmp_path / run / "heldout.jsonl").read_text() for run in ("full", "resumed"))
+    assert [json.loads(r)["step"] for r in resumed_rows.splitlines()] == [0, 2, 4, 6, 8]
+    assert resumed_rows == full_rows
 
 
 def test_export_of_a_masked_checkpoint_matches_the_student(tmp_path):

@@ -165,7 +165,25 @@ def _collate(samples: list[tuple]) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
-class MLMBatches:
+class _HeldoutBlocks:
+    """Fixed held-out batches, shared by both batch sources: ``self.heldout`` (H, T) blocks,
+    masked by (seed, sample index) only, so every evaluation of a run sees the same ones."""
+
+    heldout: torch.Tensor
+
+    def _make(self, blocks: torch.Tensor, samples: list[tuple[int, int]], tag: int) -> dict[str, torch.Tensor]:
+        return _collate([_make_sample(blocks[i], self.objective, self.info, self.p, (self.seed, tag, e, i))
+                         for e, i in samples])
+
+    def heldout_batches(self, batch_size: int, limit: int | None = None):
+        """Fixed, identically masked held-out batches (for KL and MLM loss on unseen text)."""
+        n = len(self.heldout) if limit is None else min(limit, len(self.heldout))
+        for start in range(0, n, batch_size):
+            idx = range(start, min(n, start + batch_size))
+            yield self._make(self.heldout, [(0, i) for i in idx], tag=1)
+
+
+class MLMBatches(_HeldoutBlocks):
     """Deterministic MLM (or causal-LM) batches over pre-built blocks, split into train and held-out parts."""
 
     def __init__(self, blocks: torch.Tensor, tokenizer, *, mlm_probability: float, seed: int,
@@ -197,22 +215,11 @@ class MLMBatches:
             self._perm_epoch = epoch
         return epoch, int(self._perm[pos])
 
-    def _make(self, blocks: torch.Tensor, samples: list[tuple[int, int]], tag: int) -> dict[str, torch.Tensor]:
-        return _collate([_make_sample(blocks[i], self.objective, self.info, self.p, (self.seed, tag, e, i))
-                         for e, i in samples])
-
     def batch(self, step: int, micro: int, *, grad_accum: int, micro_batch: int, rank: int, world: int):
         """Rank ``rank``'s part of micro-batch ``micro`` of optimizer step ``step``."""
         global_micro = micro_batch * world
         start = (step * grad_accum + micro) * global_micro + rank * micro_batch
         return self._make(self.train, [self._block_index(s) for s in range(start, start + micro_batch)], tag=0)
-
-    def heldout_batches(self, batch_size: int, limit: int | None = None):
-        """Fixed, identically masked held-out batches (for KL and MLM loss on unseen text)."""
-        n = len(self.heldout) if limit is None else min(limit, len(self.heldout))
-        for start in range(0, n, batch_size):
-            idx = range(start, min(n, start + batch_size))
-            yield self._make(self.heldout, [(0, i) for i in idx], tag=1)
 
 
 def check_global_batch(data, global_batch: int, cfg) -> None:
@@ -226,52 +233,77 @@ def check_global_batch(data, global_batch: int, cfg) -> None:
                         f"data.max_seq_length or the batch size")
 
 
-class MLMStream:
+class MLMStream(_HeldoutBlocks):
     """MLM batches packed on the fly from a document stream (Wikipedia/BookCorpus scale).
 
-    Rank ``r`` of ``w`` reads documents ``r, r+w, …`` (``datasets.distributed.split_dataset_by_node``)
+    Held out first: the documents at the head of the stream that pack into ``heldout_blocks``
+    blocks (the same on every rank, at any world size) are never trained on. Rank ``r`` of ``w``
+    then reads the following documents ``r, r+w, …`` (``datasets.distributed.split_dataset_by_node``)
     and packs its own blocks, so no rank tokenizes what another rank trains on. The data
     position is per rank — documents consumed plus the unfinished token buffer — and is
     saved with each checkpoint, so a resumed run continues the stream where it stopped
-    (at the same world size). Masking is keyed on (seed, rank, sample), as reproducible as
-    the stream's order.
+    (at the same world size: which documents a rank reads depends on the world size, so the
+    training batches do too, unlike pre-built blocks). Masking is keyed on (seed, rank, sample),
+    as reproducible as the stream's order.
     """
 
     def __init__(self, dataset, tokenizer, *, max_seq_length: int, mlm_probability: float, seed: int,
-                 rank: int, world: int, objective: str = "mlm"):
+                 rank: int, world: int, objective: str = "mlm", heldout_blocks: int = 0):
         from datasets.distributed import split_dataset_by_node  # noqa: PLC0415
 
         if isinstance(dataset, datasets.Dataset):
             dataset = dataset.to_iterable_dataset()
-        self.dataset = split_dataset_by_node(dataset, rank=rank, world_size=world)
         self.tokenizer, self.block, self.p, self.seed, self.rank = tokenizer, max_seq_length, mlm_probability, seed, rank
         self.objective = objective
         self.prefix, self.sep, self.suffix = block_tokens(tokenizer, objective)
         self.info = {"special_ids": sorted(set(tokenizer.all_special_ids)), "mask_id": tokenizer.mask_token_id,
                      "vocab_size": len(tokenizer)}
+        self.heldout, held_docs = self._pack_head(dataset, heldout_blocks)  # (H, T), identical on every rank
+        self.dataset = split_dataset_by_node(dataset.skip(held_docs), rank=rank, world_size=world)
         self.docs, self.buffer, self.samples = 0, [], 0
         self._iter = None
-        self.heldout = torch.empty(0, max_seq_length, dtype=torch.int32)  # no held-out split when streaming
 
     def describe(self) -> str:
-        return f"streaming, rank {self.rank} at document {self.docs}"
+        return f"streaming, rank {self.rank} at document {self.docs}, {len(self.heldout)} blocks held out"
 
-    def _next_block(self) -> torch.Tensor:
-        body = self.block - len(self.prefix) - len(self.suffix)
-        while len(self.buffer) < body:
-            if self._iter is None:
-                self._iter = iter(self.dataset.skip(self.docs))
+    def _pack(self, buffer: list[int], texts) -> tuple[torch.Tensor | None, int]:
+        """One block (T,) from ``buffer`` topped up from the iterator ``texts`` (None when it ends
+        first), and the number of documents read. ``buffer`` keeps the remainder."""
+        body, docs = self.block - len(self.prefix) - len(self.suffix), 0
+        while len(buffer) < body:
             try:
-                text = next(self._iter)["text"]
+                text = next(texts)["text"]
             except StopIteration:
-                raise DataError(f"the text stream ended after {self.docs} documents on rank {self.rank}: "
-                                f"lower trainer.max_steps or add data") from None
-            self.docs += 1
+                return None, docs
+            docs += 1
             ids = self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
             if ids:
-                self.buffer.extend(ids + [self.sep])
-        core, self.buffer = self.buffer[:body], self.buffer[body:]
-        return torch.tensor([*self.prefix, *core, *self.suffix], dtype=torch.int32)
+                buffer.extend(ids + [self.sep])
+        core = buffer[:body]
+        del buffer[:body]
+        return torch.tensor([*self.prefix, *core, *self.suffix], dtype=torch.int32), docs
+
+    def _pack_head(self, dataset, n: int) -> tuple[torch.Tensor, int]:
+        """The first ``n`` blocks of the whole stream (H, T) and how many documents they used."""
+        blocks, buffer, used, texts = [], [], 0, iter(dataset)
+        while len(blocks) < n:
+            block, docs = self._pack(buffer, texts)
+            used += docs
+            if block is None:
+                raise DataError(f"the text stream ended after {used} documents, before "
+                                f"evaluate.heldout_blocks={n} held-out blocks: lower it or add data")
+            blocks.append(block)
+        return torch.stack(blocks) if blocks else torch.empty(0, self.block, dtype=torch.int32), used
+
+    def _next_block(self) -> torch.Tensor:
+        if self._iter is None:
+            self._iter = iter(self.dataset.skip(self.docs))
+        block, docs = self._pack(self.buffer, self._iter)
+        self.docs += docs
+        if block is None:
+            raise DataError(f"the text stream ended after {self.docs} documents on rank {self.rank}: "
+                            f"lower trainer.max_steps or add data")
+        return block
 
     def batch(self, step: int, micro: int, *, grad_accum: int, micro_batch: int, rank: int, world: int):
         samples = []

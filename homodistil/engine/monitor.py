@@ -1,7 +1,7 @@
 """Progress bar, log lines, TensorBoard scalars and a metrics file, all on rank 0 only.
 
 A run that resumes from step ``start`` first drops what a killed predecessor logged after
-that step (rows of ``metrics.jsonl``, TensorBoard events via ``purge_step``), so both hold one
+that step (rows of ``metrics.jsonl`` and ``heldout.jsonl``, TensorBoard events via ``purge_step``), so all hold one
 record per step, as an uninterrupted run's would.
 """
 from __future__ import annotations
@@ -38,7 +38,8 @@ class Monitor:
         from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415
 
         self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start + 1)
-        _truncate_metrics(out_dir / "metrics.jsonl", start)
+        for name in ("metrics.jsonl", "heldout.jsonl"):
+            _truncate_metrics(out_dir / name, start)
         self.metrics = (out_dir / "metrics.jsonl").open("a")
         self.heldout_file = (out_dir / "heldout.jsonl").open("a")
         self.bar = tqdm(total=total, initial=start, desc="distill", unit="step", dynamic_ncols=True,

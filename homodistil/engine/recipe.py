@@ -183,7 +183,8 @@ class Recipe:
         if d.streaming:
             return MLMStream(load_text(d.source, d.text_field, d.max_documents, streaming=True), self.tokenizer,
                              max_seq_length=d.max_seq_length, mlm_probability=d.mlm_probability,
-                             seed=self.cfg.trainer.seed, rank=self.rank, world=self.world, objective=self.objective)
+                             seed=self.cfg.trainer.seed, rank=self.rank, world=self.world, objective=self.objective,
+                             heldout_blocks=self.cfg.evaluate.heldout_blocks if d.heldout_fraction > 0 else 0)
         cache = Path(d.cache_dir) if d.cache_dir else self.out / "cache"
         if self.rank == 0:  # rank 0 tokenizes and caches; the others read the cache
             blocks = build_blocks(d.source, self.tokenizer, d.max_seq_length, d.text_field, d.max_documents, cache,
@@ -248,7 +249,8 @@ class Recipe:
         want_hidden, want_attn = bool(self.hidden_pairs), bool(self.attention_pairs)
         previous = signal.signal(signal.SIGTERM, self._on_sigterm) if self._main_thread() else None
         try:
-            self._evaluate_heldout()  # step 0: where each variant starts from
+            if self.step == 0:  # where each variant starts from (a resumed run logged its step already)
+                self._evaluate_heldout()
             while self.step < cfg.trainer.max_steps:
                 started = time.perf_counter()
                 # 1. forward teacher and student on the same batch, 2. losses, 3. backward
