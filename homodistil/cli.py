@@ -89,11 +89,14 @@ def _report(args) -> int:
 
 def _export(args) -> int:
     from homodistil.engine.export import export_checkpoint
+    from homodistil.pruning.adapters import get_adapter
 
     model = export_checkpoint(args.checkpoint, args.out_dir)
     n = sum(p.numel() for p in model.parameters())
-    print(f"exported {type(model).__name__} ({n / 1e6:.2f}M parameters, hidden {model.config.hidden_size}, "
-          f"FFN {model.config.intermediate_size}) to {args.out_dir}")
+    # the adapter knows each family's width fields: its kept widths at sparsity 0 are the model's
+    widths = get_adapter(model.config.model_type).kept(model.config, {"ffn": 0.0, "attention": 0.0, "hidden": 0.0})
+    print(f"exported {type(model).__name__} ({n / 1e6:.2f}M parameters; widths "
+          f"{', '.join(f'{k} {v}' for k, v in widths.items())}) to {args.out_dir}")
     return 0
 
 

@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 import torch
-from transformers import AutoModelForMaskedLM
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
 from homodistil.cli import main
 from homodistil.engine import checkpoint
@@ -114,6 +114,18 @@ def test_resume_is_exact_across_a_shrink(tmp_path, streaming):
     full_rows, resumed_rows = ((tmp_path / run / "heldout.jsonl").read_text() for run in ("full", "resumed"))
     assert [json.loads(r)["step"] for r in resumed_rows.splitlines()] == [0, 2, 4, 6, 8]
     assert resumed_rows == full_rows
+
+
+def test_export_cli_on_a_gpt2_checkpoint(tmp_path, capsys):
+    """`homodistil export` names each family's widths through its adapter (it once read
+    ``config.intermediate_size``, which GPT-2's config does not have)."""
+    args = ["model.tiny.family=gpt2", "trainer.max_steps=2", "pruning.t_f=2", "trainer.save_every=2"]
+    run_inprocess(tiny_overrides(tmp_path / "run") + args).close()
+    assert main(["export", str(tmp_path / "run" / "checkpoints" / "step00000002"), str(tmp_path / "out")]) == 0
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    c = model.config
+    assert (c.n_embd, c.n_inner) == (16, 32)  # half of the tiny teacher's 32 and 64
+    assert f"widths ffn 32, attention 4, hidden 16) to {tmp_path / 'out'}" in capsys.readouterr().out
 
 
 def test_export_of_a_masked_checkpoint_matches_the_student(tmp_path):
