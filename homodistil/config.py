@@ -139,7 +139,7 @@ ATTENTION_LOSS_MAX_T = 512  # longest sequence for which the attention-map loss 
 
 
 class LossConfig(_Strict):
-    """Weights of DESIGN §1: L = a_lm·L_lm + a_pred·KL + a_hid·ΣMSE(H) + a_att·ΣMSE(A)."""
+    """Weights of docs/design.md §1: L = a_lm·L_lm + a_pred·KL + a_hid·ΣMSE(H) + a_att·ΣMSE(A)."""
 
     alpha_lm: float = Field(1.0, ge=0.0)
     alpha_pred: float = Field(1.0, ge=0.0)
@@ -163,7 +163,7 @@ class SparsityConfig(_Strict):
 
 
 class PruningConfig(_Strict):
-    """Importance metric, cubic schedule and mask/shrink cadence (DESIGN §1 steps 4-6)."""
+    """Importance metric, cubic schedule and mask/shrink cadence (docs/design.md §1 steps 4-6)."""
 
     metric: Literal["magnitude", "sensitivity", "platon"] = "platon"
     schedule: Literal["cubic", "oneshot"] = Field(

@@ -9,6 +9,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer, PretrainedConfig
 
 from homodistil.config import ModelConfig
+from homodistil.lm.forward import scored_forward
 from homodistil.pruning.adapters import get_adapter
 from homodistil.pruning.groups import Group, Slice
 
@@ -114,29 +115,17 @@ class Student(nn.Module):
                 p.weight.copy_(torch.eye(teacher_hidden, width))
 
     def forward(self, input_ids, attention_mask, scored, want_hidden: bool, want_attentions: bool):
-        out = masked_lm_forward(self.lm, self.head, input_ids, attention_mask, scored, want_hidden, want_attentions)
+        out = scored_forward(self.lm, self.head, input_ids, attention_mask, scored, want_hidden, want_attentions)
         hidden = out.pop("hidden_states")
         out["hidden"] = [p(hidden[s]) for p, (_, s) in zip(self.proj, self.hidden_pairs)] if want_hidden else []
         return out
-
-
-def masked_lm_forward(lm: nn.Module, head: str, input_ids, attention_mask, scored, want_hidden, want_attentions):
-    """The LM with its head (submodule ``head``) applied at the ``scored`` (B, T) positions only.
-
-    The vocabulary projection is the largest GEMM of a small LM (T·H·V per sequence) and the
-    losses read it at the masked positions only, so logits are (M, V), M = scored.sum().
-    """
-    out = lm.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                        output_hidden_states=want_hidden, output_attentions=want_attentions)
-    return {"logits": lm.get_submodule(head)(out.last_hidden_state[scored]),
-            "hidden_states": out.hidden_states, "attentions": list(out.attentions or [])}
 
 
 def teacher_outputs(teacher: nn.Module, head: str, batch: dict, want_hidden: bool, want_attentions: bool,
                     hidden_pairs, attention_pairs) -> dict:
     module = getattr(teacher, "module", teacher)  # a ZeRO-3 engine or the model itself
     with torch.no_grad():
-        out = masked_lm_forward(module, head, batch["input_ids"], batch["attention_mask"], batch["labels"] != -100,
+        out = scored_forward(module, head, batch["input_ids"], batch["attention_mask"], batch["labels"] != -100,
                                 want_hidden, want_attentions)
     return {"logits": out["logits"],
             "hidden": [out["hidden_states"][t] for t, _ in hidden_pairs] if want_hidden else [],

@@ -1,6 +1,6 @@
 """The HomoDistil recipe: distill a teacher copy while pruning it, shrink in place, export.
 
-Read ``Recipe.train`` top to bottom for the algorithm (DESIGN §1); set-up, the engine
+Read ``Recipe.train`` top to bottom for the algorithm (docs/design.md §1); set-up, the engine
 rebuild on shrink, checkpoints and logging live in the helpers around it.
 """
 from __future__ import annotations
@@ -21,6 +21,7 @@ from transformers import set_seed
 from homodistil.config import Config, ConfigError, dump_config
 from homodistil.data.corpora import load_text
 from homodistil.data.mlm import MLMBatches, MLMStream, build_blocks, check_global_batch
+from homodistil.lm.probe import HeldoutProbe
 from homodistil.pruning.adapters import get_adapter
 from homodistil.pruning.groups import KINDS, live_numel, shrink_tensors
 from homodistil.pruning.masked import apply_masks, make_maskable
@@ -29,7 +30,6 @@ from homodistil.pruning.pruner import Pruner
 from . import checkpoint, faults, numerics
 from .dist import device, init_distributed
 from .export import export_dense
-from .heldout import HeldoutProbe
 from .losses import distill_losses
 from .models import (Student, load_teacher, load_tokenizer, student_config, student_groups, teacher_config,
                      teacher_outputs, teacher_source, tiny_config, tokenizer_name)
@@ -406,7 +406,7 @@ class Recipe:
             apply_masks(self.engine.module, self.groups, {k: m.to(self.device) for k, m in self.pruner.masks.items()})
 
     def _shrink(self) -> None:
-        """Remove masked units: gather full state, slice it, rebuild the engine, restore (DESIGN §4)."""
+        """Remove masked units: gather full state, slice it, rebuild the engine, restore (docs/design.md §4)."""
         started = time.perf_counter()
         params, moments, adam_step = gather(self.engine)
         student, params, (old_groups, keep) = self._slice_student(params)

@@ -1,7 +1,7 @@
 """Full tensors out of, and back into, a DeepSpeed engine at ZeRO stage 0-3.
 
 ZeRO flattens and partitions parameters and optimizer state, so a shape change needs a
-rebuilt engine (DESIGN §4): read everything as full fp32 tensors, slice, build a smaller
+rebuilt engine (docs/design.md §4): read everything as full fp32 tensors, slice, build a smaller
 engine, write the sliced state back. Reads are collectives at ZeRO-3: every rank calls
 these functions, for the same parameters, in the same order.
 

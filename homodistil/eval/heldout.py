@@ -9,8 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
 from homodistil.data.mlm import MLMBatches, build_blocks
-from homodistil.engine.heldout import HeldoutProbe
-from homodistil.pruning.adapters import get_adapter
+from homodistil.lm.forward import head_name
+from homodistil.lm.probe import HeldoutProbe
 
 
 def heldout_metrics(model_dirs: dict[str, str], teacher_dir: str, *, source, max_seq_length: int,
@@ -28,7 +28,7 @@ def heldout_metrics(model_dirs: dict[str, str], teacher_dir: str, *, source, max
     data = MLMBatches(blocks, tokenizer, mlm_probability=mlm_probability, seed=seed, heldout_fraction=heldout_fraction,
                       objective=objective)
     teacher = auto.from_pretrained(teacher_dir).eval()
-    probe = HeldoutProbe(data, teacher, get_adapter(teacher.config.model_type).head, max_blocks, batch_size,
+    probe = HeldoutProbe(data, teacher, head_name(teacher), max_blocks, batch_size,
                          torch.device("cpu"))
     results = {}
     for name, path in {"teacher": teacher_dir, **model_dirs}.items():

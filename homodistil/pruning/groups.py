@@ -1,4 +1,4 @@
-"""Prunable groups: sets of tensor slices that must be removed together (DESIGN §2).
+"""Prunable groups: sets of tensor slices that must be removed together (docs/design.md §2).
 
 Names are parameter / module names inside the module being pruned. Only adapters create
 groups from a model's attribute names; everything else treats them as data.

@@ -1,4 +1,4 @@
-"""The cubic sparsity schedule of HomoDistil (DESIGN §1 step 5; Zhu & Gupta 2017)."""
+"""The cubic sparsity schedule of HomoDistil (docs/design.md §1 step 5; Zhu & Gupta 2017)."""
 from __future__ import annotations
 
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from homodistil.config import ConfigError
 
-from .models import masked_lm_forward
+from .forward import scored_forward
 
 
 class HeldoutProbe:
@@ -32,7 +32,7 @@ class HeldoutProbe:
     @torch.no_grad()
     def _logp(self, lm, batch) -> torch.Tensor:
         scored = batch["labels"] != -100  # (B, T)
-        out = masked_lm_forward(lm, self.head, batch["input_ids"], batch["attention_mask"], scored, False, False)
+        out = scored_forward(lm, self.head, batch["input_ids"], batch["attention_mask"], scored, False, False)
         return F.log_softmax(out["logits"].float(), dim=-1)  # (M, V)
 
     def __call__(self, lm: torch.nn.Module) -> dict[str, float]:

@@ -1,0 +1,25 @@
+"""The forward pass at scored positions, shared by training, teacher preparation and evaluation."""
+from __future__ import annotations
+
+from torch import nn
+
+
+def scored_forward(lm: nn.Module, head: str, input_ids, attention_mask, scored, want_hidden, want_attentions):
+    """The LM with its head (submodule ``head``) applied at the ``scored`` (B, T) positions only.
+
+    The vocabulary projection is the largest GEMM of a small LM (T·H·V per sequence) and the
+    losses read it at the masked positions only, so logits are (M, V), M = scored.sum().
+    """
+    out = lm.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                        output_hidden_states=want_hidden, output_attentions=want_attentions)
+    return {"logits": lm.get_submodule(head)(out.last_hidden_state[scored]),
+            "hidden_states": out.hidden_states, "attentions": list(out.attentions or [])}
+
+
+def head_name(lm: nn.Module) -> str:
+    """The LM head's submodule name of a Hugging Face ``*For{MaskedLM,CausalLM}`` model: its one
+    top-level child besides the base model (``cls`` for BERT, ``lm_head`` for the others)."""
+    heads = [name for name, child in lm.named_children() if child is not lm.base_model]
+    if len(heads) != 1:
+        raise ValueError(f"{type(lm).__name__}: expected one head beside the base model, found {heads}")
+    return heads[0]
