@@ -50,26 +50,22 @@ def _demo(args) -> int:
     from homodistil.config import load_config
     from homodistil.engine.recipe import distill
     from homodistil.eval.heldout import heldout_metrics
-    from homodistil.eval.report import evaluate_main
+    from homodistil.eval.report import EvalSettings, evaluate_main
     from homodistil.report import write_report
 
     started = time.perf_counter()
     cfg = load_config(args.config, args.overrides)
     recipe = distill(cfg)
-    out, d, e = recipe.out, cfg.data, cfg.evaluate
+    out, e = recipe.out, cfg.evaluate
     student = str(out / "export")
     print("measuring held-out MLM loss and teacher-student KL ...", flush=True)
-    heldout = heldout_metrics({"student": student}, recipe.teacher_dir, source=d.source,
-                              max_seq_length=d.max_seq_length, mlm_probability=d.mlm_probability,
-                              seed=cfg.trainer.seed, heldout_fraction=d.heldout_fraction,
-                              max_documents=d.max_documents, cache_dir=out / "cache", max_blocks=e.heldout_blocks,
+    heldout = heldout_metrics({"student": student}, recipe.teacher_dir, recipe.data, max_blocks=e.heldout_blocks,
                               objective=recipe.objective)
     extra = {name: {"held-out MLM loss": v["mlm_loss"], "KL(T||model)": v["kl_to_teacher"]}
              for name, v in heldout.items()}
-    evaluate_main({"student": student}, e.tasks, out / "eval", True, teacher=recipe.teacher_dir,
+    evaluate_main({"student": student}, e.tasks, out / "eval", teacher=recipe.teacher_dir,
                   extra_metrics=lambda name, _dir: extra.get(name, {}), print_table=False,
-                  max_train=e.max_train, max_eval=e.max_eval, epochs=e.epochs, lr=e.lr, max_length=e.max_length,
-                  probe_max_length=e.max_length, progress=cfg.trainer.progress)
+                  settings=EvalSettings.from_config(e, progress=cfg.trainer.progress))
     minutes = (time.perf_counter() - started) / 60
     report = write_report(out, out / "eval", heldout, notes=[f"wall time of `homodistil demo`: {minutes:.1f} min",
                                                              f"teacher: {recipe.teacher_dir}"])

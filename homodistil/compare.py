@@ -47,23 +47,19 @@ def run_overrides(root: Path, size: float, variant: str, seed: int, extra: list[
             *VARIANTS[variant][0]]
 
 
-def _eval_settings(e, **kw):
-    from homodistil.eval.report import EvalSettings  # noqa: PLC0415
-
-    return EvalSettings.quick(max_train=e.max_train, max_eval=e.max_eval, epochs=e.epochs, lr=e.lr,
-                              max_length=e.max_length, probe_max_length=e.max_length, do_latency=False,
-                              progress=False, **kw)
-
-
 def evaluate_export(model_dir: str, cfg, out_dir: Path) -> dict:
     """Probe on every ``evaluate.tasks`` task, fine-tune on ``evaluate.finetune_tasks``: scores 0-100."""
-    from homodistil.eval.report import evaluate_models  # noqa: PLC0415
+    from homodistil.eval.report import EvalSettings, evaluate_models  # noqa: PLC0415
 
     e = cfg.evaluate
+
+    def settings(**kw):
+        return EvalSettings.from_config(e, do_latency=False, progress=False, **kw)
+
     probe = evaluate_models({"model": model_dir}, e.tasks, out_dir / "probe",
-                            settings=_eval_settings(e, do_finetune=False))["models"]["model"]
+                            settings=settings(do_finetune=False))["models"]["model"]
     finetune = evaluate_models({"model": model_dir}, e.finetune_tasks or e.tasks, out_dir / "finetune",
-                               settings=_eval_settings(e, do_probe=False))["models"]["model"]
+                               settings=settings(do_probe=False))["models"]["model"]
     return {"params": probe["params"],
             "probe": {t: (r["probe"] or {}).get("main") for t, r in probe["tasks"].items()},
             "finetune": {t: (r["finetune"] or {}).get("main") for t, r in finetune["tasks"].items()}}

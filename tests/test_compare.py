@@ -6,8 +6,11 @@ import json
 import pytest
 import torch
 import yaml
+from transformers import AutoTokenizer
 
 from homodistil.compare import VARIANTS, compare_main, run_dir
+from homodistil.config import load_config
+from homodistil.data.mlm import from_config as data_from_config
 from homodistil.eval.heldout import heldout_metrics
 
 from conftest import TINY
@@ -91,11 +94,9 @@ def test_heldout_curve_ends_at_the_exported_students_figures(sweep):
     root, _ = sweep
     result = json.loads((_run(root, "homodistil") / "result.json").read_text())
     assert [r["step"] for r in result["heldout"]] == [0, 2, 4, 6]
-    cfg = yaml.safe_load((_run(root, "homodistil") / "config.yaml").read_text())
-    d = cfg["data"]
-    ref = heldout_metrics({"s": str(_run(root, "homodistil") / "export")}, result["teacher_dir"], source=d["source"],
-                          max_seq_length=d["max_seq_length"], mlm_probability=d["mlm_probability"], seed=SEED,
-                          heldout_fraction=d["heldout_fraction"], max_documents=d["max_documents"], max_blocks=8)
+    cfg = load_config(_run(root, "homodistil") / "config.yaml")  # the run's resolved config
+    data = data_from_config(cfg.data, AutoTokenizer.from_pretrained(result["teacher_dir"]), seed=SEED)
+    ref = heldout_metrics({"s": str(_run(root, "homodistil") / "export")}, result["teacher_dir"], data, max_blocks=8)
     assert result["final"]["kl"] == pytest.approx(ref["s"]["kl_to_teacher"], rel=1e-4, abs=1e-7)
     assert result["final"]["mlm_loss"] == pytest.approx(ref["s"]["mlm_loss"], rel=1e-5)
     assert result["final"]["teacher_mlm_loss"] == pytest.approx(ref["teacher"]["mlm_loss"], rel=1e-5)

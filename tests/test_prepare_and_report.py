@@ -68,10 +68,8 @@ def test_heldout_metrics_kl_is_zero_for_the_teacher_itself(tmp_path):
                                                                 "trainer.export=true"])
     recipe.close()
     d = recipe.cfg.data
-    kw = dict(source=d.source, max_seq_length=d.max_seq_length, mlm_probability=d.mlm_probability,
-              seed=recipe.cfg.trainer.seed, heldout_fraction=d.heldout_fraction, max_documents=d.max_documents)
     res = heldout_metrics({"student": str(tmp_path / "run" / "export"), "same": recipe.teacher_dir},
-                          recipe.teacher_dir, batch_size=16, max_blocks=16, **kw)  # one batch of 16 blocks
+                          recipe.teacher_dir, recipe.data, batch_size=16, max_blocks=16)  # one batch of 16 blocks
     assert res["teacher"]["kl_to_teacher"] == pytest.approx(0.0, abs=1e-6)
     assert res["same"] == pytest.approx(res["teacher"])
     assert res["student"]["kl_to_teacher"] > 1e-4  # pruned to half width: it differs

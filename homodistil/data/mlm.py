@@ -319,3 +319,19 @@ class MLMStream(_HeldoutBlocks):
     def load_state_dict(self, state: dict) -> None:
         self.docs, self.buffer, self.samples = state["docs"], list(state["buffer"]), state["samples"]
         self._iter = None
+
+
+def from_config(d, tokenizer, *, seed: int, objective: str = "mlm", rank: int = 0, world: int = 1,
+                cache_dir: Path | None = None, heldout_blocks: int = 0) -> MLMBatches | MLMStream:
+    """The batch source a data config (``config.DataConfig``) describes: a stream (rank ``rank``
+    of ``world``; ``heldout_blocks`` held out at its head when ``d.heldout_fraction > 0``), or
+    pre-built blocks (tokenized once into ``cache_dir``) split into training and held-out parts.
+    The one place data is set up: training, the demo's evaluation and ``compare`` call it."""
+    if d.streaming:
+        return MLMStream(load_text(d.source, d.text_field, d.max_documents, streaming=True), tokenizer,
+                         max_seq_length=d.max_seq_length, mlm_probability=d.mlm_probability, seed=seed,
+                         rank=rank, world=world, objective=objective,
+                         heldout_blocks=heldout_blocks if d.heldout_fraction > 0 else 0)
+    blocks = build_blocks(d.source, tokenizer, d.max_seq_length, d.text_field, d.max_documents, cache_dir, objective)
+    return MLMBatches(blocks, tokenizer, mlm_probability=d.mlm_probability, seed=seed,
+                      heldout_fraction=d.heldout_fraction, objective=objective)

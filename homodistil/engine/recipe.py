@@ -19,8 +19,8 @@ from deepspeed import zero
 from transformers import set_seed
 
 from homodistil.config import Config, ConfigError, dump_config
-from homodistil.data.corpora import load_text
-from homodistil.data.mlm import MLMBatches, MLMStream, build_blocks, check_global_batch
+from homodistil.data.mlm import MLMBatches, MLMStream, check_global_batch
+from homodistil.data.mlm import from_config as data_from_config
 from homodistil.lm.probe import HeldoutProbe
 from homodistil.pruning.adapters import get_adapter
 from homodistil.pruning.groups import KINDS, live_numel, shrink_tensors
@@ -180,21 +180,18 @@ class Recipe:
 
     def _load_data(self) -> MLMBatches | MLMStream:
         d = self.cfg.data
+
+        def build():
+            return data_from_config(d, self.tokenizer, seed=self.cfg.trainer.seed, objective=self.objective,
+                                    rank=self.rank, world=self.world,
+                                    cache_dir=Path(d.cache_dir) if d.cache_dir else self.out / "cache",
+                                    heldout_blocks=self.cfg.evaluate.heldout_blocks)
+
         if d.streaming:
-            return MLMStream(load_text(d.source, d.text_field, d.max_documents, streaming=True), self.tokenizer,
-                             max_seq_length=d.max_seq_length, mlm_probability=d.mlm_probability,
-                             seed=self.cfg.trainer.seed, rank=self.rank, world=self.world, objective=self.objective,
-                             heldout_blocks=self.cfg.evaluate.heldout_blocks if d.heldout_fraction > 0 else 0)
-        cache = Path(d.cache_dir) if d.cache_dir else self.out / "cache"
-        if self.rank == 0:  # rank 0 tokenizes and caches; the others read the cache
-            blocks = build_blocks(d.source, self.tokenizer, d.max_seq_length, d.text_field, d.max_documents, cache,
-                                  self.objective)
+            return build()
+        data = build() if self.rank == 0 else None  # rank 0 tokenizes and caches; the others read the cache
         dist.barrier()
-        if self.rank != 0:
-            blocks = build_blocks(d.source, self.tokenizer, d.max_seq_length, d.text_field, d.max_documents, cache,
-                                  self.objective)
-        return MLMBatches(blocks, self.tokenizer, mlm_probability=d.mlm_probability, seed=self.cfg.trainer.seed,
-                          heldout_fraction=d.heldout_fraction, objective=self.objective)
+        return data if self.rank == 0 else build()
 
     def _teacher_ds_config(self) -> dict:
         """The frozen teacher's own ZeRO-3 engine: no optimizer, so no optimizer state."""

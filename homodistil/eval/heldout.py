@@ -1,35 +1,27 @@
 """Teacher–student prediction KL and MLM loss on held-out text, from exported model dirs.
 
-The held-out blocks are the run's own (``data.heldout_fraction`` of the packed text, masked
-identically for every model), so the figures compare like with like.
+The held-out blocks are the run's own (its batch source's held-out part, masked identically
+for every model), so the figures compare like with like.
 """
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
-from homodistil.data.mlm import MLMBatches, build_blocks
 from homodistil.lm.forward import head_name
 from homodistil.lm.probe import HeldoutProbe
 
 
-def heldout_metrics(model_dirs: dict[str, str], teacher_dir: str, *, source, max_seq_length: int,
-                    mlm_probability: float, seed: int, heldout_fraction: float, max_documents: int | None = None,
-                    cache_dir=None, batch_size: int = 16, max_blocks: int = 128,
-                    objective: str = "mlm") -> dict[str, dict[str, float]]:
-    """Per model: ``mlm_loss`` and ``masked_accuracy`` at the scored tokens of the held-out
-    blocks (masked tokens for MLM, next tokens for a causal LM), and ``kl_to_teacher`` =
+def heldout_metrics(model_dirs: dict[str, str], teacher_dir: str, data, *, batch_size: int = 16,
+                    max_blocks: int = 128, objective: str = "mlm") -> dict[str, dict[str, float]]:
+    """Per model: ``mlm_loss`` and ``masked_accuracy`` at the scored tokens of ``data``'s
+    held-out blocks (masked tokens for MLM, next tokens for a causal LM; ``data`` from
+    ``homodistil.data.mlm.from_config``, the run's own), and ``kl_to_teacher`` =
     KL(p_teacher ‖ p_model) there (nats per token, τ = 1) — the training-time
     :class:`HeldoutProbe`, applied to exported directories."""
     auto = AutoModelForCausalLM if objective == "causal" else AutoModelForMaskedLM
-    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
-    blocks = build_blocks(source, tokenizer, max_seq_length, max_documents=max_documents, cache_dir=cache_dir,
-                          objective=objective)
-    data = MLMBatches(blocks, tokenizer, mlm_probability=mlm_probability, seed=seed, heldout_fraction=heldout_fraction,
-                      objective=objective)
     teacher = auto.from_pretrained(teacher_dir).eval()
-    probe = HeldoutProbe(data, teacher, head_name(teacher), max_blocks, batch_size,
-                         torch.device("cpu"))
+    probe = HeldoutProbe(data, teacher, head_name(teacher), max_blocks, batch_size, torch.device("cpu"))
     results = {}
     for name, path in {"teacher": teacher_dir, **model_dirs}.items():
         got = probe(teacher if path == teacher_dir else auto.from_pretrained(path).eval())

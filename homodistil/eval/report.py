@@ -77,6 +77,13 @@ class EvalSettings:
         s.probe.max_length = 64
         return s.override(**overrides)
 
+    @classmethod
+    def from_config(cls, e, **overrides) -> EvalSettings:
+        """The quick preset with a run config's ``evaluate`` section (``config.EvaluateConfig``:
+        caps, epochs, lr, max length for fine-tuning and probe) and ``overrides`` on top."""
+        return cls.quick(max_train=e.max_train, max_eval=e.max_eval, epochs=e.epochs, lr=e.lr,
+                         max_length=e.max_length, probe_max_length=e.max_length, **overrides)
+
     def override(self, **kw) -> EvalSettings:
         """Set knobs by name: a field of this class, of :class:`FinetuneConfig` (``epochs``,
         ``lr``, ``batch_size``, ``max_length`` ...) or of :class:`ProbeConfig` with a
@@ -337,7 +344,7 @@ def _names_for(paths: Sequence[str]) -> dict[str, str]:
 def evaluate_main(model_dirs: str | Sequence[str] | Mapping[str, str], tasks: Sequence[str] | str | None = None,
                   out_dir: str | Path = "runs/eval", quick: bool = False, *, teacher: str | None = None,
                   data_dirs: Mapping[str, str] | None = None, extra_metrics: ExtraMetrics | None = None,
-                  print_table: bool = True, **overrides) -> dict:
+                  print_table: bool = True, settings: EvalSettings | None = None, **overrides) -> dict:
     """``homodistil evaluate MODEL_DIR [--teacher DIR] [--tasks ...] [--quick]``.
 
     model_dirs: one exported model directory (named ``student``), a list of them (named by
@@ -353,6 +360,8 @@ def evaluate_main(model_dirs: str | Sequence[str] | Mapping[str, str], tasks: Se
         the other rows show differences to it.
     data_dirs, extra_metrics: see :func:`evaluate_models` (``extra_metrics`` is the hook for
         held-out MLM loss / KL computed by the engine side).
+    settings: every knob at once (e.g. :meth:`EvalSettings.from_config`); else ``quick`` and
+        ``overrides`` choose them.
     overrides: any :meth:`EvalSettings.override` knob, e.g. ``epochs=2``, ``lr=3e-5``,
         ``max_train=500``, ``do_finetune=False``, ``latency_batch_size=8``, ``seed=1``.
     Returns the results dict; prints the markdown table unless ``print_table=False``.
@@ -369,7 +378,7 @@ def evaluate_main(model_dirs: str | Sequence[str] | Mapping[str, str], tasks: Se
         if teacher_name in named:
             raise ValueError("a model is already named 'teacher'")
         named = {teacher_name: str(teacher), **named}
-    settings = (EvalSettings.quick if quick else EvalSettings.full)(**overrides)
+    settings = settings or (EvalSettings.quick if quick else EvalSettings.full)(**overrides)
     results = evaluate_models(named, tasks, out_dir, teacher=teacher_name, settings=settings,
                               data_dirs=data_dirs, extra_metrics=extra_metrics)
     if print_table:
