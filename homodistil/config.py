@@ -62,7 +62,7 @@ class PrepareConfig(_Strict):
     steps: int = Field(150, ge=0, description="Training steps (0: keep the randomly initialised head).")
     lr: float = Field(3e-4, gt=0.0)
     batch_size: int = Field(32, gt=0)
-    seed: int = 0
+    seed: int = Field(0, description="Seed of the preparation's own (forked) RNG.")
     cache_dir: str | None = Field(None, description="Default: ~/.cache/homodistil/teachers")
 
 
