@@ -48,6 +48,7 @@ def _demo(args) -> int:
 
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")
     from homodistil.config import load_config
+    from homodistil.data.corpora import EMBEDDED, corpus_licences
     from homodistil.engine.recipe import distill
     from homodistil.eval.heldout import heldout_metrics
     from homodistil.eval.report import EvalSettings, evaluate_main
@@ -67,8 +68,11 @@ def _demo(args) -> int:
                   extra_metrics=lambda name, _dir: extra.get(name, {}), print_table=False,
                   settings=EvalSettings.from_config(e, progress=cfg.trainer.progress))
     minutes = (time.perf_counter() - started) / 60
+    sources = [cfg.data.source] if isinstance(cfg.data.source, str) else list(cfg.data.source)
+    sources = [n for s in sources for n in (EMBEDDED if s == "embedded" else [s])]
+    licences = [f"text `{n}`: {corpus_licences()[n]}" for n in sources if n in corpus_licences()]
     report = write_report(out, out / "eval", heldout, notes=[f"wall time of `homodistil demo`: {minutes:.1f} min",
-                                                             f"teacher: {recipe.teacher_dir}"])
+                                                             f"teacher: {recipe.teacher_dir}", *licences])
     print((out / "eval" / "eval_results.md").read_text())
     print(f"report: {report} ({minutes:.1f} min)")
     return 0

@@ -88,7 +88,8 @@ _LICENCES = {
 
 
 def corpus_licences() -> dict[str, str]:
-    """Licence line for every packaged text or labelled data source (for the README)."""
+    """Licence line for every packaged text or labelled data source (the demo's report lists
+    those of the text it trained on)."""
     return dict(_LICENCES)
 
 
@@ -173,12 +174,6 @@ def check_sources(names: Sequence[str] | None = None) -> dict[str, str | None]:
         except DataError as err:
             out[name] = str(err)
     return out
-
-
-def describe_sources(names: Sequence[str] | None = None) -> str:
-    """:func:`check_sources` as printable lines (``name: ok`` or ``name: missing -- fix``)."""
-    return "\n".join(f"{name}: ok" if problem is None else f"{name}: missing -- {problem}"
-                     for name, problem in check_sources(names).items())
 
 
 # --------------------------------------------------------------------------------------------
