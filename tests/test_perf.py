@@ -94,3 +94,10 @@ def test_profiled_run_writes_trace_and_perf_scalars(tmp_path):
     assert per_token == pytest.approx(step_flops_per_token(cfg, t, final), rel=1e-5)
     assert any("kernels/masked_linear.forward/calls" in r for r in rows)
     assert rows[0]["kernels/importance/calls"] == len(recipe.pruner.params)  # one per scored tensor and step
+
+    # the report draws throughput and the phase breakdown from metrics.jsonl
+    from homodistil.report import write_report
+
+    report = write_report(out).read_text()
+    assert "![throughput](throughput.png)" in report and "![phases](phases.png)" in report
+    assert (out / "throughput.png").stat().st_size > 10_000 and (out / "phases.png").stat().st_size > 10_000
