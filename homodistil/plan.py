@@ -577,8 +577,24 @@ def format_plan(cfg: Config, gpu: str, nodes: int, gpus_per_node: int = 8, mfu: 
     return describe(make_plan(cfg, gpu, nodes, gpus_per_node, mfu), cfg)
 
 
+def measured(run_dir: str | Path) -> dict[str, float]:
+    """A run's measured figures from its metrics.jsonl (the perf/* scalars, docs/profiling.md):
+    the median MFU (the steps with a shrink, checkpoint or held-out evaluation included), the
+    device peak it is a fraction of, and the peak memory of rank 0."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise PlanError(f"--from-run: {path} not found")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    mfu = sorted(r["perf/mfu"] for r in rows if "perf/mfu" in r)
+    if not mfu:
+        raise PlanError(f"--from-run: {path} has no perf/mfu (a run with trainer.perf_every=0, or on a GPU "
+                        f"without a peak: set trainer.peak_tflops)")
+    return {"mfu": mfu[len(mfu) // 2], "peak_tflops": next(r["perf/peak_tflops"] for r in rows if "perf/mfu" in r),
+            "max_mem_gib": max(r.get("perf/max_mem_gib", 0.0) for r in rows), "steps": float(len(mfu))}
+
+
 def plan_main(argv: list[str]) -> int:
-    """``homodistil plan CONFIG [key=value ...] --gpu G --nodes N [--gpus-per-node 8] [--mfu F]``.
+    """``homodistil plan CONFIG [key=value ...] --gpu G --nodes N [--gpus-per-node 8] [--mfu F] [--from-run DIR]``.
 
     Exit status: 0 it fits, 1 it does not fit (the table says why), 2 a config error.
     """
@@ -592,15 +608,25 @@ def plan_main(argv: list[str]) -> int:
     parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
     parser.add_argument("--mfu", type=float, default=None,
                         help=f"model FLOPs utilisation assumed for the time estimate (default {DEFAULT_MFU})")
+    parser.add_argument("--from-run", metavar="RUN_DIR", default=None,
+                        help="use the MFU a run measured (its metrics.jsonl) instead of the assumed one, and "
+                             "print its measured peak memory beside the model's")
     args = parser.parse_intermixed_args(argv)
     try:
         cfg = load_config(None if args.config == "defaults" else args.config, args.overrides)
-        plan = make_plan(cfg, args.gpu, args.nodes, args.gpus_per_node, args.mfu)
+        run = measured(args.from_run) if args.from_run else None
+        mfu = args.mfu if args.mfu is not None or run is None else run["mfu"]
+        plan = make_plan(cfg, args.gpu, args.nodes, args.gpus_per_node, mfu)
     except ConfigError as err:
         print(f"homodistil plan: error: {err}", file=sys.stderr)
         return 2
     print(f"homodistil plan: {args.config}" + (f" {' '.join(args.overrides)}" if args.overrides else ""))
     print(describe(plan, cfg))
+    if run:
+        print(f"measured  {args.from_run}: MFU {run['mfu']:.1%} (median of {run['steps']:.0f} steps, of a "
+              f"{run['peak_tflops']:.4g} TFLOP/s device peak){' used above' if args.mfu is None else ''}; peak "
+              f"memory of rank 0 {run['max_mem_gib']:.2f} GiB (GPU: allocated; CPU: resident) vs "
+              f"{plan.total_memory / GIB:.2f} GiB modelled")
     return 0 if plan.fits else 1
 
 

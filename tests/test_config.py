@@ -47,7 +47,7 @@ BAD = [  # (config text or None for tiny.yaml, overrides, expected fragment of t
     (None, ["model.init=scratch", "pruning.schedule=oneshot"], "pruning.schedule does not apply"),
     (None, ["model.init=random"], "model.init: Input should be 'teacher' or 'scratch'"),
     (None, ["evaluate.finetune_tasks=[sst2]"], "evaluate.finetune_tasks ['sst2'] are not in evaluate.tasks"),
-    (None, ["trainer.perf_every=0"], "trainer.perf_every: Input should be greater than 0"),
+    (None, ["trainer.perf_every=-1"], "trainer.perf_every: Input should be greater than or equal to 0"),
     (None, ["trainer.peak_tflops=-1"], "trainer.peak_tflops: Input should be greater than 0"),
     (None, ["trainer.profile={steps: 2}"], "trainer.profile.start: Field required"),
     (None, ["trainer.profile={start: 1, step: 2}"], "trainer.profile.step: unknown key"),

@@ -101,3 +101,19 @@ def test_profiled_run_writes_trace_and_perf_scalars(tmp_path):
     report = write_report(out).read_text()
     assert "![throughput](throughput.png)" in report and "![phases](phases.png)" in report
     assert (out / "throughput.png").stat().st_size > 10_000 and (out / "phases.png").stat().st_size > 10_000
+
+
+def test_plan_from_run_uses_the_measured_mfu(tmp_path, capsys):
+    from homodistil.plan import plan_main
+
+    rows = [{"step": s, "perf/mfu": m, "perf/peak_tflops": 989.0, "perf/max_mem_gib": g}
+            for s, m, g in ((1, 0.05, 3.0), (2, 0.31, 7.5), (3, 0.30, 7.0))]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = [str(REPO / "configs" / "homobert_base.yaml"), "--gpu", "h100-80gb"]
+    assert plan_main(args + ["--from-run", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "at 30% MFU of 8 x 989 TFLOPS" in out  # the median, not the assumed 25%
+    assert "MFU 30.0% (median of 3 steps" in out and "peak memory of rank 0 7.50 GiB" in out
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss/total": 1.0}) + "\n")
+    assert plan_main(args + ["--from-run", str(tmp_path)]) == 2
+    assert "has no perf/mfu" in capsys.readouterr().err

@@ -84,9 +84,10 @@ class Perf:
         self.tokens_per_step = cfg.micro_batch_size * cfg.grad_accum * world * cfg.data.max_seq_length
         self.samples_per_step = cfg.micro_batch_size * cfg.grad_accum * world
         self.world = world
-        self.peak, self.peak_source = device_peak(cfg, device)
+        self.peak, self.peak_source = device_peak(cfg, device) if self.every else (None, "trainer.perf_every=0")
         self.kernels = KernelStats()
-        collect_stats(self.kernels)
+        if self.every:
+            collect_stats(self.kernels)
         self.profile_dir = out_dir / "profile"
         self.profiler: torch.profiler.profile | None = None
         self.start()
@@ -102,6 +103,10 @@ class Perf:
     @contextlib.contextmanager
     def phase(self, name: str):
         """Time the block as phase ``name`` (one of :data:`PHASES`); a profiler range too."""
+        if not self.every:  # perf scalars off: no timing, only the profiler's range while it runs
+            with record_function(f"phase/{name}") if self.profiler else contextlib.nullcontext():
+                yield
+            return
         interval = self.interval  # a phase that spans a flush (the logging) counts from the flush on
         with record_function(f"phase/{name}"):
             if self.cuda:
@@ -139,7 +144,7 @@ class Perf:
         """After step ``step``: every ``perf_every`` steps, the perf/* and kernels/* scalars
         averaged over the steps since the last ones (else none)."""
         self.steps += 1
-        if step % self.every:
+        if not self.every or step % self.every:
             return {}
         for name, start, end in self.events:
             end.synchronize()  # the only wait: once per perf_every steps
