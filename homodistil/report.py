@@ -86,7 +86,7 @@ def plot_perf(run_dir: Path) -> list[Path]:
     phases = [k for k in rows[0] if k.startswith("perf/phase/") and any(r.get(k, 0) > 0 for r in rows)]
     fig, ax = plt.subplots(figsize=(8, 4))
     ax.stackplot(steps, [[max(0.0, r.get(k, 0.0)) for r in rows] for k in phases],
-                 labels=[k.removeprefix("perf/phase/") for k in phases])
+                 labels=[k.removeprefix("perf/phase/") for k in phases], colors=plt.cm.tab20.colors[:len(phases)])
     ax.set(xlabel="step", ylabel="seconds per step", title="where each step's time goes")
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.grid(alpha=0.3)
