@@ -99,6 +99,7 @@ class Perf:
         self.kernels.drain()
         self.started, self.steps = time.perf_counter(), 0
         self.interval, self.mark = 0, None
+        self.open: dict[str, tuple[int, object]] = {}  # phases running now: (interval, start time or event)
 
     @contextlib.contextmanager
     def phase(self, name: str):
@@ -107,21 +108,27 @@ class Perf:
             with record_function(f"phase/{name}") if self.profiler else contextlib.nullcontext():
                 yield
             return
-        interval = self.interval  # a phase that spans a flush (the logging) counts from the flush on
+        # a phase that spans a flush (the logging) counts up to it in the interval it began in (end_step)
+        # and from it on in the next
+        interval = self.interval
         with record_function(f"phase/{name}"):
             if self.cuda:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
+                self.open[name] = (interval, start)
                 try:
                     yield
                 finally:
                     end.record()
+                    del self.open[name]
                     self.events.append((name, start if interval == self.interval else self.mark, end))
             else:
                 started = time.perf_counter()
+                self.open[name] = (interval, started)
                 try:
                     yield
                 finally:
+                    del self.open[name]
                     since = started if interval == self.interval else self.started
                     self.seconds[name] += time.perf_counter() - since
 
@@ -146,10 +153,18 @@ class Perf:
         self.steps += 1
         if not self.every or step % self.every:
             return {}
+        now = time.perf_counter()
+        mark = torch.cuda.Event(enable_timing=True) if self.cuda else None
+        if mark is not None:
+            mark.record()
+        for name, (began, start) in self.open.items():  # the running phases' part before this flush
+            if self.cuda:
+                self.events.append((name, start if _ == self.interval else self.mark, mark))
+            else:
+                self.seconds[name] += now - (start if began == self.interval else self.started)
         for name, start, end in self.events:
             end.synchronize()  # the only wait: once per perf_every steps
             self.seconds[name] += start.elapsed_time(end) / 1e3
-        now = time.perf_counter()
         n, step_s = self.steps, (now - self.started) / self.steps
         flops = step_flops_per_token(self.cfg, teacher, student) * self.tokens_per_step / self.world
         out = {"perf/step_s": step_s, "perf/tokens_per_s": self.tokens_per_step / step_s,
@@ -165,10 +180,7 @@ class Perf:
             out[f"kernels/{name}/ms"] = 1e3 * seconds / n
         self.seconds = dict.fromkeys(PHASES, 0.0)
         self.events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
-        self.started, self.steps, self.interval = now, 0, self.interval + 1
-        if self.cuda:
-            self.mark = torch.cuda.Event(enable_timing=True)
-            self.mark.record()
+        self.started, self.steps, self.interval, self.mark = now, 0, self.interval + 1, mark
         return out
 
     def stop_profiler(self) -> None:
