@@ -8,8 +8,11 @@ Reports, on the machine it runs on:
    same student (goal ≤ 1.4×);
 2. the step time of students shrunk to 50% and 25% width vs full width, beside the ratio of
    their live parameters (goal: within 20% of it);
-3. the cost of one shrink (gather + rebuild + restore) in training steps.
-Timings are medians over the steps after a warm-up, from the recipe's own ``time/step_s``.
+3. the cost of one shrink (gather + rebuild + restore) in training steps;
+4. the cost of the perf/* and kernels/* scalars: configs/tiny.yaml as it is, trained with
+   ``trainer.perf_every=1`` vs ``0`` (goal: within 2%), ``--perf-cost-only`` runs just this.
+Timings 1-3 are medians over the steps after a warm-up, from the recipe's own ``time/step_s``;
+4 compares the wall time of whole ``train()`` calls, alternating the two, median of the pairs.
 """
 from __future__ import annotations
 
@@ -47,6 +50,29 @@ def run(overrides: list[str], out: Path, measure_shrink: bool = False):
     return rows, shrink_times, recipe
 
 
+def perf_cost(tmp: Path, steps: int, pairs: int) -> tuple[float, list[float]]:
+    """Median over ``pairs`` of (train() with perf scalars) / (train() without), tiny config."""
+    from homodistil.config import load_config
+    from homodistil.engine.recipe import Recipe
+
+    def train_seconds(every: int, out: Path) -> float:
+        overrides = [f"trainer.max_steps={steps}", f"pruning.t_f={steps * 4 // 5}", "trainer.save_every=0",
+                     "trainer.export=false", "trainer.progress=false", "trainer.log_every=100000",
+                     f"trainer.perf_every={every}", f"trainer.output_dir={out}"]
+        recipe = Recipe(load_config(REPO / "configs" / "tiny.yaml", overrides)).setup()
+        started = time.perf_counter()
+        recipe.train()
+        seconds = time.perf_counter() - started
+        recipe.close()
+        return seconds
+
+    ratios = []
+    for k in range(pairs):
+        with_perf, without = train_seconds(1, tmp / f"perf{k}"), train_seconds(0, tmp / f"noperf{k}")
+        ratios.append(with_perf / without)
+    return statistics.median(ratios), ratios
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hidden", type=int, default=384)
@@ -57,7 +83,16 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=8, help="timed steps per configuration")
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--perf-steps", type=int, default=100, help="steps of each tiny run for the perf cost")
+    ap.add_argument("--perf-pairs", type=int, default=3, help="alternating with/without pairs for the perf cost")
+    ap.add_argument("--perf-cost-only", action="store_true", help="measure only the cost of the perf scalars")
     args = ap.parse_args()
+    if args.perf_cost_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            ratio, ratios = perf_cost(Path(tmp), args.perf_steps, args.perf_pairs)
+        print(f"{'perf scalars on / off (tiny config, train() wall time)':62s} {ratio:8.3f} {'<= 1.02':>14s}"
+              f"   (pairs: {', '.join(f'{r:.3f}' for r in ratios)})")
+        return 0
 
     total = args.warmup + args.steps + 2
     base = [f"model.tiny.hidden_size={args.hidden}", f"model.tiny.num_hidden_layers={args.layers}",
@@ -92,6 +127,7 @@ def main() -> int:
             widths[s] = (median_step(rows, args.warmup + 2), median_step(mlm_rows, args.warmup + 2),
                          rows[-1]["prune/live_params"], shrinks)
         full_params = distill[-1]["prune/live_params"]
+        perf_ratio, perf_ratios = perf_cost(tmp, args.perf_steps, args.perf_pairs)
 
     t_distill = median_step(distill_imp, args.warmup)
     t_distill_noimp = median_step(distill, args.warmup)
@@ -110,6 +146,8 @@ def main() -> int:
         print(f"{f'{pct}% width: distill step (full-size teacher) / full width':62s} {t / t_distill_noimp:8.2f}")
         print(f"{f'{pct}% width: one shrink / one full-width distill step':62s} "
               f"{shrinks[0] / t_distill_noimp:8.2f}   ({shrinks[0]:.2f}s)")
+    print(f"{'perf scalars on / off (tiny config, train() wall time)':62s} {perf_ratio:8.3f} {'<= 1.02':>14s}"
+          f"   (pairs: {', '.join(f'{r:.3f}' for r in perf_ratios)})")
     return 0
 
 

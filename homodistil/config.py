@@ -200,6 +200,13 @@ class OptimizerConfig(_Strict):
     min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
 
 
+class ProfileConfig(_Strict):
+    """A torch.profiler window over training steps ``start`` .. ``start + steps - 1`` (docs/profiling.md)."""
+
+    start: int = Field(gt=0, description="First profiled step, numbered as in metrics.jsonl (the first step is 1).")
+    steps: int = Field(3, gt=0, description="How many steps the window spans.")
+
+
 class TrainerConfig(_Strict):
     max_steps: int = Field(100, gt=0)
     seed: int = 42
@@ -216,6 +223,20 @@ class TrainerConfig(_Strict):
         0, ge=0, description="Every N steps (and at step 0 and the last step) measure KL(teacher || student) and "
         "the MLM loss on evaluate.heldout_blocks fixed held-out blocks; written to heldout.jsonl and "
         "TensorBoard (0: never)."
+    )
+    perf_every: int = Field(
+        1, ge=0, description="Write the perf/* and kernels/* scalars (throughput, TFLOP/s, MFU, per-phase and "
+        "per-kernel times) every N steps, averaged over those N steps; on a GPU the timers' CUDA events are read "
+        "once per N steps. 0: none, and nothing is timed."
+    )
+    peak_tflops: float | None = Field(
+        None, gt=0.0, description="Peak TFLOP/s of one device for perf/mfu. null: the table of docs/profiling.md "
+        "for known GPUs (A100, H100, H200; bf16 or TF32 dense), a measured fp32 matmul peak on CPU; an unknown "
+        "GPU without it logs no perf/mfu."
+    )
+    profile: ProfileConfig | None = Field(
+        None, description="{start, steps}: run torch.profiler over these steps; traces go to "
+        "output_dir/profile (Chrome/Perfetto JSON and TensorBoard's profiler plugin format). null: no profiler."
     )
 
 
@@ -292,6 +313,10 @@ class Config(_Strict):
                 "loss.alpha_attention > 0 needs model.attn_implementation=eager: under sdpa "
                 "transformers returns no attention maps (set loss.alpha_attention=0 to use sdpa)"
             )
+        profile = self.trainer.profile
+        if profile is not None and profile.start > self.trainer.max_steps:
+            raise ValueError(f"trainer.profile.start ({profile.start}) is after trainer.max_steps "
+                             f"({self.trainer.max_steps}): nothing would be profiled")
         if self.pruning.t_f > self.trainer.max_steps:
             raise ValueError(
                 f"pruning.t_f ({self.pruning.t_f}) is after trainer.max_steps "

@@ -262,6 +262,39 @@ def forward_flops_per_token(a: Arch, seq: int, extra_matmul: int = 0) -> float:
     return 2.0 * (p.matmul + extra_matmul) + 4.0 * a.num_layers * seq * a.attn_width
 
 
+def runs_teacher(cfg: Config) -> bool:
+    """Whether a step runs the teacher's forward at all (some distillation term is on)."""
+    loss = cfg.loss
+    return bool(loss.alpha_pred or loss.alpha_hidden or loss.alpha_attention)
+
+
+def step_flops_per_token(cfg: Config, teacher: Arch, student: Arch) -> float:
+    """FLOPs of one training step per token: the student's forward and backward (3 × forward,
+    with the hidden-state projections from its width to the teacher's) plus the teacher's
+    forward. The one FLOP model of ``homodistil plan`` and of the measured ``perf/mfu``."""
+    seq = cfg.data.max_seq_length
+    proj = (teacher.num_layers + 1) * teacher.hidden_size * student.hidden_size if cfg.loss.alpha_hidden else 0
+    teacher_fwd = forward_flops_per_token(teacher, seq) if runs_teacher(cfg) else 0.0
+    return 3.0 * forward_flops_per_token(student, seq, extra_matmul=proj) + teacher_fwd
+
+
+def gpu_for_device(name: str) -> str | None:
+    """The :data:`GPUS` key of a ``torch.cuda.get_device_name()`` (SXM figures), or None."""
+    name = name.upper()
+    if "H200" in name:
+        return "h200"
+    if "H100" in name:
+        return "h100-80gb"
+    if "A100" in name:
+        return "a100-80gb" if "80G" in name else "a100-40gb"
+    return None
+
+
+def peak_tflops(gpu: str, bf16: bool) -> float:
+    """Dense tensor-core peak of a :data:`GPUS` entry: bf16, or TF32 for fp32 training."""
+    return GPUS[gpu].bf16_tflops if bf16 else GPUS[gpu].tf32_tflops
+
+
 # --------------------------------------------------------------------------------------------
 # Memory
 # --------------------------------------------------------------------------------------------
@@ -416,7 +449,6 @@ def make_plan(cfg: Config, gpu: str, nodes: int, gpus_per_node: int = 8, mfu: fl
     global_batch = micro * cfg.grad_accum * world
     steps = cfg.trainer.max_steps
     tokens_per_step = float(global_batch * seq)
-    teacher_fwd = forward_flops_per_token(t, seq)
     # student FLOPs, segment by segment between shrinks (its widths at the last shrink)
     p = cfg.pruning
     flops = 0.0
@@ -429,13 +461,11 @@ def make_plan(cfg: Config, gpu: str, nodes: int, gpus_per_node: int = 8, mfu: fl
         else:
             frac = _cubic(start, p.t_i, p.t_f)
         s_arch = student_arch(t, sp.ffn * frac, sp.attention * frac, sp.hidden * frac)
-        proj = (t.num_layers + 1) * t.hidden_size * s_arch.hidden_size if cfg.loss.alpha_hidden else 0
-        student_fwd = forward_flops_per_token(s_arch, seq, extra_matmul=proj)
-        flops += (end - start) * tokens_per_step * (3.0 * student_fwd + teacher_fwd)
+        flops += (end - start) * tokens_per_step * step_flops_per_token(cfg, t, s_arch)
         if start > 0 and start <= p.t_f + p.shrink_interval:
             shrinks += 1
         start = end
-    peak = (g.bf16_tflops if cfg.bf16 else g.tf32_tflops) * 1e12
+    peak = peak_tflops(gpu, cfg.bf16) * 1e12
     compute_s = flops / (world * peak * mfu)
     psi_start = tp.total + projections
     psi_end = count_params(final).total + ((t.num_layers + 1) * t.hidden_size * final.hidden_size if cfg.loss.alpha_hidden else 0)
@@ -547,8 +577,24 @@ def format_plan(cfg: Config, gpu: str, nodes: int, gpus_per_node: int = 8, mfu: 
     return describe(make_plan(cfg, gpu, nodes, gpus_per_node, mfu), cfg)
 
 
+def measured(run_dir: str | Path) -> dict[str, float]:
+    """A run's measured figures from its metrics.jsonl (the perf/* scalars, docs/profiling.md):
+    the median MFU (the steps with a shrink, checkpoint or held-out evaluation included), the
+    device peak it is a fraction of, and the peak memory of rank 0."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise PlanError(f"--from-run: {path} not found")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    mfu = sorted(r["perf/mfu"] for r in rows if "perf/mfu" in r)
+    if not mfu:
+        raise PlanError(f"--from-run: {path} has no perf/mfu (a run with trainer.perf_every=0, or on a GPU "
+                        f"without a peak: set trainer.peak_tflops)")
+    return {"mfu": mfu[len(mfu) // 2], "peak_tflops": next(r["perf/peak_tflops"] for r in rows if "perf/mfu" in r),
+            "max_mem_gib": max(r.get("perf/max_mem_gib", 0.0) for r in rows), "steps": float(len(mfu))}
+
+
 def plan_main(argv: list[str]) -> int:
-    """``homodistil plan CONFIG [key=value ...] --gpu G --nodes N [--gpus-per-node 8] [--mfu F]``.
+    """``homodistil plan CONFIG [key=value ...] --gpu G --nodes N [--gpus-per-node 8] [--mfu F] [--from-run DIR]``.
 
     Exit status: 0 it fits, 1 it does not fit (the table says why), 2 a config error.
     """
@@ -562,15 +608,25 @@ def plan_main(argv: list[str]) -> int:
     parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
     parser.add_argument("--mfu", type=float, default=None,
                         help=f"model FLOPs utilisation assumed for the time estimate (default {DEFAULT_MFU})")
+    parser.add_argument("--from-run", metavar="RUN_DIR", default=None,
+                        help="use the MFU a run measured (its metrics.jsonl) instead of the assumed one, and "
+                             "print its measured peak memory beside the model's")
     args = parser.parse_intermixed_args(argv)
     try:
         cfg = load_config(None if args.config == "defaults" else args.config, args.overrides)
-        plan = make_plan(cfg, args.gpu, args.nodes, args.gpus_per_node, args.mfu)
+        run = measured(args.from_run) if args.from_run else None
+        mfu = args.mfu if args.mfu is not None or run is None else run["mfu"]
+        plan = make_plan(cfg, args.gpu, args.nodes, args.gpus_per_node, mfu)
     except ConfigError as err:
         print(f"homodistil plan: error: {err}", file=sys.stderr)
         return 2
     print(f"homodistil plan: {args.config}" + (f" {' '.join(args.overrides)}" if args.overrides else ""))
     print(describe(plan, cfg))
+    if run:
+        print(f"measured  {args.from_run}: MFU {run['mfu']:.1%} (median of {run['steps']:.0f} steps, of a "
+              f"{run['peak_tflops']:.4g} TFLOP/s device peak){' used above' if args.mfu is None else ''}; peak "
+              f"memory of rank 0 {run['max_mem_gib']:.2f} GiB (GPU: allocated; CPU: resident) vs "
+              f"{plan.total_memory / GIB:.2f} GiB modelled")
     return 0 if plan.fits else 1
 
 

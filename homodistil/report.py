@@ -58,6 +58,45 @@ def plot_training(run_dir: Path) -> list[Path]:
     return out
 
 
+def plot_perf(run_dir: Path) -> list[Path]:
+    """throughput.png: tokens/s and step time over steps against live parameters; phases.png:
+    where each step's time went, as stacked areas (the perf/* scalars, docs/profiling.md)."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    rows = [r for r in _rows(run_dir) if "perf/step_s" in r]  # written every trainer.perf_every steps
+    if not rows:
+        return []
+    steps = [r["step"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, label in ((axes[0], "perf/tokens_per_s", "tokens/s"), (axes[1], "perf/step_s", "step time (s)")):
+        ax.plot(steps, [r[key] for r in rows], color="tab:green", label=label)
+        ax.set(xlabel="step", ylabel=label, title=f"{label} and student size")
+        ax.grid(alpha=0.3)
+        twin = ax.twinx()
+        twin.plot(steps, [r["prune/live_params"] / 1e6 for r in rows], color="tab:blue", label="live parameters")
+        twin.set(ylabel="live parameters (M)")
+    fig.tight_layout()
+    out = [run_dir / "throughput.png"]
+    fig.savefig(out[0], dpi=110)
+    plt.close(fig)
+
+    phases = [k for k in rows[0] if k.startswith("perf/phase/") and any(r.get(k, 0) > 0 for r in rows)]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.stackplot(steps, [[max(0.0, r.get(k, 0.0)) for r in rows] for k in phases],
+                 labels=[k.removeprefix("perf/phase/") for k in phases], colors=plt.cm.tab20.colors[:len(phases)])
+    ax.set(xlabel="step", ylabel="seconds per step", title="where each step's time goes")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out.append(run_dir / "phases.png")
+    fig.savefig(out[1], dpi=110)
+    plt.close(fig)
+    return out
+
+
 def plot_scores(results: dict, path: Path) -> Path | None:
     """Teacher vs student bars per task (fine-tuned and probe main scores)."""
     import matplotlib  # noqa: PLC0415
@@ -102,6 +141,14 @@ def write_report(run_dir: str | Path, eval_dir: str | Path | None = None, heldou
               f"- final losses: " + ", ".join(f"{t} {last[f'loss/{t}']:.4f}" for t in LOSS_TERMS if f"loss/{t}" in last),
               "", "![losses](losses.png)", "", "![sparsity](sparsity.png)", ""]
     plot_training(run_dir)
+    if plot_perf(run_dir):
+        perf = [r for r in rows if "perf/tokens_per_s" in r]
+        mfu = f", MFU {perf[-1]['perf/mfu']:.1%}" if "perf/mfu" in perf[-1] else ""
+        lines += ["## Throughput", "",
+                  f"- tokens/s {perf[0]['perf/tokens_per_s']:.0f} at step {perf[0]['step']} -> "
+                  f"{perf[-1]['perf/tokens_per_s']:.0f} at step {perf[-1]['step']}; {perf[-1]['perf/tflops']:.3g} "
+                  f"TFLOP/s per device{mfu} (docs/profiling.md)", "",
+                  "![throughput](throughput.png)", "", "![phases](phases.png)", ""]
     if heldout:
         lines += ["## Held-out text", "", "| model | MLM loss | masked-token accuracy | KL(teacher ‖ model) |",
                   "|---|---|---|---|"]

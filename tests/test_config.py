@@ -47,6 +47,11 @@ BAD = [  # (config text or None for tiny.yaml, overrides, expected fragment of t
     (None, ["model.init=scratch", "pruning.schedule=oneshot"], "pruning.schedule does not apply"),
     (None, ["model.init=random"], "model.init: Input should be 'teacher' or 'scratch'"),
     (None, ["evaluate.finetune_tasks=[sst2]"], "evaluate.finetune_tasks ['sst2'] are not in evaluate.tasks"),
+    (None, ["trainer.perf_every=-1"], "trainer.perf_every: Input should be greater than or equal to 0"),
+    (None, ["trainer.peak_tflops=-1"], "trainer.peak_tflops: Input should be greater than 0"),
+    (None, ["trainer.profile={steps: 2}"], "trainer.profile.start: Field required"),
+    (None, ["trainer.profile={start: 1, step: 2}"], "trainer.profile.step: unknown key"),
+    (None, ["trainer.profile={start: 500}"], "trainer.profile.start (500) is after trainer.max_steps (200)"),
     ("- a\n- b", [], "the top level must be a mapping"),
     ("trainer: [", [], "is not valid YAML"),
 ]
@@ -83,3 +88,12 @@ def test_attention_loss_default_depends_on_sequence_length(overrides, expected):
     cfg = load_config(None, overrides)
     assert cfg.loss.alpha_attention == expected
     assert load_config(None, overrides).model_dump()["loss"]["alpha_attention"] == expected
+
+
+def test_perf_keys_parse():
+    cfg = load_config(REPO / "configs" / "tiny.yaml",
+                      ["trainer.perf_every=5", "trainer.peak_tflops=989", "trainer.profile={start: 3}"])
+    assert cfg.trainer.perf_every == 5 and cfg.trainer.peak_tflops == 989.0
+    assert (cfg.trainer.profile.start, cfg.trainer.profile.steps) == (3, 3)
+    defaults = load_config(None)
+    assert defaults.trainer.perf_every == 1 and defaults.trainer.peak_tflops is None and defaults.trainer.profile is None

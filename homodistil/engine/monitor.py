@@ -33,6 +33,7 @@ class Monitor:
     def __init__(self, out_dir: Path, rank: int, total: int, start: int, progress: bool):
         self.active = rank == 0
         self.bar = self.writer = self.metrics = None
+        self.tokens_per_s = 0.0
         if not self.active:
             return
         from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415
@@ -48,18 +49,21 @@ class Monitor:
     def step(self, step: int, scalars: dict[str, float], log_line: bool) -> None:
         if not self.active:
             return
+        self.tokens_per_s = scalars.get("perf/tokens_per_s", self.tokens_per_s)  # written every perf_every steps
         for key, value in scalars.items():
             self.writer.add_scalar(key, value, step)
         self.metrics.write(json.dumps({"step": step, **scalars}) + "\n")
         self.metrics.flush()
         self.bar.set_postfix(loss=f"{scalars['loss/total']:.3f}", kl=f"{scalars.get('loss/kl', 0.0):.3f}",
                              sparsity=f"{scalars['prune/sparsity']:.2f}",
-                             params=f"{scalars['prune/live_params'] / 1e6:.2f}M", refresh=False)
+                             params=f"{scalars['prune/live_params'] / 1e6:.2f}M", refresh=False,
+                             **({"tok/s": f"{self.tokens_per_s:.0f}"} if self.tokens_per_s else {}))
         self.bar.update(step - self.bar.n)
         if log_line:
             terms = " ".join(f"{k.split('/')[1]}={v:.4f}" for k, v in scalars.items() if k.startswith("loss/"))
             self.bar.write(f"step {step}/{self.bar.total} {terms} sparsity={scalars['prune/sparsity']:.3f} "
-                           f"live_params={int(scalars['prune/live_params'])} step_time={scalars['time/step_s']:.3f}s")
+                           f"live_params={int(scalars['prune/live_params'])} step_time={scalars['time/step_s']:.3f}s "
+                           f"tokens/s={self.tokens_per_s:.0f}")
 
     def heldout(self, step: int, values: dict[str, float]) -> None:
         """Held-out figures at ``step`` (``trainer.eval_every``): TensorBoard ``heldout/*`` and heldout.jsonl."""

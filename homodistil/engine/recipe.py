@@ -25,6 +25,7 @@ from homodistil.lm.probe import HeldoutProbe
 from homodistil.pruning.adapters import get_adapter
 from homodistil.pruning.groups import KINDS, live_numel, shrink_tensors
 from homodistil.pruning.masked import apply_masks, make_maskable
+from homodistil.plan import arch_from_hf_config
 from homodistil.pruning.pruner import Pruner
 
 from . import checkpoint, faults, numerics
@@ -37,6 +38,7 @@ from .prepare import PREP_FILE, missing_head, prepare_teacher
 from .prepare import cache_dir as prepare_cache_dir
 from .prepare import fingerprint
 from .monitor import Monitor
+from .perf import Perf, timed
 from .zero import MOMENTS, full_grad, full_param, gather, restore, restore_torch_linear
 
 
@@ -92,6 +94,7 @@ class Recipe:
                 teacher.save_pretrained(self.teacher_dir, safe_serialization=True)
                 self.tokenizer.save_pretrained(self.teacher_dir)
         self.adapter = get_adapter(self.tcfg.model_type)
+        self.teacher_arch = arch_from_hf_config(self.tcfg.to_dict())  # for the FLOPs of perf/mfu
         self.hidden_pairs = self.adapter.hidden_pairs(self.tcfg) if cfg.loss.alpha_hidden else []
         self.attention_pairs = self.adapter.attention_pairs(self.tcfg) if cfg.loss.alpha_attention else []
         # scratch and one-shot students are at the final widths from step 0: nothing to prune while training
@@ -135,6 +138,7 @@ class Recipe:
         elif self.rank == 0:
             (self.out / "config.yaml").write_text(dump_config(cfg))
         self.monitor = Monitor(self.out, self.rank, cfg.trainer.max_steps, self.step, cfg.trainer.progress)
+        self.perf = Perf(cfg, self.device, self.world, self.out, self.rank)
         self.monitor.note(f"world size {self.world}, ZeRO stage {cfg.zero_stage}, "
                           f"{'bf16' if cfg.bf16 else 'fp32'}, teacher {cfg.model.teacher} "
                           f"({self._param_count() / 1e6:.2f}M student parameters, init {cfg.model.init}, "
@@ -142,6 +146,8 @@ class Recipe:
                           + (f"; resumed from step {self.step} ({tag})" if tag else "")
                           + (f"; removed incomplete checkpoint(s) {', '.join(removed)}" if removed else "")
                           + (f"; injected faults {armed}" if armed else ""))
+        self.monitor.note(f"perf/mfu against {self.perf.peak:.4g} TFLOP/s per device ({self.perf.peak_source})"
+                          if self.perf.peak else f"no perf/mfu: {self.perf.peak_source}")
         return self
 
     def _teacher_path(self) -> str | None:
@@ -246,29 +252,36 @@ class Recipe:
         want_hidden, want_attn = bool(self.hidden_pairs), bool(self.attention_pairs)
         previous = signal.signal(signal.SIGTERM, self._on_sigterm) if self._main_thread() else None
         try:
+            self.perf.start()  # the first step's time includes the step-0 evaluation
             if self.step == 0:  # where each variant starts from (a resumed run logged its step already)
                 self._evaluate_heldout()
+            phase = self.perf.phase  # times each part of the step (perf/* scalars, profiler ranges)
             while self.step < cfg.trainer.max_steps:
                 started = time.perf_counter()
+                self.perf.begin_step(self.step + 1)
                 # 1. forward teacher and student on the same batch, 2. losses, 3. backward
                 terms_sum: dict[str, float] = {}
                 for micro in range(cfg.grad_accum):
                     batch = self._batch(micro)
-                    student = self.engine(batch["input_ids"], batch["attention_mask"], batch["labels"] != -100,
-                                          want_hidden, want_attn)
-                    teacher = teacher_outputs(self.teacher, self.adapter.head, batch, want_hidden, want_attn,
-                                              self.hidden_pairs, self.attention_pairs) if self.needs_teacher else {}
-                    terms = distill_losses(cfg.loss, batch["labels"], student, teacher)
-                    terms["loss"] = faults.loss(terms["loss"], self.step + 1)
-                    self.engine.backward(terms["loss"])
-                    for k, v in terms.items():
-                        terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
-                    if micro < cfg.grad_accum - 1:
-                        self.engine.step()  # counts the micro-batch; DeepSpeed updates only at the boundary
+                    with phase("student"):
+                        student = self.engine(batch["input_ids"], batch["attention_mask"], batch["labels"] != -100,
+                                              want_hidden, want_attn)
+                    with phase("teacher"):
+                        teacher = teacher_outputs(self.teacher, self.adapter.head, batch, want_hidden, want_attn,
+                                                  self.hidden_pairs, self.attention_pairs) if self.needs_teacher else {}
+                    with phase("student"):
+                        terms = distill_losses(cfg.loss, batch["labels"], student, teacher)
+                        terms["loss"] = faults.loss(terms["loss"], self.step + 1)
+                        self.engine.backward(terms["loss"])
+                        for k, v in terms.items():
+                            terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+                        if micro < cfg.grad_accum - 1:
+                            self.engine.step()  # counts the micro-batch; DeepSpeed updates only at the boundary
                 # 4. importance, from the full gradients of this step (before the optimizer uses them)
                 if self.prunes and self.step < p.t_f and self.step + 1 >= p.t_i - p.mask_interval:
                     self._observe()
-                self.engine.step()
+                with phase("optimizer"):
+                    self.engine.step()
                 self.step += 1
                 skipped = self._skipped_update(terms_sum)
                 # 5. masks follow the cubic schedule, 6. masked units are removed for real
@@ -295,11 +308,13 @@ class Recipe:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
 
+    @timed("data")
     def _batch(self, micro: int) -> dict[str, torch.Tensor]:
         batch = self.data.batch(self.step, micro, grad_accum=self.cfg.grad_accum,
                                 micro_batch=self.cfg.micro_batch_size, rank=self.rank, world=self.world)
         return {k: v.to(self.device) for k, v in batch.items()}
 
+    @timed("heldout")
     def _evaluate_heldout(self) -> None:
         """Held-out KL(teacher || student) and MLM loss at step 0, every ``eval_every`` steps and at the end."""
         every = self.cfg.trainer.eval_every
@@ -355,6 +370,7 @@ class Recipe:
         self.kept = kept
         return student, params, (old_groups, keep)
 
+    @timed("importance")
     def _observe(self) -> None:
         """Hand the pruner full weights and gradients, one parameter at a time (collective at
         ZeRO-3: every rank, same order), so the full model never sits on one rank.
@@ -395,6 +411,7 @@ class Recipe:
             f"{self.cfg.trainer.max_bad_steps}): stopped; {self.ckpt_root / tag} holds the weights of step "
             f"{first - 1} and resumes with the next batch (lower optimizer.lr or check the data first)")
 
+    @timed("mask")
     def _update_masks(self) -> None:
         if self.pruner.update_masks(self.step):
             masks = [self.pruner.masks]
@@ -402,6 +419,7 @@ class Recipe:
             self.pruner.masks = masks[0]
             apply_masks(self.engine.module, self.groups, {k: m.to(self.device) for k, m in self.pruner.masks.items()})
 
+    @timed("shrink")
     def _shrink(self) -> None:
         """Remove masked units: gather full state, slice it, rebuild the engine, restore (docs/design.md §4)."""
         started = time.perf_counter()
@@ -430,6 +448,7 @@ class Recipe:
         masks = self.pruner.masks if live else {g.name: torch.ones(g.size, dtype=torch.bool) for g in self.groups}
         return live_numel(shapes, self.groups, masks)
 
+    @timed("log")
     def _log(self, terms: dict[str, float], step_time: float, skipped: bool) -> None:
         values = torch.tensor([terms[k] for k in sorted(terms)], dtype=torch.float64, device=self.device)
         dist.all_reduce(values)
@@ -441,6 +460,8 @@ class Recipe:
         scalars["time/step_s"] = step_time
         scalars["lr"] = self.engine.optimizer.param_groups[0]["lr"]
         scalars["skipped"] = float(skipped)  # 1: a non-finite loss or gradient, no update
+        scalars.update(self.perf.end_step(self.step, arch_from_hf_config(self.engine.module.lm.config.to_dict()),
+                                          self.teacher_arch))
         log_line = self.step % self.cfg.trainer.log_every == 0 or self.step == self.cfg.trainer.max_steps
         self.monitor.step(self.step, scalars, log_line)
 
@@ -451,6 +472,7 @@ class Recipe:
                 "model_type": self.tcfg.model_type, "tokenizer": tokenizer, "n_proj": len(self.hidden_pairs),
                 "world_size": self.world, "zero_stage": self.cfg.zero_stage}
 
+    @timed("checkpoint")
     def save(self) -> str:
         tag = checkpoint.save(self.engine, self.ckpt_root, self.step, self._meta(), self.pruner.state_dict(),
                               self.rank, self.data.state_dict(), self.ckpt_bytes)
@@ -490,12 +512,15 @@ class Recipe:
     def _on_sigterm(self, signum, frame) -> None:
         self.stop_requested = True
 
+    @timed("log")  # a collective every step, as the loss all-reduce of _log
     def _should_stop(self) -> bool:
         flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.device)
         dist.all_reduce(flag)  # any rank signalled -> all ranks save together
         return bool(flag.item())
 
     def close(self) -> None:
+        if hasattr(self, "perf"):
+            self.perf.close()
         if hasattr(self, "monitor"):
             self.monitor.close()
         restore_torch_linear()

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from homodistil.kernels._dispatch import check_launchable, kernel_backend
+from homodistil.kernels._dispatch import check_launchable, kernel_backend, kernel_range
 
 METRICS = ("magnitude", "sensitivity", "platon")
 
@@ -168,6 +168,7 @@ def importance_triton(
 def importance(weight, grad, metric, state, beta1=0.85, beta2=0.95):
     """Dispatching entry point: the fused Triton kernel on CUDA (or when forced), else the
     reference."""
-    if kernel_backend(weight) == "torch":
-        return importance_reference(weight, grad, metric, state, beta1, beta2)
-    return importance_triton(weight, grad, metric, state, beta1, beta2)
+    with kernel_range("importance", weight):
+        if kernel_backend(weight) == "torch":
+            return importance_reference(weight, grad, metric, state, beta1, beta2)
+        return importance_triton(weight, grad, metric, state, beta1, beta2)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from homodistil.kernels._dispatch import check_launchable, kernel_backend
+from homodistil.kernels._dispatch import check_launchable, kernel_backend, kernel_range
 
 __all__ = ["masked_linear", "masked_linear_reference", "masked_linear_triton", "kernel_backend"]
 
@@ -391,19 +391,21 @@ class _MaskedLinearFn(torch.autograd.Function):
         dx = dw = db = None
         if need_dx:
             dx = torch.empty((M, K), dtype=x.dtype, device=x.device)
-            _launch(_masked_linear_dx_kernel, _dx_tuned, interpreted,
-                    lambda c: (triton.cdiv(M, c["BLOCK_M"]), _tiles(k_live, K, c["BLOCK_K"])),
-                    dz, weight, n_perm_arg, k_perm_arg, dx, M, N, K, n_live, k_live, ldz,
-                    GATHER_N=gather_n, GATHER_K=gather_k, DZ_FULL=dz_full, **meta)
+            with kernel_range("masked_linear.dx", dx):
+                _launch(_masked_linear_dx_kernel, _dx_tuned, interpreted,
+                        lambda c: (triton.cdiv(M, c["BLOCK_M"]), _tiles(k_live, K, c["BLOCK_K"])),
+                        dz, weight, n_perm_arg, k_perm_arg, dx, M, N, K, n_live, k_live, ldz,
+                        GATHER_N=gather_n, GATHER_K=gather_k, DZ_FULL=dz_full, **meta)
         if need_dw or need_db:  # db rides on the dW kernel (a frozen W with a trained bias
             # still pays for dW: rare enough not to need its own kernel)
             dw = torch.empty_like(weight)
             db = torch.empty((N,), dtype=weight.dtype, device=weight.device) if need_db else None
-            _launch(_masked_linear_dw_kernel, _dw_tuned, interpreted,
-                    lambda c: (_tiles(n_live, N, c["BLOCK_N"]), _tiles(k_live, K, c["BLOCK_K"])),
-                    dz, x, n_perm_arg, k_perm_arg, dw, dw if db is None else db,
-                    M, N, K, n_live, k_live, ldz, HAS_BIAS=need_db, GATHER_N=gather_n,
-                    GATHER_K=gather_k, DZ_FULL=dz_full, **meta)
+            with kernel_range("masked_linear.dw", dw):
+                _launch(_masked_linear_dw_kernel, _dw_tuned, interpreted,
+                        lambda c: (_tiles(n_live, N, c["BLOCK_N"]), _tiles(k_live, K, c["BLOCK_K"])),
+                        dz, x, n_perm_arg, k_perm_arg, dw, dw if db is None else db,
+                        M, N, K, n_live, k_live, ldz, HAS_BIAS=need_db, GATHER_N=gather_n,
+                        GATHER_K=gather_k, DZ_FULL=dz_full, **meta)
             dw = dw if need_dw else None
         return dx, dw, db, None, None, None, None, None
 
@@ -452,10 +454,11 @@ def masked_linear(x, weight, bias=None, out_mask=None, in_mask=None, activation=
 
     Under autocast the operands are cast to the autocast dtype first, as ``F.linear`` would.
     """
-    if kernel_backend(x) == "torch":
-        return masked_linear_reference(x, weight, bias, out_mask, in_mask, activation)
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
-    return masked_linear_triton(x, weight, bias, out_mask, in_mask, activation)
+    with kernel_range("masked_linear.forward", x):
+        if kernel_backend(x) == "torch":
+            return masked_linear_reference(x, weight, bias, out_mask, in_mask, activation)
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+        return masked_linear_triton(x, weight, bias, out_mask, in_mask, activation)
