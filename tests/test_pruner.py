@@ -96,3 +96,39 @@ def test_unknown_model_type_lists_supported():
     with pytest.raises(AdapterError, match="no adapter for model_type 'mamba'.*bert"):
         get_adapter("mamba")
     assert "bert" in supported()
+
+
+@pytest.mark.parametrize("metric", ["magnitude", "sensitivity", "platon"])
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama-gqa"])
+def test_masked_entries_score_as_if_shrunk(family, metric):
+    """A pruner that shrinks after every mask update and one that only masks see the same
+    weights and gradients (random everywhere, dead entries included): they keep the same units
+    and give the kept units the same scores, so how often a run shrinks cannot change its masks."""
+    from test_adapters import _config
+
+    adapter, config, sparsity = _config(family)
+    groups = adapter.groups(config)
+    gen = torch.Generator().manual_seed(0)
+    shapes = {n: p.shape for n, p in adapter.build(config, config).named_parameters()}
+
+    def make():
+        return Pruner(groups, lambda s: adapter.kept(config, s), metric=metric, s_final=sparsity, t_i=0, t_f=4)
+
+    masked, shrunk = make(), make()
+    alive = {g.name: torch.arange(g.size) for g in groups}  # the shrunk pruner's units, as original indices
+    for step in range(1, 6):
+        full = {n: (torch.randn(s, generator=gen), torch.randn(s, generator=gen)) for n, s in shapes.items()}
+        masked.observe(full)
+        shrunk.observe({n: (shrink_tensors({n: w}, groups, alive)[n], shrink_tensors({n: g}, groups, alive)[n])
+                        for n, (w, g) in full.items()})
+        for g in groups:
+            torch.testing.assert_close(shrunk.scores[g.name], masked.scores[g.name][alive[g.name]],
+                                       rtol=1e-5, atol=0, msg=f"step {step}, {g.name}")
+        assert masked.update_masks(step) == shrunk.update_masks(step)
+        if not shrunk.is_dense():
+            kept = {g.kind: int(shrunk.masks[g.name].view(g.blocks, -1)[0].sum()) for g in shrunk.groups}
+            keep = shrunk.shrink(adapter.groups(adapter.shrunk_config(config, kept)))
+            alive = {name: alive[name][idx] for name, idx in keep.items()}
+        for g in groups:
+            assert torch.equal(masked.masks[g.name].nonzero().squeeze(1), alive[g.name]), (step, g.name)
+    assert any(a.numel() < g.size for g, a in zip(groups, alive.values()))  # it pruned

@@ -10,12 +10,19 @@ CPU-FACTS): after ``deepspeed.initialize`` the optimizer has no state yet, so st
 for each flat fp32 partition, linked to the parameters' fragments
 (``_lazy_init_hp_params_optimizer_state`` at stages 1/2 and for the bf16 optimizer), then
 filled with ``safe_set_full_optimizer_state``.
+
+ZeRO-3 pads: a tensor of n elements is held as ``ceil(n / ws)`` elements per rank, the last
+rank's piece padded. DeepSpeed's full-tensor setter (``set_full_hp_param``) narrows the unpadded
+value and fails whenever ``ws`` does not divide ``n``, so ZeRO-3 writes go through
+:func:`local_partition` and DeepSpeed's per-rank setters instead.
 """
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_grad, safe_get_full_optimizer_state,
-                             safe_set_full_fp32_param, safe_set_full_optimizer_state)
+                             safe_set_full_fp32_param, safe_set_full_optimizer_state, safe_set_local_fp32_param,
+                             safe_set_local_optimizer_state)
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -47,6 +54,36 @@ def full_moments(engine, param) -> dict[str, torch.Tensor]:
     state = _base_optimizer(engine).state.get(param, {})
     return {k: state[k].float().clone() if k in state else torch.zeros_like(param, dtype=torch.float32)
             for k in MOMENTS}
+
+
+def local_partition(full: torch.Tensor, rank: int, part: int) -> torch.Tensor:
+    """Rank ``rank``'s ZeRO-3 piece of ``full``: flat elements ``[rank·part, (rank+1)·part)``,
+    zero-padded to ``part`` (= ceil(numel / ws)) where the tensor ends inside or before it."""
+    flat = full.flatten()
+    start = min(rank * part, flat.numel())
+    piece = flat[start:start + part]
+    return torch.cat([piece, piece.new_zeros(part - piece.numel())])  # (part,)
+
+
+def _set_zero3(param, value: torch.Tensor, key: str | None = None) -> None:
+    """Write this rank's padded piece of the full ``value`` into a ZeRO-3 parameter's fp32
+    master (``key`` None) or its optimizer state ``key``."""
+    piece = local_partition(value, dist.get_rank(group=param.ds_process_group), param.partition_numel())
+    if key is None:
+        safe_set_local_fp32_param(param, piece)
+    else:
+        safe_set_local_optimizer_state(param, piece, key)
+
+
+def set_full(param, value: torch.Tensor, key: str | None = None) -> None:
+    """Write a full fp32 value (``key`` None) or optimizer state into a partitioned parameter."""
+    value = value.to(param.device)
+    if hasattr(param, "ds_id"):
+        _set_zero3(param, value, key)
+    elif key is None:
+        safe_set_full_fp32_param(param, value)
+    else:
+        safe_set_full_optimizer_state(param, value, key)
 
 
 def optimizer_step_count(engine) -> int:
@@ -103,9 +140,9 @@ def restore(engine, params: dict[str, torch.Tensor], moments: dict[str, dict[str
         _link_optimizer_state(engine)
         for name, p in named.items():
             assert params[name].numel() == (p.ds_numel if hasattr(p, "ds_id") else p.numel()), name
-            safe_set_full_fp32_param(p, params[name].to(p.device))
+            set_full(p, params[name])
             for k in MOMENTS:
-                safe_set_full_optimizer_state(p, moments[name][k].to(p.device), k)
+                set_full(p, moments[name][k], k)
     else:
         for name, p in named.items():
             assert p.shape == params[name].shape, (name, tuple(p.shape), tuple(params[name].shape))

@@ -82,6 +82,44 @@ def slice_tensor(tensor: torch.Tensor, dim: int, keep: torch.Tensor, expected: i
     return tensor.index_select(dim, keep.to(tensor.device)).contiguous()
 
 
+def _owners(groups: list[Group], names) -> dict[tuple[str, int], list[Group]]:
+    """``(param, dim) -> [group of part 0, part 1, …]`` for every pruned dim of the params in ``names``."""
+    names, owners = set(names), {}
+    for group in groups:
+        for s in group.slices:
+            if s.param in names:
+                parts = owners.setdefault((s.param, s.dim), [None] * s.parts)
+                assert parts[s.part] in (None, group), f"{s.param}: dim {s.dim} part {s.part} is in two groups"
+                parts[s.part] = group
+    for (param, dim), parts in owners.items():
+        assert None not in parts, f"{param}: dim {dim} has a segment that no group owns"
+        assert all(g.size == parts[0].size for g in parts), f"{param}: dim {dim} segments differ: {[g.size for g in parts]}"
+    return owners
+
+
+def dead_entries(groups: list[Group], masks: dict[str, torch.Tensor], names) -> dict[str, dict[int, torch.Tensor]]:
+    """``param -> {dim: live units (bool (units,))}`` over the dims of the params in ``names``
+    that have a masked unit (parts of a fused dim concatenated); params without one are absent."""
+    dead: dict[str, dict[int, torch.Tensor]] = {}
+    for (param, dim), parts in _owners(groups, names).items():
+        units = torch.cat([masks[g.name] for g in parts])  # (parts · size,)
+        if not bool(units.all()):
+            dead.setdefault(param, {})[dim] = units
+    return dead
+
+
+def live_entries(units: dict[int, torch.Tensor], ndim: int) -> torch.Tensor:
+    """Bool mask, broadcastable to an ``ndim``-dim tensor, of the entries whose every pruned index
+    is live (``units`` from :func:`dead_entries`): an entry in a masked row *or* column is dead,
+    e.g. (out, 1) & (1, in) for a matrix pruned along both."""
+    live = torch.ones([1] * ndim, dtype=torch.bool)
+    for dim, u in units.items():
+        shape = [1] * ndim
+        shape[dim] = -1
+        live = live & u.view(shape)
+    return live
+
+
 def shrink_tensors(tensors: dict[str, torch.Tensor], groups: list[Group],
                    keep: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Slice every tensor named in ``groups`` to the kept units; others pass through.
@@ -90,18 +128,9 @@ def shrink_tensors(tensors: dict[str, torch.Tensor], groups: list[Group],
     (the parameter itself, an optimizer moment, an importance state). A dimension split into
     parts keeps, in each segment, the kept units of the group that owns it.
     """
-    owners: dict[tuple[str, int], list] = {}
-    for group in groups:
-        for s in group.slices:
-            if s.param in tensors:
-                parts = owners.setdefault((s.param, s.dim), [None] * s.parts)
-                assert parts[s.part] in (None, group), f"{s.param}: dim {s.dim} part {s.part} is in two groups"
-                parts[s.part] = group
     out = dict(tensors)
-    for (param, dim), parts in owners.items():
-        assert None not in parts, f"{param}: dim {dim} has a segment that no group owns"
+    for (param, dim), parts in _owners(groups, tensors).items():
         size = parts[0].size
-        assert all(g.size == size for g in parts), f"{param}: dim {dim} segments differ: {[g.size for g in parts]}"
         idx = torch.cat([p * size + keep[g.name].cpu() for p, g in enumerate(parts)])
         out[param] = slice_tensor(out[param], dim, idx, size * len(parts), param)
     return out

@@ -9,7 +9,7 @@ import torch
 
 from homodistil.kernels.importance import importance, init_state
 
-from .groups import Group, shrink_tensors
+from .groups import Group, dead_entries, live_entries, shrink_tensors
 from .schedule import cubic_sparsity
 
 
@@ -55,11 +55,14 @@ class Pruner:
         in its own EMA state).
         """
         rows, cols = {}, {}
+        dead = dead_entries(self.groups, self.masks, self.params)  # dead entries score 0, as if shrunk away
         for name, (weight, grad) in (tensors.items() if isinstance(tensors, dict) else tensors):
             if name not in self.params:
                 continue
             if name not in self.state:
                 self.state[name] = init_state(weight, self.metric)
+            if name in dead:  # w = 0 gives |w·g| = 0 and w² = 0; PLATON's state there is 0 (update_masks)
+                weight = weight * live_entries(dead[name], weight.dim()).to(weight.device)
             rows[name], cols[name] = importance(weight, grad, self.metric, self.state[name], self.beta1, self.beta2)
         assert set(rows) == set(self.params), sorted(set(self.params) - set(rows))[:3]
         for g in self.groups:
@@ -97,6 +100,11 @@ class Pruner:
             changed = True
         if changed:
             self.observed = 0
+            dead = dead_entries(self.groups, self.masks, self.state)
+            for name, state in self.state.items():  # PLATON's Ī and U of dead entries: 0, so Ī·U is 0 from now on
+                for t in state.values():
+                    if name in dead:
+                        t.mul_(live_entries(dead[name], t.dim()).to(t.device))
         return changed
 
     def is_dense(self) -> bool:
