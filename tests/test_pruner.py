@@ -132,3 +132,24 @@ def test_masked_entries_score_as_if_shrunk(family, metric):
         for g in groups:
             assert torch.equal(masked.masks[g.name].nonzero().squeeze(1), alive[g.name]), (step, g.name)
     assert any(a.numel() < g.size for g, a in zip(groups, alive.values()))  # it pruned
+
+
+def test_resumed_importance_state_lives_where_it_is_asked_to():
+    """A checkpoint holds the PLATON state on CPU; resuming puts it on the run's device (the
+    meta device stands in for a GPU here), so the next importance step finds it beside the
+    gradients instead of handing CPU state to a CUDA kernel."""
+    torch.manual_seed(0)
+    w, g, v, gv = torch.randn(8, 3), torch.randn(8, 3), torch.randn(5, 8), torch.randn(5, 8)
+
+    def pruner():
+        return Pruner([_group()], lambda s: {"attention": 2}, metric="platon", s_final={"attention": 0.5},
+                      t_i=0, t_f=4)
+
+    saved = pruner()
+    saved.observe({"w": (w, g), "v": (v, gv)})
+    sd = saved.state_dict()
+    assert {t.device.type for st in sd["state"].values() for t in st.values()} == {"cpu"}
+    resumed = pruner()
+    resumed.load_state_dict(sd, torch.device("meta"))
+    assert {t.device.type for st in resumed.state.values() for t in st.values()} == {"meta"}
+    assert torch.equal(resumed.masks["g"], saved.masks["g"]) and torch.equal(resumed.scores["g"], saved.scores["g"])

@@ -488,7 +488,7 @@ class Recipe:
         if load_path is None:
             raise ConfigError(f"could not load checkpoint {self.ckpt_root / tag}")
         pruner_state, rank_state = checkpoint.load_run_state(self.ckpt_root, tag, self.rank)
-        self.pruner.load_state_dict(pruner_state)
+        self.pruner.load_state_dict(pruner_state, self.device)
         if self.cfg.data.streaming and meta["world_size"] != self.world:
             raise ConfigError(f"{self.ckpt_root / tag}: a streamed run resumes at the world size it was saved "
                               f"with ({meta['world_size']}), not {self.world}")

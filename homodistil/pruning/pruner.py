@@ -39,10 +39,6 @@ class Pruner:
             return dict(self.s_final)
         return {k: cubic_sparsity(step, self.t_i, self.t_f, s) for k, s in self.s_final.items()}
 
-    def live(self) -> dict[str, int]:
-        """Live units per group."""
-        return {name: int(m.sum()) for name, m in self.masks.items()}
-
     # --- observe --------------------------------------------------------------------------
     def observe(self, tensors) -> None:
         """Fold one step's importance into the group scores.
@@ -135,7 +131,9 @@ class Pruner:
         return {"masks": self.masks, "scores": self.scores, "observed": self.observed,
                 "state": {n: {k: t.cpu() for k, t in st.items()} for n, st in self.state.items()}}
 
-    def load_state_dict(self, sd: dict, device: torch.device | str = "cpu") -> None:
+    def load_state_dict(self, sd: dict, device: torch.device | str) -> None:
+        """Masks and scores as saved; the importance state on ``device``, where the gradients it
+        is updated with live (a resumed GPU run once handed CPU state to the CUDA kernel)."""
         for name, mask in sd["masks"].items():
             assert mask.shape == self.masks[name].shape, (name, tuple(mask.shape), tuple(self.masks[name].shape))
         self.masks = {n: m.clone() for n, m in sd["masks"].items()}
