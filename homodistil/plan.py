@@ -2,7 +2,7 @@
 
 Pure arithmetic on the config and the teacher's architecture: no torch, no download. The
 teacher's shape comes from ``model.tiny`` (``teacher: tiny``), a local model directory's
-``config.json``, or a small table of well-known hub ids (:data:`KNOWN_TEACHERS`).
+``config.json``, or a small table of well-known hub ids (:func:`known_teacher`).
 
 Memory (bytes per GPU, at step 0: the student starts as a full copy of the teacher and only
 shrinks, so step 0 is the peak):
@@ -49,10 +49,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from homodistil.config import Config, ConfigError, load_config
+from homodistil.pruning.arch import Arch
+from homodistil.pruning.schedule import cubic_sparsity
 
 GIB = 1024**3
 SHRINK_HOST_BYTES_PER_PARAM = 12  # fp32 weight + Adam m + v, gathered by engine/zero.py at a shrink
@@ -88,51 +90,23 @@ STARTUP_SECONDS = 120.0  # load teacher, start the stream, init DeepSpeed
 
 
 # --------------------------------------------------------------------------------------------
-# Architectures
+# Architectures: the adapters read them from Hugging Face configs (one owner of model facts)
 # --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Arch:
-    """The few numbers of a transformer LM that memory and FLOPs depend on."""
-
-    family: str  # "bert" (BERT / RoBERTa MLM), "gpt2", "llama"
-    vocab_size: int
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    intermediate_size: int
-    max_position: int = 512
-    type_vocab_size: int = 2
-    head_dim: int | None = None  # llama: explicit; others: hidden // heads
-    num_kv_heads: int | None = None
-    tie_word_embeddings: bool = True
-    dropout: float = 0.1
-
-    @property
-    def head_width(self) -> int:
-        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
-
-    @property
-    def attn_width(self) -> int:
-        return self.num_heads * self.head_width
-
-    @property
-    def kv_width(self) -> int:
-        return (self.num_kv_heads or self.num_heads) * self.head_width
-
-
-def _bert(vocab=30522, h=768, layers=12, heads=12, f=3072, pos=512, types=2) -> Arch:
-    return Arch("bert", vocab, h, layers, heads, f, pos, types)
-
-
-KNOWN_TEACHERS: dict[str, Arch] = {
-    "bert-base-uncased": _bert(),
-    "bert-base-cased": _bert(vocab=28996),
-    "bert-large-uncased": _bert(h=1024, layers=24, heads=16, f=4096),
-    "roberta-base": _bert(vocab=50265, pos=514, types=1),
-    "roberta-large": _bert(vocab=50265, h=1024, layers=24, heads=16, f=4096, pos=514, types=1),
-    "gpt2": Arch("gpt2", 50257, 768, 12, 12, 3072, 1024, 0),
-    "meta-llama/Meta-Llama-3-8B": Arch("llama", 128256, 4096, 32, 32, 14336, 8192, 0, head_dim=128,
-                                       num_kv_heads=8, tie_word_embeddings=False, dropout=0.0),
+_KNOWN_CONFIGS: dict[str, dict] = {  # config.json fields that differ from each family's defaults
+    "bert-base-uncased": {"model_type": "bert"},
+    "bert-base-cased": {"model_type": "bert", "vocab_size": 28996},
+    "bert-large-uncased": {"model_type": "bert", "hidden_size": 1024, "num_hidden_layers": 24,
+                           "num_attention_heads": 16, "intermediate_size": 4096},
+    "roberta-base": {"model_type": "roberta", "vocab_size": 50265, "max_position_embeddings": 514,
+                     "type_vocab_size": 1, "pad_token_id": 1},
+    "roberta-large": {"model_type": "roberta", "vocab_size": 50265, "hidden_size": 1024, "num_hidden_layers": 24,
+                      "num_attention_heads": 16, "intermediate_size": 4096, "max_position_embeddings": 514,
+                      "type_vocab_size": 1, "pad_token_id": 1},
+    "gpt2": {"model_type": "gpt2"},
+    "meta-llama/Meta-Llama-3-8B": {"model_type": "llama", "vocab_size": 128256, "hidden_size": 4096,
+                                   "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+                                   "intermediate_size": 14336, "max_position_embeddings": 8192, "head_dim": 128,
+                                   "tie_word_embeddings": False},
 }
 _ALIASES = {
     "google-bert/bert-base-uncased": "bert-base-uncased", "google-bert/bert-base-cased": "bert-base-cased",
@@ -142,66 +116,59 @@ _ALIASES = {
     "meta-llama/Llama-3.1-8B": "meta-llama/Meta-Llama-3-8B", "meta-llama/Meta-Llama-3.1-8B": "meta-llama/Meta-Llama-3-8B",
 }
 CAUSAL_FAMILIES = ("gpt2", "llama")  # next-token objective: the losses read every position
-TINY_VOCAB = 30522  # the tiny teacher uses a bert-base-uncased WordPiece vocabulary
+TINY_VOCAB = 30522  # the tiny teacher's default tokenizer (MiniLM's bert-base-uncased WordPiece)
+
+
+def hf_config(c: dict, source: str = "config.json"):
+    """A Hugging Face config object from a ``config.json`` dictionary, with the family's adapter."""
+    from transformers import AutoConfig  # noqa: PLC0415
+
+    from homodistil.pruning.adapters import AdapterError, get_adapter  # noqa: PLC0415 (imports torch)
+
+    kind = c.get("model_type")
+    try:
+        adapter = get_adapter(kind)
+        return AutoConfig.for_model(kind, **{k: v for k, v in c.items() if k != "model_type"}), adapter
+    except (AdapterError, ValueError) as err:
+        raise PlanError(f"{source}: {err}") from None
 
 
 def arch_from_hf_config(c: dict, source: str = "config.json") -> Arch:
-    """An :class:`Arch` from a Hugging Face ``config.json`` dictionary."""
-    kind = c.get("model_type")
-    try:
-        if kind in ("bert", "roberta", "xlm-roberta", "electra"):
-            drop = max(c.get("hidden_dropout_prob", 0.1), c.get("attention_probs_dropout_prob", 0.1))
-            return Arch("bert", c["vocab_size"], c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"],
-                        c["intermediate_size"], c.get("max_position_embeddings", 512), c.get("type_vocab_size", 2),
-                        tie_word_embeddings=c.get("tie_word_embeddings", True), dropout=drop)
-        if kind == "gpt2":
-            h = c["n_embd"]
-            return Arch("gpt2", c["vocab_size"], h, c["n_layer"], c["n_head"], c.get("n_inner") or 4 * h,
-                        c.get("n_positions", 1024), 0, dropout=c.get("resid_pdrop", 0.1))
-        if kind in ("llama", "mistral", "qwen2"):
-            h, heads = c["hidden_size"], c["num_attention_heads"]
-            return Arch("llama", c["vocab_size"], h, c["num_hidden_layers"], heads, c["intermediate_size"],
-                        c.get("max_position_embeddings", 4096), 0, head_dim=c.get("head_dim") or h // heads,
-                        num_kv_heads=c.get("num_key_value_heads", heads),
-                        tie_word_embeddings=c.get("tie_word_embeddings", False), dropout=c.get("attention_dropout", 0.0))
-    except KeyError as err:
-        raise PlanError(f"{source}: model_type {kind!r} without {err.args[0]!r}") from None
-    raise PlanError(f"{source}: model_type {kind!r} is not modelled (bert, roberta, gpt2, llama are)")
+    """An :class:`Arch` from a Hugging Face ``config.json`` dictionary (read by the family's adapter)."""
+    config, adapter = hf_config(c, source)
+    return adapter.arch(config)
 
 
-def teacher_arch(cfg: Config) -> Arch:
-    """The teacher's architecture: ``model.tiny``, a local ``config.json``, or the known table."""
+def teacher_hf_config(cfg: Config):
+    """(config, adapter) of the teacher: ``model.tiny``, a local ``config.json``, or the known table."""
+    from homodistil.pruning.adapters import get_adapter  # noqa: PLC0415 (imports torch)
+
     teacher = cfg.model.teacher
     if teacher == "tiny":
-        t = cfg.model.tiny
-        return Arch("bert", TINY_VOCAB, t.hidden_size, t.num_hidden_layers, t.num_attention_heads,
-                    t.intermediate_size, t.max_position_embeddings, 2)
+        adapter = get_adapter(cfg.model.tiny.family)
+        return adapter.tiny_config(TINY_VOCAB, 0, cfg.model.tiny), adapter
     path = Path(teacher).expanduser()
     if (path / "config.json").is_file():
-        return arch_from_hf_config(json.loads((path / "config.json").read_text()), str(path / "config.json"))
+        return hf_config(json.loads((path / "config.json").read_text()), str(path / "config.json"))
     name = _ALIASES.get(teacher, teacher)
-    if name in KNOWN_TEACHERS:
-        return KNOWN_TEACHERS[name]
-    known = ", ".join(KNOWN_TEACHERS)
+    if name in _KNOWN_CONFIGS:
+        return hf_config(_KNOWN_CONFIGS[name], name)
+    known = ", ".join(_KNOWN_CONFIGS)
     raise PlanError(f"model.teacher: '{teacher}' is neither a local model directory with config.json "
                     f"nor a known hub id ({known})")
 
 
-def student_arch(teacher: Arch, ffn: float, attention: float, hidden: float) -> Arch:
-    """Widths kept at the given sparsities, rounded as ``kept = size - round(size × s)``.
+def teacher_arch(cfg: Config) -> Arch:
+    """The teacher's architecture (see :func:`teacher_hf_config`)."""
+    config, adapter = teacher_hf_config(cfg)
+    return adapter.arch(config)
 
-    BERT, RoBERTa and GPT-2 derive the head width from ``hidden / heads`` and heads are kept, so
-    their hidden width is ``heads × kept head width`` (``hidden`` sparsity is not used: the
-    config requires it to equal ``attention``). Llama has an explicit head width.
-    """
-    def kept(size: int, s: float) -> int:
-        return max(1, size - int(round(size * s)))
 
-    head = kept(teacher.head_width, attention)
-    if teacher.family == "llama":
-        return replace(teacher, hidden_size=kept(teacher.hidden_size, hidden), head_dim=head,
-                       intermediate_size=kept(teacher.intermediate_size, ffn))
-    return replace(teacher, hidden_size=teacher.num_heads * head, intermediate_size=kept(teacher.intermediate_size, ffn))
+def student_arch(cfg: Config, sparsity: dict[str, float]) -> Arch:
+    """The student at per-kind ``sparsity`` (ffn, attention, hidden): the adapter's kept widths
+    and shrunk config, exactly what training builds (head-width ties, Llama's hidden rounding)."""
+    config, adapter = teacher_hf_config(cfg)
+    return adapter.arch(adapter.shrunk_config(config, adapter.kept(config, sparsity)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,6 +187,11 @@ class Params:
         """Parameters in a matrix product for every token (forward FLOPs ≈ 2 × this): all but the
         embedding lookups, plus the vocabulary projection even when it is tied to them."""
         return self.total - self.embedding_lookup + self.tied_head
+
+
+def known_teacher(name: str) -> Arch:
+    """The architecture of a known hub teacher (``bert-base-uncased``, ``gpt2``, ...)."""
+    return arch_from_hf_config(_KNOWN_CONFIGS[_ALIASES.get(name, name)], name)
 
 
 def count_params(a: Arch) -> Params:
@@ -439,8 +411,8 @@ def make_plan(cfg: Config, gpu: str, nodes: int, gpus_per_node: int = 8, mfu: fl
     g = GPUS[gpu]
     world = nodes * gpus_per_node
     t = teacher_arch(cfg)
-    sp = cfg.pruning.sparsity
-    final = student_arch(t, sp.ffn, sp.attention, sp.hidden)
+    sp = cfg.pruning.sparsity.model_dump()
+    final = student_arch(cfg, sp)
     tp = count_params(t)
     projections = (t.num_layers + 1) * t.hidden_size * t.hidden_size if cfg.loss.alpha_hidden else 0
     micro, seq = cfg.micro_batch_size, cfg.data.max_seq_length
@@ -456,11 +428,7 @@ def make_plan(cfg: Config, gpu: str, nodes: int, gpus_per_node: int = 8, mfu: fl
     start = 0
     while start < steps:
         end = min(steps, (start // p.shrink_interval + 1) * p.shrink_interval)
-        if start >= p.t_f:
-            frac = 1.0
-        else:
-            frac = _cubic(start, p.t_i, p.t_f)
-        s_arch = student_arch(t, sp.ffn * frac, sp.attention * frac, sp.hidden * frac)
+        s_arch = student_arch(cfg, {k: cubic_sparsity(start, p.t_i, p.t_f, v) for k, v in sp.items()})
         flops += (end - start) * tokens_per_step * step_flops_per_token(cfg, t, s_arch)
         if start > 0 and start <= p.t_f + p.shrink_interval:
             shrinks += 1
@@ -480,15 +448,6 @@ def make_plan(cfg: Config, gpu: str, nodes: int, gpus_per_node: int = 8, mfu: fl
         largest, b = b, b * 2
     return Plan(g, nodes, gpus_per_node, t, final, tp, count_params(final), projections, memory, global_batch,
                 tokens_per_step * steps, flops, mfu, compute_s, comm_s, overhead_s, largest)
-
-
-def _cubic(step: int, t_i: int, t_f: int) -> float:
-    """Fraction of the final sparsity reached at ``step`` (pruning.schedule.cubic_sparsity / s_final)."""
-    if step < t_i:
-        return 0.0
-    if step >= t_f:
-        return 1.0
-    return 1.0 - (1.0 - (step - t_i) / (t_f - t_i)) ** 3
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from homodistil.config import load_config
-from homodistil.plan import (KNOWN_TEACHERS, count_params, forward_flops_per_token, gpu_for_device, make_plan,
+from homodistil.plan import (known_teacher, count_params, forward_flops_per_token, gpu_for_device, make_plan,
                              peak_tflops, step_flops_per_token, student_arch, teacher_arch)
 
 from conftest import tiny_overrides
@@ -21,7 +21,7 @@ def test_step_flops_by_hand_and_in_the_plan():
     is this per-token figure times its tokens when nothing shrinks."""
     cfg = load_config(REPO / "configs" / "homobert_base.yaml",
                       ["pruning.sparsity.ffn=0", "pruning.sparsity.attention=0", "pruning.sparsity.hidden=0"])
-    t = KNOWN_TEACHERS["bert-base-uncased"]
+    t = known_teacher("bert-base-uncased")
     matmul = count_params(t).matmul
     fwd = 2 * matmul + 4 * 12 * 128 * 768
     assert forward_flops_per_token(t, 128) == fwd
@@ -87,7 +87,7 @@ def test_profiled_run_writes_trace_and_perf_scalars(tmp_path):
     cfg = recipe.cfg
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     t = teacher_arch(cfg)
-    final = student_arch(t, 0.5, 0.5, 0.5)
+    final = student_arch(cfg, {"ffn": 0.5, "attention": 0.5, "hidden": 0.5})
     last = rows[-1]
     assert last["prune/live_params"] == count_params(final).total  # the plan sees the same student
     per_token = last["perf/tflops"] * 1e12 * last["perf/step_s"] / (4 * 32)

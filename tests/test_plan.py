@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from homodistil.config import load_config
-from homodistil.plan import (GIB, KNOWN_TEACHERS, RESERVE_GIB, Arch, arch_from_hf_config, backbone_params,
+from homodistil.plan import (GIB, known_teacher, RESERVE_GIB, Arch, arch_from_hf_config, backbone_params,
                              count_params, format_plan, layer_activation_bytes, make_plan, plan_main,
-                             student_arch, teacher_arch, zero_model_states)
+                             student_arch, teacher_arch, zero_model_states, TINY_VOCAB)
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -71,16 +71,16 @@ def test_counts_match_transformers_models():
 def test_known_teachers_match_their_configs():
     from transformers import BertConfig, GPT2Config, LlamaConfig
 
-    assert arch_from_hf_config(BertConfig().to_dict()) == KNOWN_TEACHERS["bert-base-uncased"]
-    assert arch_from_hf_config(GPT2Config().to_dict()) == KNOWN_TEACHERS["gpt2"]
+    assert arch_from_hf_config(BertConfig().to_dict()) == known_teacher("bert-base-uncased")
+    assert arch_from_hf_config(GPT2Config().to_dict()) == known_teacher("gpt2")
     llama3 = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                          num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
                          tie_word_embeddings=False)
-    assert arch_from_hf_config(llama3.to_dict()) == KNOWN_TEACHERS["meta-llama/Meta-Llama-3-8B"]
-    assert count_params(KNOWN_TEACHERS["meta-llama/Meta-Llama-3-8B"]).total == 8_030_261_248
-    assert count_params(KNOWN_TEACHERS["bert-base-uncased"]).total == 109_514_298  # BertForMaskedLM
-    assert backbone_params(KNOWN_TEACHERS["bert-base-uncased"]) == 109_482_240  # BertModel: "110M"
-    assert count_params(KNOWN_TEACHERS["gpt2"]).total == 124_439_808
+    assert arch_from_hf_config(llama3.to_dict()) == known_teacher("meta-llama/Meta-Llama-3-8B")
+    assert count_params(known_teacher("meta-llama/Meta-Llama-3-8B")).total == 8_030_261_248
+    assert count_params(known_teacher("bert-base-uncased")).total == 109_514_298  # BertForMaskedLM
+    assert backbone_params(known_teacher("bert-base-uncased")) == 109_482_240  # BertModel: "110M"
+    assert count_params(known_teacher("gpt2")).total == 124_439_808
 
 
 def test_teacher_from_local_dir_and_tiny(tmp_path):
@@ -136,25 +136,25 @@ def test_plan_memory_parts_for_a_tiny_run():
     assert s3.memory["student weights"] * 8 == s0.memory["student weights"]
 
 
-def test_student_widths_match_the_bert_adapter():
-    from transformers import BertConfig
+def test_plan_builds_students_and_tiny_teachers_through_the_adapters():
+    """The plan once re-implemented the kept widths (without Llama's hidden rounding) and the
+    schedule, and read every tiny teacher as BERT; now its models are the adapters' configs."""
+    from transformers import GPT2LMHeadModel
 
     from homodistil.pruning.adapters import get_adapter
 
-    adapter = get_adapter("bert")
-    for name in ("base", "small", "xsmall", "tiny"):
-        cfg = load_config(CONFIGS / f"homobert_{name}.yaml")
-        s = student_arch(KNOWN_TEACHERS["bert-base-uncased"], **cfg.pruning.sparsity.model_dump())
-        kept = adapter.kept(BertConfig(), cfg.pruning.sparsity.model_dump())
-        assert (s.hidden_size, s.head_width, s.intermediate_size) == (kept["hidden"], kept["attention"], kept["ffn"])
-
-
-def test_schedule_matches_the_pruner():
-    from homodistil.plan import _cubic
-    from homodistil.pruning.schedule import cubic_sparsity
-
-    for step in (0, 5, 100, 999, 1000, 19599, 19600, 27999):
-        assert _cubic(step, 0, 19600) == pytest.approx(cubic_sparsity(step, 0, 19600, 0.5) / 0.5)
+    llama = load_config(None, ["model.teacher=meta-llama/Meta-Llama-3-8B", "pruning.sparsity.attention=0",
+                               "pruning.sparsity.ffn=0.3", "pruning.sparsity.hidden=0.3"])
+    s = student_arch(llama, llama.pruning.sparsity.model_dump())
+    assert s.hidden_size == 2880 == 32 * 90  # 4096 − round(4096·0.3) = 2867 is no multiple of the 32 heads
+    assert (s.intermediate_size, s.head_dim, s.num_kv_heads) == (10035, 128, 8)
+    tiny = load_config(None, ["model.teacher=tiny", "model.tiny.family=llama", "model.tiny.num_key_value_heads=2",
+                              "pruning.sparsity.attention=0"])
+    t = teacher_arch(tiny)
+    assert (t.family, t.num_kv_heads, t.tie_word_embeddings, t.type_vocab_size) == ("llama", 2, False, 0)
+    cfg = load_config(None, ["model.teacher=tiny", "model.tiny.family=gpt2"])
+    real = GPT2LMHeadModel(get_adapter("gpt2").tiny_config(TINY_VOCAB, 0, cfg.model.tiny))
+    assert count_params(teacher_arch(cfg)).total == sum(p.numel() for p in real.parameters())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,7 +200,7 @@ def test_bert_base_time_against_the_paper():
     assert 13 / 4 <= plan.hours <= 13 * 4, plan.hours
     assert make_plan(cfg, "a100-80gb", 1, mfu=0.09).hours == pytest.approx(13, rel=0.15)
     # FLOPs lie between "student stays at 65M" and "student stays at 109M" (6N + 2N per token)
-    t = count_params(KNOWN_TEACHERS["bert-base-uncased"]).matmul
+    t = count_params(known_teacher("bert-base-uncased")).matmul
     s = count_params(plan.student).matmul
     assert (6 * s + 2 * t) * plan.tokens < plan.flops < 8 * t * plan.tokens * 1.05
     # twice the GPUs with half the accumulation: same batch, about half the time

@@ -14,6 +14,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from ..arch import Arch
 from ..groups import Group
 
 
@@ -40,6 +41,9 @@ class Adapter(Protocol):
 
     def shrunk_config(self, teacher_config, kept: dict[str, int]):
         """The model config with the kept widths."""
+
+    def arch(self, config) -> Arch:
+        """The numbers of ``config`` that memory and FLOPs depend on."""
 
     def set_dropout(self, config, p: float) -> None:
         """Set every dropout probability of ``config`` to ``p``."""

@@ -19,7 +19,7 @@ import math
 from transformers import BertConfig, BertForMaskedLM
 
 from ..groups import Group, MaskPoint, Slice
-from . import register
+from . import Arch, register
 from .common import TiedHeadWidth, lin, norm
 
 
@@ -84,6 +84,12 @@ class BertAdapter(TiedHeadWidth):
         groups.append(Group("hidden", "hidden", hidden, slices=tuple(hidden_slices),
                             points=tuple(MaskPoint(n, "norm") for n in hidden_norms)))
         return groups
+
+    def arch(self, config) -> Arch:
+        return Arch("bert", config.vocab_size, config.hidden_size, config.num_hidden_layers,
+                    config.num_attention_heads, config.intermediate_size, config.max_position_embeddings,
+                    config.type_vocab_size, tie_word_embeddings=getattr(config, "tie_word_embeddings", True),
+                    dropout=max(config.hidden_dropout_prob, config.attention_probs_dropout_prob))
 
     def shrunk_config(self, teacher_config, kept: dict[str, int]):
         cfg = self.config_class.from_dict(teacher_config.to_dict())

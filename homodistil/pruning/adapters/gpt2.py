@@ -27,7 +27,7 @@ import math
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from ..groups import Group, MaskPoint, Slice
-from . import AdapterError, register
+from . import AdapterError, Arch, register
 from .common import TiedHeadWidth, norm
 
 
@@ -94,6 +94,11 @@ class GPT2Adapter(TiedHeadWidth):
                               MaskPoint(block + "ln_2", "norm"), MaskPoint(mlp_proj, "out")]
         groups.append(Group("hidden", "hidden", hidden, slices=tuple(hidden_slices), points=tuple(hidden_points)))
         return groups
+
+    def arch(self, config) -> Arch:
+        return Arch("gpt2", config.vocab_size, config.n_embd, config.n_layer, config.n_head, self.ffn_size(config),
+                    config.n_positions, 0, tie_word_embeddings=getattr(config, "tie_word_embeddings", True),
+                    dropout=config.resid_pdrop)
 
     def shrunk_config(self, teacher_config, kept: dict[str, int]) -> GPT2Config:
         cfg = GPT2Config.from_dict(teacher_config.to_dict())

@@ -36,7 +36,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..groups import Group, MaskPoint, Slice
 from ..schedule import kept_units
-from . import AdapterError, register
+from . import AdapterError, Arch, register
 from .common import SameDepth, lin, norm
 
 
@@ -104,6 +104,13 @@ class LlamaAdapter(SameDepth):
                 f"{self.model_type}: pruning.sparsity.attention must be 0 (got {sparsity['attention']}): a narrower "
                 f"head changes the rotary frequencies, and fewer heads would break the one-to-one attention loss; "
                 f"prune ffn and hidden (heads kept, as Minitron does)")
+
+    def arch(self, config) -> Arch:
+        return Arch("llama", config.vocab_size, config.hidden_size, config.num_hidden_layers,
+                    config.num_attention_heads, config.intermediate_size, config.max_position_embeddings, 0,
+                    head_dim=self.head_dim(config),
+                    num_kv_heads=config.num_key_value_heads or config.num_attention_heads,
+                    tie_word_embeddings=bool(config.tie_word_embeddings), dropout=config.attention_dropout)
 
     def shrunk_config(self, teacher_config, kept: dict[str, int]):
         cfg = type(teacher_config).from_dict(teacher_config.to_dict())
