@@ -244,7 +244,7 @@ def _short_docs(tmp: Path) -> str:
 
 def _bad_cache(how: str):
     def make(tmp: Path) -> str:
-        from homodistil.data.mlm import build_blocks  # noqa: PLC0415
+        from homodistil.data.batches import build_blocks  # noqa: PLC0415
 
         source = str(_text_dir(tmp))
         build_blocks(source, tokenizer(), SEQ, cache_dir=tmp / "cache")
@@ -301,7 +301,7 @@ def try_input(make, tmp: Path) -> tuple[str, str]:
     from types import SimpleNamespace  # noqa: PLC0415
 
     from homodistil.data.corpora import DataError  # noqa: PLC0415
-    from homodistil.data.mlm import MLMBatches, build_blocks, check_global_batch  # noqa: PLC0415
+    from homodistil.data.batches import BlockBatches, build_blocks, check_global_batch  # noqa: PLC0415
 
     tmp.mkdir(parents=True, exist_ok=True)
     records: list[str] = []
@@ -313,7 +313,7 @@ def try_input(make, tmp: Path) -> tuple[str, str]:
         source = make(tmp)
         tok = tokenizer()
         blocks = build_blocks(source, tok, SEQ, cache_dir=tmp / "cache")
-        data = MLMBatches(blocks, tok, mlm_probability=0.15, seed=0, heldout_fraction=0.05)
+        data = BlockBatches(blocks, tok, mlm_probability=0.15, seed=0, heldout_fraction=0.05)
         check_global_batch(data, GLOBAL_BATCH, SimpleNamespace(source=source, max_seq_length=SEQ))
     except DataError as err:
         return "error", str(err)

@@ -2,7 +2,7 @@
 import torch
 from transformers import AutoTokenizer
 
-from homodistil.data.mlm import MLMBatches, build_blocks, mask_tokens
+from homodistil.data.batches import BlockBatches, build_blocks, mask_tokens
 from homodistil.engine.models import minilm_dir
 
 TOK = AutoTokenizer.from_pretrained(minilm_dir())
@@ -10,7 +10,7 @@ TOK = AutoTokenizer.from_pretrained(minilm_dir())
 
 def _data(seed=0):
     blocks = build_blocks("kjv", TOK, 32, max_documents=30)
-    return MLMBatches(blocks, TOK, mlm_probability=0.15, seed=seed, heldout_fraction=0.1)
+    return BlockBatches(blocks, TOK, mlm_probability=0.15, seed=seed, heldout_fraction=0.1)
 
 
 def test_blocks_are_cls_text_sep_without_padding():
@@ -64,7 +64,7 @@ def test_causal_blocks_and_next_token_labels():
     # The BERT tokenizer has no BOS/EOS: no prefix, documents joined by [SEP]
     assert TOK.decode(blocks[0, :7]).startswith("in the beginning god created")
     assert (blocks == TOK.sep_token_id).any() and not (blocks == TOK.cls_token_id).any()
-    data = MLMBatches(blocks, TOK, mlm_probability=0.15, seed=0, heldout_fraction=0.1, objective="causal")
+    data = BlockBatches(blocks, TOK, mlm_probability=0.15, seed=0, heldout_fraction=0.1, objective="causal")
     batch = data.batch(2, 0, grad_accum=1, micro_batch=4, rank=0, world=1)
     ids, labels = batch["input_ids"], batch["labels"]
     assert torch.equal(labels[:, :-1], ids[:, 1:]) and (labels[:, -1] == -100).all()
@@ -72,7 +72,7 @@ def test_causal_blocks_and_next_token_labels():
 
 
 def test_causal_labels_skip_padding():
-    from homodistil.data.mlm import causal_labels
+    from homodistil.data.batches import causal_labels
 
     ids = torch.tensor([[5, 6, 7, 8], [9, 10, 0, 0]])
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])

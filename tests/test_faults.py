@@ -175,7 +175,7 @@ def test_bad_input(tmp_path, what, make, expected):
 
 
 def test_a_corrupt_cache_is_rebuilt_to_the_same_blocks(tmp_path):
-    from homodistil.data.mlm import build_blocks
+    from homodistil.data.batches import build_blocks
 
     source = H._bad_cache("truncated")(tmp_path / "a")
     fresh = build_blocks(source, H.tokenizer(), H.SEQ)

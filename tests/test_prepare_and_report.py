@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForMaskedLM, AutoTokenizer, BertConfig, BertModel
 
 from homodistil.config import PrepareConfig
-from homodistil.data.mlm import MLMBatches, build_blocks
+from homodistil.data.batches import BlockBatches, build_blocks
 from homodistil.engine import prepare as prep
 from homodistil.engine.models import minilm_dir
 from homodistil.eval.heldout import heldout_metrics
@@ -33,7 +33,7 @@ def headless(tmp_path_factory):
 def test_prepare_gives_a_headless_teacher_a_trained_head(headless, tmp_path):
     assert any(k.startswith("cls.predictions") for k in prep.missing_head(headless))
     tok = AutoTokenizer.from_pretrained(headless)
-    data = MLMBatches(build_blocks("kjv", tok, 32, max_documents=20), tok, mlm_probability=0.15, seed=0,
+    data = BlockBatches(build_blocks("kjv", tok, 32, max_documents=20), tok, mlm_probability=0.15, seed=0,
                       heldout_fraction=0.1)
     out = tmp_path / "prepared"
     info = prep.prepare_teacher(headless, out, data, PrepareConfig(steps=8, lr=1e-3, batch_size=8), "cls", tok,
@@ -76,7 +76,7 @@ def test_heldout_metrics_kl_is_zero_for_the_teacher_itself(tmp_path):
     assert 0.0 <= res["student"]["masked_accuracy"] <= 1.0
     # MLM loss by hand on the first held-out batch of the same blocks
     tok = AutoTokenizer.from_pretrained(recipe.teacher_dir)
-    data = MLMBatches(build_blocks(d.source, tok, d.max_seq_length, max_documents=d.max_documents), tok,
+    data = BlockBatches(build_blocks(d.source, tok, d.max_seq_length, max_documents=d.max_documents), tok,
                       mlm_probability=d.mlm_probability, seed=recipe.cfg.trainer.seed,
                       heldout_fraction=d.heldout_fraction)
     batch = next(data.heldout_batches(16))
@@ -134,7 +134,7 @@ def test_prepare_leaves_the_callers_rng_alone_and_publishes_atomically(headless,
     """A cold-cache run must train like a warm one (the preparation once reseeded the global RNG),
     and a second preparation of the same key (a concurrent worker) must not fail or mix files."""
     tok = AutoTokenizer.from_pretrained(headless)
-    data = MLMBatches(build_blocks("kjv", tok, 32, max_documents=20), tok, mlm_probability=0.15, seed=0,
+    data = BlockBatches(build_blocks("kjv", tok, 32, max_documents=20), tok, mlm_probability=0.15, seed=0,
                       heldout_fraction=0.1)
     cfg = PrepareConfig(steps=2, lr=1e-3, batch_size=4)
     out = tmp_path / "prepared"

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from transformers import AutoModelForMaskedLM
 
 from homodistil.config import PrepareConfig
-from homodistil.data.mlm import MLMBatches
+from homodistil.data.batches import BlockBatches
 
 log = logging.getLogger("homodistil.prepare")
 PREP_FILE = "homodistil_prepare.json"
@@ -73,7 +73,7 @@ def _masked_logits(model, head: str, batch: dict) -> tuple[torch.Tensor, torch.T
 
 
 @torch.no_grad()
-def masked_accuracy(model, head: str, data: MLMBatches, batch_size: int, limit: int = 64) -> tuple[float, float]:
+def masked_accuracy(model, head: str, data: BlockBatches, batch_size: int, limit: int = 64) -> tuple[float, float]:
     """(accuracy, mean loss) of the MLM predictions on held-out blocks' masked tokens."""
     model.eval()
     correct = total = 0
@@ -86,7 +86,7 @@ def masked_accuracy(model, head: str, data: MLMBatches, batch_size: int, limit: 
     return correct / max(1, total), loss_sum / max(1, total)
 
 
-def prepare_teacher(source: str, out: Path, data: MLMBatches, cfg: PrepareConfig, head: str, tokenizer,
+def prepare_teacher(source: str, out: Path, data: BlockBatches, cfg: PrepareConfig, head: str, tokenizer,
                     progress: bool = True) -> dict:
     """Train an MLM head (and the encoder under it) for ``cfg.steps`` steps; save to ``out``.
 
@@ -115,7 +115,7 @@ def prepare_teacher(source: str, out: Path, data: MLMBatches, cfg: PrepareConfig
     return info
 
 
-def _train_head(source: str, data: MLMBatches, cfg: PrepareConfig, head: str, progress: bool):
+def _train_head(source: str, data: BlockBatches, cfg: PrepareConfig, head: str, progress: bool):
     """(info, model): continued MLM training of ``source`` with a new head, on the caller's RNG."""
     model = AutoModelForMaskedLM.from_pretrained(source, dtype=torch.float32)
     acc_before, loss_before = masked_accuracy(model, head, data, cfg.batch_size)

@@ -19,8 +19,8 @@ from deepspeed import zero
 from transformers import set_seed
 
 from homodistil.config import Config, ConfigError, dump_config
-from homodistil.data.mlm import MLMBatches, MLMStream, check_global_batch
-from homodistil.data.mlm import from_config as data_from_config
+from homodistil.data.batches import BlockBatches, StreamBatches, check_global_batch
+from homodistil.data.batches import from_config as data_from_config
 from homodistil.lm.probe import HeldoutProbe
 from homodistil.pruning.adapters import get_adapter
 from homodistil.pruning.groups import KINDS, live_numel, shrink_tensors
@@ -156,7 +156,7 @@ class Recipe:
         source = teacher_source(m)
         if source is None or m.prepare.steps == 0 or self.objective == "causal" or not missing_head(source):
             return source  # preparing gives a head-less encoder an MLM head; a causal LM is used as it is
-        if not isinstance(self.data, MLMBatches):
+        if not isinstance(self.data, BlockBatches):
             raise ConfigError(f"teacher '{m.teacher}' has no MLM head and preparing one needs pre-built blocks: "
                               f"set data.streaming=false, or give a teacher with a head")
         d = self.cfg.data
@@ -184,7 +184,7 @@ class Recipe:
             unset_hf_deepspeed_config()
             del keep_alive
 
-    def _load_data(self) -> MLMBatches | MLMStream:
+    def _load_data(self) -> BlockBatches | StreamBatches:
         d = self.cfg.data
 
         def build():

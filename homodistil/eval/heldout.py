@@ -16,7 +16,7 @@ def heldout_metrics(model_dirs: dict[str, str], teacher_dir: str, data, *, batch
                     max_blocks: int = 128, objective: str = "mlm") -> dict[str, dict[str, float]]:
     """Per model: ``mlm_loss`` and ``masked_accuracy`` at the scored tokens of ``data``'s
     held-out blocks (masked tokens for MLM, next tokens for a causal LM; ``data`` from
-    ``homodistil.data.mlm.from_config``, the run's own), and ``kl_to_teacher`` =
+    ``homodistil.data.batches.from_config``, the run's own), and ``kl_to_teacher`` =
     KL(p_teacher ‖ p_model) there (nats per token, τ = 1) — the training-time
     :class:`HeldoutProbe`, applied to exported directories."""
     auto = AutoModelForCausalLM if objective == "causal" else AutoModelForMaskedLM

@@ -1,6 +1,6 @@
 """Held-out KL(teacher ‖ student) and MLM loss during training (``trainer.eval_every``).
 
-The blocks and their masks are fixed (the run's held-out split, ``MLMBatches.heldout_batches``),
+The blocks and their masks are fixed (the run's held-out split, ``BlockBatches.heldout_batches``),
 and the teacher's log-probabilities at the masked positions are computed once, so every
 evaluation of the run — and every run with the same seed — measures the same thing. The
 figures are those of ``homodistil.eval.heldout.heldout_metrics`` on an exported model.

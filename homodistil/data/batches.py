@@ -183,7 +183,7 @@ class _HeldoutBlocks:
             yield self._make(self.heldout, [(0, i) for i in idx], tag=1)
 
 
-class MLMBatches(_HeldoutBlocks):
+class BlockBatches(_HeldoutBlocks):
     """Deterministic MLM (or causal-LM) batches over pre-built blocks, split into train and held-out parts."""
 
     def __init__(self, blocks: torch.Tensor, tokenizer, *, mlm_probability: float, seed: int,
@@ -227,13 +227,13 @@ def check_global_batch(data, global_batch: int, cfg) -> None:
 
     ``cfg``: the data config (``source``, ``max_seq_length``) for the message.
     """
-    if isinstance(data, MLMBatches) and len(data.train) < global_batch:
+    if isinstance(data, BlockBatches) and len(data.train) < global_batch:
         raise DataError(f"data.source {cfg.source!r}: {len(data.train)} training blocks of {cfg.max_seq_length} "
                         f"tokens, fewer than one global batch ({global_batch}): add text, or lower "
                         f"data.max_seq_length or the batch size")
 
 
-class MLMStream(_HeldoutBlocks):
+class StreamBatches(_HeldoutBlocks):
     """MLM batches packed on the fly from a document stream (Wikipedia/BookCorpus scale).
 
     Held out first: the documents at the head of the stream that pack into ``heldout_blocks``
@@ -322,16 +322,16 @@ class MLMStream(_HeldoutBlocks):
 
 
 def from_config(d, tokenizer, *, seed: int, objective: str = "mlm", rank: int = 0, world: int = 1,
-                cache_dir: Path | None = None, heldout_blocks: int = 0) -> MLMBatches | MLMStream:
+                cache_dir: Path | None = None, heldout_blocks: int = 0) -> BlockBatches | StreamBatches:
     """The batch source a data config (``config.DataConfig``) describes: a stream (rank ``rank``
     of ``world``; ``heldout_blocks`` held out at its head when ``d.heldout_fraction > 0``), or
     pre-built blocks (tokenized once into ``cache_dir``) split into training and held-out parts.
     The one place data is set up: training, the demo's evaluation and ``compare`` call it."""
     if d.streaming:
-        return MLMStream(load_text(d.source, d.text_field, d.max_documents, streaming=True), tokenizer,
+        return StreamBatches(load_text(d.source, d.text_field, d.max_documents, streaming=True), tokenizer,
                          max_seq_length=d.max_seq_length, mlm_probability=d.mlm_probability, seed=seed,
                          rank=rank, world=world, objective=objective,
                          heldout_blocks=heldout_blocks if d.heldout_fraction > 0 else 0)
     blocks = build_blocks(d.source, tokenizer, d.max_seq_length, d.text_field, d.max_documents, cache_dir, objective)
-    return MLMBatches(blocks, tokenizer, mlm_probability=d.mlm_probability, seed=seed,
+    return BlockBatches(blocks, tokenizer, mlm_probability=d.mlm_probability, seed=seed,
                       heldout_fraction=d.heldout_fraction, objective=objective)
