@@ -99,7 +99,9 @@ class Recipe:
                        and any(s > 0 for s in cfg.pruning.sparsity.model_dump().values()))
         self.needs_teacher = bool(cfg.loss.alpha_pred or cfg.loss.alpha_hidden or cfg.loss.alpha_attention)
 
-        tag = checkpoint.find_latest(self.ckpt_root) if cfg.trainer.resume else None
+        # damaged checkpoints are set aside here (each reported in one line once the monitor is up)
+        tag, damaged = checkpoint.find_resumable(self.ckpt_root) if cfg.trainer.resume else (None, [])
+        self.resumed_tag = tag
         meta = checkpoint.read_meta(self.ckpt_root, tag) if tag else None
         if meta and _architecture(meta["teacher_config"]) != _architecture(self.tcfg.to_dict()):
             raise ConfigError(f"{self.ckpt_root / tag} was made with another teacher: use a new trainer.output_dir")
@@ -142,6 +144,8 @@ class Recipe:
                           + (f"; resumed from step {self.step} ({tag})" if tag else "")
                           + (f"; removed incomplete checkpoint(s) {', '.join(removed)}" if removed else "")
                           + (f"; injected faults {armed}" if armed else ""))
+        for line in damaged:
+            self.monitor.note(line)
         return self
 
     def _teacher_path(self) -> str | None:
@@ -453,7 +457,8 @@ class Recipe:
 
     def save(self) -> str:
         tag = checkpoint.save(self.engine, self.ckpt_root, self.step, self._meta(), self.pruner.state_dict(),
-                              self.rank, self.data.state_dict(), self.ckpt_bytes)
+                              self.rank, self.data.state_dict(), self.ckpt_bytes,
+                              keep=self.cfg.trainer.keep_checkpoints, protect=self.resumed_tag)
         self._last_saved = self.step
         return tag
 
