@@ -274,10 +274,46 @@ def read_meta(root: Path, tag: str) -> dict:
     return json.loads((root / tag / META).read_text())
 
 
-def load_run_state(root: Path, tag: str, rank: int) -> tuple[dict, dict]:
-    """(pruner state, this rank's {"rng", "data"}); a rank missing from the checkpoint takes rank 0's."""
+def load_run_state(root: Path, tag: str, rank: int) -> tuple[dict, dict | None]:
+    """(pruner state, this rank's {"rng", "data"}); None for a rank the checkpoint does not have
+    (it was saved at a smaller world size: that rank keeps its own seeded RNG stream)."""
     rank_file = root / tag / f"rank{rank}.pt"
-    if not rank_file.exists():
-        rank_file = root / tag / "rank0.pt"
     return (torch.load(root / tag / PRUNER, weights_only=False),
-            torch.load(rank_file, weights_only=False))
+            torch.load(rank_file, weights_only=False) if rank_file.exists() else None)
+
+
+def world_free_state(directory: Path) -> tuple[dict, dict, int, dict]:
+    """A ZeRO 1-3 checkpoint saved at any world size as full fp32 tensors, to resume at another.
+
+    Returns (params, moments, adam_step, engine counters): ``params[name]`` and
+    ``moments[name][exp_avg|exp_avg_sq]`` are full tensors (tied parameters under each of their
+    names; buffers too), the counters are DeepSpeed's ``global_steps``, ``global_samples``,
+    ``skipped_steps`` and the LR scheduler's state. Adam's moments sit in flat partitions laid
+    out exactly like the fp32 master weights, so DeepSpeed's own ``zero_to_fp32`` reassembly of
+    the weights reassembles them too. Every rank reads every shard (host memory: 12 bytes per
+    parameter, as a shrink's gather).
+    """
+    from deepspeed.utils import zero_to_fp32 as z  # noqa: PLC0415
+
+    model_states = z.parse_model_states(z.get_model_state_files(str(directory)))
+    optim = [torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+             for f in z.get_optim_files(str(directory))]
+    stage, world = int(optim[0]["zero_stage"]), len(optim)
+    flat_key, inner = ("fp32_flat_groups", "optimizer_state_dict") if stage == 3 else \
+        ("single_partition_of_fp32_groups", "base_optimizer_state")
+
+    def reassemble(flat_groups: list[list[torch.Tensor]]) -> dict[str, torch.Tensor]:
+        if stage == 3:
+            return z.to_torch_tensor(z._get_fp32_state_dict_from_zero3_checkpoint(world, flat_groups, model_states, False))
+        return dict(z._get_fp32_state_dict_from_zero2_checkpoint(world, flat_groups, model_states, False,
+                                                                 optim[0].get("param_alignment_paddings")))
+
+    params = reassemble([o[flat_key] for o in optim])
+    states = [o[inner]["state"] for o in optim]
+    by_moment = {k: reassemble([[st[i][k] for i in range(len(o[flat_key]))] for st, o in zip(states, optim)])
+                 for k in ("exp_avg", "exp_avg_sq")}
+    moments = {name: {k: by_moment[k][name] for k in by_moment} for name in params if name in by_moment["exp_avg"]}
+    adam_step = int(next(iter(states[0].values()))["step"])
+    engine_file = torch.load(z.get_model_state_files(str(directory))[0], map_location="cpu", weights_only=False)
+    counters = {k: engine_file[k] for k in ("global_steps", "global_samples", "skipped_steps", "lr_scheduler")}
+    return params, moments, adam_step, counters
