@@ -214,6 +214,9 @@ class TrainerConfig(_Strict):
     log_every: int = Field(1, gt=0)
     save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end).")
     resume: bool = Field(True, description="Continue from output_dir/checkpoints/latest if present.")
+    keep_checkpoints: int = Field(
+        2, ge=1, description="Complete checkpoints kept (the newest N; older ones are deleted after each save). "
+        "The one the run resumed from is never deleted by that run.")
     max_bad_steps: int = Field(
         5, gt=0, description="A step with a non-finite loss or gradient is skipped (no update, logged); after "
         "this many in a row the run saves a checkpoint (still the last good weights) and stops with an error.")

@@ -24,6 +24,8 @@ def test_overrides_are_typed():
                        "optimizer.betas=[0.9, 0.98]", "data.source=[kjv, /tmp/x.txt]"])
     assert cfg.trainer.max_steps == 300 and cfg.pruning.sparsity.ffn == 0.25
     assert cfg.zero_stage == 3 and cfg.optimizer.betas == (0.9, 0.98) and cfg.data.source == ["kjv", "/tmp/x.txt"]
+    assert cfg.trainer.keep_checkpoints == 2  # the default
+    assert load_config(REPO / "configs" / "tiny.yaml", ["trainer.keep_checkpoints=5"]).trainer.keep_checkpoints == 5
 
 
 def _write(tmp_path, text):
@@ -44,6 +46,7 @@ BAD = [  # (config text or None for tiny.yaml, overrides, expected fragment of t
     (None, ["deepspeed.fp16.enabled=true"], "deepspeed.fp16 is not supported"),
     (None, ["deepspeed.bf16.enabled=true"], "deepspeed.bf16 at ZeRO stage 0 is not supported"),
     (None, ["trainer.max_steps"], "is not of the form section.key=value"),
+    (None, ["trainer.keep_checkpoints=0"], "trainer.keep_checkpoints: Input should be greater than or equal to 1"),
     (None, ["model.init=scratch", "pruning.schedule=oneshot"], "pruning.schedule does not apply"),
     (None, ["model.init=random"], "model.init: Input should be 'teacher' or 'scratch'"),
     (None, ["evaluate.finetune_tasks=[sst2]"], "evaluate.finetune_tasks ['sst2'] are not in evaluate.tasks"),

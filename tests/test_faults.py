@@ -129,9 +129,9 @@ def test_gradient_accumulation_updates_once_per_step_and_matches_one_big_batch(t
 
 def test_too_many_bad_steps_stop_with_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HOMODISTIL_FAULT", "nan@2x10")
-    monkeypatch.setattr(checkpoint, "KEEP_LAST", 100)
     code = main(["distill", "configs/tiny.yaml", *tiny_overrides(tmp_path), "trainer.max_steps=8", "pruning.t_f=8",
-                 "pruning.mask_interval=10", "trainer.save_every=1", "trainer.max_bad_steps=3"])
+                 "pruning.mask_interval=10", "trainer.save_every=1", "trainer.max_bad_steps=3",
+                 "trainer.keep_checkpoints=100"])
     err = _one_error_line(capsys.readouterr().err)
     assert code == 2
     root = tmp_path / "checkpoints"

@@ -7,6 +7,7 @@ Layout under ``<output_dir>/checkpoints/``::
         meta.json               step, widths, teacher config, tokenizer: enough to rebuild
         pruner.pt               masks, scores, importance state (identical on all ranks)
         rank{r}.pt              each rank's RNG state (torch/python/numpy) and data position
+        MANIFEST.json           every other file's size and CRC-32, written before COMPLETE
         COMPLETE                written last, after every rank finished
 
 An interrupted save (a killed process, a full disk) leaves a directory without ``COMPLETE``;
@@ -15,13 +16,21 @@ next save or resume deletes it. Before writing, every rank checks that the file 
 room for one more checkpoint (the size of the newest one, or an estimate for the first), so a
 full disk stops the run with one line instead of a half-written checkpoint; an ``OSError``
 while writing our own files (ENOSPC, EIO) removes the partial checkpoint and stops the same way.
+
+``COMPLETE`` says the files were written; ``MANIFEST.json`` says what they were. Resuming checks
+every file's size and CRC-32 against it (the ranks share the files out); a damaged checkpoint
+(a truncated shard, flipped bits on a shared file system) is renamed aside to
+``stepNNNNNNNN.damaged``, reported in one line naming the file, and the run resumes from the
+previous complete checkpoint. A checkpoint written before manifests existed is not checked.
 """
 from __future__ import annotations
 
 import json
 import os
 import random
+import re
 import shutil
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +40,9 @@ import torch.distributed as dist
 from . import faults
 from .dist import device
 
-LATEST, COMPLETE, META, PRUNER = "latest", "COMPLETE", "meta.json", "pruner.pt"
-KEEP_LAST = 2  # complete checkpoints kept; older ones are deleted after a save
+LATEST, COMPLETE, META, PRUNER, MANIFEST = "latest", "COMPLETE", "meta.json", "pruner.pt", "MANIFEST.json"
+TAG = re.compile(r"^step\d{8}$")  # a checkpoint directory (one renamed aside no longer matches)
+CHUNK = 2**22  # bytes read at a time when checksumming
 
 
 class CheckpointError(OSError):
@@ -73,7 +83,7 @@ def set_rng_state(state: dict) -> None:
 def complete_tags(root: Path) -> list[str]:
     if not root.is_dir():
         return []
-    return sorted(p.name for p in root.iterdir() if (p / COMPLETE).exists())
+    return sorted(p.name for p in root.iterdir() if TAG.match(p.name) and (p / COMPLETE).exists())
 
 
 def find_latest(root: Path) -> str | None:
@@ -92,7 +102,7 @@ def remove_incomplete(root: Path) -> list[str]:
     removed = []
     if root.is_dir():
         for p in sorted(root.iterdir()):
-            if p.is_dir() and not (p / COMPLETE).exists():
+            if p.is_dir() and TAG.match(p.name) and not (p / COMPLETE).exists():
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p.name)
     return removed
@@ -125,12 +135,99 @@ def _any(flag: bool) -> bool:
     return bool(t.item())
 
 
+def checksum(path: Path) -> int:
+    """CRC-32 of a file, read in chunks (zlib's: about 1 GB/s on one core, see docs/faults.md)."""
+    crc = 0
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _shared_out(names: list[str], fn) -> dict:
+    """``{name: fn(name)}`` for every name, each rank computing every world-th one (collective)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = {name: fn(name) for name in names[rank::world]}
+    parts = [None] * world
+    dist.all_gather_object(parts, mine)
+    return {k: v for part in parts for k, v in part.items()}
+
+
+def _describe(directory: Path, name: str) -> dict:
+    path = directory / name
+    return {"bytes": path.stat().st_size, "crc32": checksum(path)}
+
+
+def write_manifest(directory: Path) -> None:
+    """Record every file's size and CRC-32 in MANIFEST.json (collective; rank 0 writes it)."""
+    names = sorted(p.name for p in directory.iterdir() if p.is_file() and p.name not in (MANIFEST, COMPLETE))
+    files = _shared_out(names, lambda name: _describe(directory, name))
+    if dist.get_rank() == 0:
+        (directory / MANIFEST).write_text(json.dumps({"files": files}, indent=1, sort_keys=True))
+
+
+def _damage(directory: Path, name: str, expected: dict) -> str | None:
+    """Why file ``name`` does not match its manifest entry, or None."""
+    path = directory / name
+    if not path.is_file():
+        return f"{path}: missing"
+    size = path.stat().st_size
+    if size != expected["bytes"]:
+        return f"{path}: {size} bytes, the manifest says {expected['bytes']}"
+    if checksum(path) != expected["crc32"]:
+        return f"{path}: checksum mismatch"
+    return None
+
+
+def verify(directory: Path) -> str | None:
+    """The first damaged file of a checkpoint, as one line, or None (collective: the ranks share the files)."""
+    manifest = directory / MANIFEST
+    if not manifest.exists():
+        return None  # written before checkpoints had manifests
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (OSError, ValueError, KeyError) as err:
+        return f"{manifest}: unreadable ({err})"
+    found = _shared_out(sorted(files), lambda name: _damage(directory, name, files[name]))
+    return next((found[name] for name in sorted(found) if found[name]), None)
+
+
+def _set_aside(directory: Path) -> Path:
+    aside, n = directory.with_name(directory.name + ".damaged"), 1
+    while aside.exists():
+        n += 1
+        aside = directory.with_name(f"{directory.name}.damaged-{n}")
+    directory.rename(aside)
+    return aside
+
+
+def find_resumable(root: Path) -> tuple[str | None, list[str]]:
+    """The newest complete checkpoint whose files match their manifest (collective).
+
+    Each damaged one met on the way is renamed aside by rank 0 (never deleted) and reported:
+    returns (tag or None, one line per damaged checkpoint).
+    """
+    reports = []
+    while (tag := find_latest(root)) is not None:
+        problem = verify(root / tag)
+        if problem is None:
+            return tag, reports
+        aside = [str(_set_aside(root / tag)) if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(aside, src=0)  # also the barrier: every rank sees it gone
+        previous = find_latest(root)
+        reports.append(f"damaged checkpoint {problem}: renamed {root / tag} to {aside[0]}; "
+                       f"falling back to {previous or 'the start (no earlier complete checkpoint)'}")
+    return None, reports
+
+
 def save(engine, root: Path, step: int, meta: dict, pruner_state: dict, rank: int, data_state: dict,
-         need_bytes: int) -> str:
+         need_bytes: int, keep: int = 2, protect: str | None = None) -> str:
     """Save a checkpoint collectively (every rank calls this); returns its tag.
 
     ``need_bytes``: the size expected for the first checkpoint (later ones are checked against
-    the newest complete one: the student only shrinks).
+    the newest complete one: the student only shrinks). ``keep``: the complete checkpoints kept
+    (older ones are deleted once this one is complete), never ``protect`` (the one the run
+    resumed from).
     """
     tag = f"step{step:08d}"
     previous = find_latest(root)
@@ -160,13 +257,15 @@ def save(engine, root: Path, step: int, meta: dict, pruner_state: dict, rank: in
         dist.barrier()
         raise CheckpointError(f"could not write {root / tag} ({next(r for r in reasons if r)}): removed it; "
                               f"latest is still {previous or 'none'}")
+    write_manifest(root / tag)
     if rank == 0:
         _fsync(root / tag)  # the files are on disk before COMPLETE says so (a node may lose power)
         (root / tag / COMPLETE).write_text("")
         _fsync(root / tag)
         _write_atomic(root / LATEST, tag)
-        for old in complete_tags(root)[:-KEEP_LAST]:
-            shutil.rmtree(root / old, ignore_errors=True)
+        for old in complete_tags(root)[:-keep]:
+            if old != protect:
+                shutil.rmtree(root / old, ignore_errors=True)
     dist.barrier()
     return tag
 
@@ -175,10 +274,46 @@ def read_meta(root: Path, tag: str) -> dict:
     return json.loads((root / tag / META).read_text())
 
 
-def load_run_state(root: Path, tag: str, rank: int) -> tuple[dict, dict]:
-    """(pruner state, this rank's {"rng", "data"}); a rank missing from the checkpoint takes rank 0's."""
+def load_run_state(root: Path, tag: str, rank: int) -> tuple[dict, dict | None]:
+    """(pruner state, this rank's {"rng", "data"}); None for a rank the checkpoint does not have
+    (it was saved at a smaller world size: that rank keeps its own seeded RNG stream)."""
     rank_file = root / tag / f"rank{rank}.pt"
-    if not rank_file.exists():
-        rank_file = root / tag / "rank0.pt"
     return (torch.load(root / tag / PRUNER, weights_only=False),
-            torch.load(rank_file, weights_only=False))
+            torch.load(rank_file, weights_only=False) if rank_file.exists() else None)
+
+
+def world_free_state(directory: Path) -> tuple[dict, dict, int, dict]:
+    """A ZeRO 1-3 checkpoint saved at any world size as full fp32 tensors, to resume at another.
+
+    Returns (params, moments, adam_step, engine counters): ``params[name]`` and
+    ``moments[name][exp_avg|exp_avg_sq]`` are full tensors (tied parameters under each of their
+    names; buffers too), the counters are DeepSpeed's ``global_steps``, ``global_samples``,
+    ``skipped_steps`` and the LR scheduler's state. Adam's moments sit in flat partitions laid
+    out exactly like the fp32 master weights, so DeepSpeed's own ``zero_to_fp32`` reassembly of
+    the weights reassembles them too. Every rank reads every shard (host memory: 12 bytes per
+    parameter, as a shrink's gather).
+    """
+    from deepspeed.utils import zero_to_fp32 as z  # noqa: PLC0415
+
+    model_states = z.parse_model_states(z.get_model_state_files(str(directory)))
+    optim = [torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+             for f in z.get_optim_files(str(directory))]
+    stage, world = int(optim[0]["zero_stage"]), len(optim)
+    flat_key, inner = ("fp32_flat_groups", "optimizer_state_dict") if stage == 3 else \
+        ("single_partition_of_fp32_groups", "base_optimizer_state")
+
+    def reassemble(flat_groups: list[list[torch.Tensor]]) -> dict[str, torch.Tensor]:
+        if stage == 3:
+            return z.to_torch_tensor(z._get_fp32_state_dict_from_zero3_checkpoint(world, flat_groups, model_states, False))
+        return dict(z._get_fp32_state_dict_from_zero2_checkpoint(world, flat_groups, model_states, False,
+                                                                 optim[0].get("param_alignment_paddings")))
+
+    params = reassemble([o[flat_key] for o in optim])
+    states = [o[inner]["state"] for o in optim]
+    by_moment = {k: reassemble([[st[i][k] for i in range(len(o[flat_key]))] for st, o in zip(states, optim)])
+                 for k in ("exp_avg", "exp_avg_sq")}
+    moments = {name: {k: by_moment[k][name] for k in by_moment} for name in params if name in by_moment["exp_avg"]}
+    adam_step = int(next(iter(states[0].values()))["step"])
+    engine_file = torch.load(z.get_model_state_files(str(directory))[0], map_location="cpu", weights_only=False)
+    counters = {k: engine_file[k] for k in ("global_steps", "global_samples", "skipped_steps", "lr_scheduler")}
+    return params, moments, adam_step, counters

@@ -9,7 +9,7 @@ through :func:`loss`; a matching fault then acts on this process only::
     kill@7              SIGKILL at the end of step 7, before its checkpoint (a node death)
     term@5:rank=1       SIGTERM to rank 1 at the end of step 5 (preemption: every rank saves, then stops)
     kill_in_save@6      SIGKILL inside the save of step 6: DeepSpeed's files, rank files, pruner and
-                        meta are written, COMPLETE and ``latest`` are not
+                        meta are written; MANIFEST.json, COMPLETE and ``latest`` are not
     enospc_in_save@6    OSError(ENOSPC) at the same place (a disk that fills during a save)
     nan@4x3             the loss of steps 4, 5, 6 becomes NaN (and with it every gradient)
     inf@4               the loss of step 4 becomes +Inf

@@ -102,7 +102,9 @@ class Recipe:
                        and any(s > 0 for s in cfg.pruning.sparsity.model_dump().values()))
         self.needs_teacher = bool(cfg.loss.alpha_pred or cfg.loss.alpha_hidden or cfg.loss.alpha_attention)
 
-        tag = checkpoint.find_latest(self.ckpt_root) if cfg.trainer.resume else None
+        # damaged checkpoints are set aside here (each reported in one line once the monitor is up)
+        tag, damaged = checkpoint.find_resumable(self.ckpt_root) if cfg.trainer.resume else (None, [])
+        self.resumed_tag = tag
         meta = checkpoint.read_meta(self.ckpt_root, tag) if tag else None
         if meta and _architecture(meta["teacher_config"]) != _architecture(self.tcfg.to_dict()):
             raise ConfigError(f"{self.ckpt_root / tag} was made with another teacher: use a new trainer.output_dir")
@@ -127,6 +129,11 @@ class Recipe:
                              schedule=schedule)
         if not meta and p.schedule == "oneshot":
             student = self._prune_at_start(student)
+        resized = self._world_change(tag, meta) if tag else None
+        if resized is not None:  # the module holds the weights when the engine is built (as after a shrink)
+            with torch.no_grad():
+                for name, prm in student.named_parameters():
+                    prm.copy_(resized[0][name])
         self.engine = self._init_engine(student)
         self.heldout = (HeldoutProbe(self.data, self.teacher, self.adapter.head, cfg.evaluate.heldout_blocks,
                                      cfg.micro_batch_size, self.device) if cfg.trainer.eval_every else None)
@@ -134,7 +141,7 @@ class Recipe:
         self.bad_steps = 0  # consecutive steps skipped for a non-finite loss or gradient
         removed = checkpoint.remove_incomplete(self.ckpt_root) if self.rank == 0 else []
         if tag:
-            self._resume(tag, meta)
+            self._resume(tag, meta, resized)
         elif self.rank == 0:
             (self.out / "config.yaml").write_text(dump_config(cfg))
         self.monitor = Monitor(self.out, self.rank, cfg.trainer.max_steps, self.step, cfg.trainer.progress)
@@ -148,6 +155,8 @@ class Recipe:
                           + (f"; injected faults {armed}" if armed else ""))
         self.monitor.note(f"perf/mfu against {self.perf.peak:.4g} TFLOP/s per device ({self.perf.peak_source})"
                           if self.perf.peak else f"no perf/mfu: {self.perf.peak_source}")
+        for line in damaged:
+            self.monitor.note(line)
         return self
 
     def _teacher_path(self) -> str | None:
@@ -434,12 +443,16 @@ class Recipe:
         gc.collect()
         self.engine = self._init_engine(student)
         restore(self.engine, params, moments, adam_step)
+        self._set_schedule(global_steps, global_samples, scheduler_state)
+        self.monitor.note(f"step {self.step}: shrunk to {self.kept} ({self._param_count() / 1e6:.2f}M parameters) "
+                          f"in {time.perf_counter() - started:.2f}s")
+
+    def _set_schedule(self, global_steps: int, global_samples: int, scheduler_state: dict) -> None:
+        """Put a freshly built engine's step counters and LR schedule where the run was."""
         self.engine.global_steps, self.engine.global_samples = global_steps, global_samples
         self.engine.lr_scheduler.load_state_dict(scheduler_state)
         for group, lr in zip(self.engine.optimizer.param_groups, self.engine.lr_scheduler.get_last_lr()):
             group["lr"] = lr
-        self.monitor.note(f"step {self.step}: shrunk to {self.kept} ({self._param_count() / 1e6:.2f}M parameters) "
-                          f"in {time.perf_counter() - started:.2f}s")
 
     # ------------------------------------------------------------------ logging
     def _param_count(self, live: bool = False) -> int:
@@ -470,31 +483,67 @@ class Recipe:
         tokenizer = tokenizer_name(self.cfg.model)
         return {"step": self.step, "kept": self.kept, "teacher_config": self.tcfg.to_dict(),
                 "model_type": self.tcfg.model_type, "tokenizer": tokenizer, "n_proj": len(self.hidden_pairs),
-                "world_size": self.world, "zero_stage": self.cfg.zero_stage}
+                "world_size": self.world, "zero_stage": self.cfg.zero_stage,
+                "global_batch": self.cfg.micro_batch_size * self.cfg.grad_accum * self.world}
 
     @timed("checkpoint")
     def save(self) -> str:
         tag = checkpoint.save(self.engine, self.ckpt_root, self.step, self._meta(), self.pruner.state_dict(),
-                              self.rank, self.data.state_dict(), self.ckpt_bytes)
+                              self.rank, self.data.state_dict(), self.ckpt_bytes,
+                              keep=self.cfg.trainer.keep_checkpoints, protect=self.resumed_tag)
         self._last_saved = self.step
         return tag
 
     def _saved_at_step(self) -> bool:
         return getattr(self, "_last_saved", None) == self.step
 
-    def _resume(self, tag: str, meta: dict) -> None:
-        load_path, _ = self.engine.load_checkpoint(str(self.ckpt_root), tag=tag, load_optimizer_states=True,
-                                                   load_lr_scheduler_states=True)
-        if load_path is None:
-            raise ConfigError(f"could not load checkpoint {self.ckpt_root / tag}")
+    def _world_change(self, tag: str, meta: dict) -> tuple | None:
+        """Checkpoint ``tag``'s full state when it was saved at another world size (else None), or a
+        one-line error where it cannot resume here (another global batch; a stream; another stage)."""
+        directory = self.ckpt_root / tag
+        saved_world = meta["world_size"]
+        global_batch = self.cfg.micro_batch_size * self.cfg.grad_accum * self.world
+        if meta.get("global_batch", global_batch) != global_batch:
+            raise ConfigError(
+                f"{directory} was saved with a global batch of {meta['global_batch']} (micro-batch x "
+                f"gradient accumulation x world size), this run has {global_batch}: at world size {self.world} set "
+                f"deepspeed.train_micro_batch_size_per_gpu x deepspeed.gradient_accumulation_steps to "
+                f"{meta['global_batch'] / self.world:g}, or use a new trainer.output_dir")
+        if saved_world == self.world:
+            return None
+        if self.cfg.data.streaming:
+            raise ConfigError(f"{directory}: a streamed run resumes at the world size it was saved with "
+                              f"({saved_world}), not {self.world} (each rank's place in the stream is its own): "
+                              f"relaunch with {saved_world} processes, or train on pre-built blocks "
+                              f"(data.streaming=false), which resume at any world size")
+        if meta["zero_stage"] != self.cfg.zero_stage:
+            raise ConfigError(f"{directory}: changing the world size ({saved_world} -> {self.world}) resumes at "
+                              f"the ZeRO stage the checkpoint was saved with ({meta['zero_stage']}), "
+                              f"not {self.cfg.zero_stage}")
+        if self.cfg.zero_stage == 0:
+            return None  # stage 0 files hold whole tensors: DeepSpeed's own loader reads them at any world size
+        return checkpoint.world_free_state(directory)
+
+    def _resume(self, tag: str, meta: dict, resized: tuple | None) -> None:
+        """Continue from checkpoint ``tag``: DeepSpeed's own loader, or ``resized`` (full tensors of a
+        checkpoint from another world size, already in the module: ``setup``) written into the optimizer."""
+        if resized is None:
+            load_path, _ = self.engine.load_checkpoint(str(self.ckpt_root), tag=tag, load_optimizer_states=True,
+                                                       load_lr_scheduler_states=True)
+            if load_path is None:
+                raise ConfigError(f"could not load checkpoint {self.ckpt_root / tag}")
+        else:
+            params, moments, adam_step, counters = resized
+            names = [name for name, _ in self.engine.module.named_parameters()]
+            restore(self.engine, {n: params[n] for n in names}, {n: moments[n] for n in names}, adam_step)
+            self.engine.skipped_steps = counters["skipped_steps"]
+            self._set_schedule(counters["global_steps"], counters["global_samples"], counters["lr_scheduler"])
         pruner_state, rank_state = checkpoint.load_run_state(self.ckpt_root, tag, self.rank)
         self.pruner.load_state_dict(pruner_state, self.device)
-        if self.cfg.data.streaming and meta["world_size"] != self.world:
-            raise ConfigError(f"{self.ckpt_root / tag}: a streamed run resumes at the world size it was saved "
-                              f"with ({meta['world_size']}), not {self.world}")
-        self.data.load_state_dict(rank_state.get("data", {}))
+        if rank_state is not None:  # None: a rank the checkpoint's (smaller) world did not have
+            self.data.load_state_dict(rank_state.get("data", {}))
+            checkpoint.set_rng_state(rank_state["rng"])
         apply_masks(self.engine.module, self.groups, {k: m.to(self.device) for k, m in self.pruner.masks.items()})
-        checkpoint.set_rng_state(rank_state["rng"])
         self.step = self._last_saved = meta["step"]
 
     def export(self, out_dir: Path) -> None:
