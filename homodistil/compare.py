@@ -314,7 +314,7 @@ def collect(root: Path, args, base, plan: list[Run], argv: list[str]) -> dict:
                "config": args.config, "overrides": args.overrides, "sizes": args.sizes, "seeds": args.seeds,
                "variants": {v: ROWS[v].description for v in variants}, "jobs": args.jobs,
                "machine": machine(), "base": json.loads(base.model_dump_json()), "teacher": teacher,
-               "floor": majority_floor(base) if runs else None, "planned": len(plan), "runs": runs}
+               "floor": majority_floor(base), "floor_sizes": train_sizes(base), "planned": len(plan), "runs": runs}
     if args.budgets:
         results.update({
             "budgets": sorted({r.budget for r in plan}), "tf_ratio": args.tf_ratio, "max_drop": args.max_drop,
@@ -323,6 +323,13 @@ def collect(root: Path, args, base, plan: list[Run], argv: list[str]) -> dict:
             "schedules": {f"{r.budget}/{r.variant}/{r.size:g}": schedule_of(r, args, base) for r in plan}})
     (root / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     return results
+
+
+def train_sizes(cfg) -> dict[str, int]:
+    """Per task of ``evaluate.tasks``: the whole training split's size (the compute estimate's fine-tuning steps)."""
+    from homodistil.eval.tasks import load_task  # noqa: PLC0415
+
+    return {task: len(load_task(task).train) for task in cfg.evaluate.tasks}
 
 
 def majority_floor(cfg) -> dict[str, float]:

@@ -424,11 +424,30 @@ def study_block(results: dict, figs: Path) -> str:
                     diff_cell(*paired_runs(a, b, k)[:2], 1, mark=True) for k in score_keys)
                     + f" | {min(len(a), len(b))} |")
     wall = [r["wall_s"] for r in runs]
-    lines += ["", "### How this study ran", "", "```bash", results["command"], "```", "",
+    steps = sum(r["budget"] for r in results["plan"])
+    ft_steps = _finetune_steps(results["base"]["evaluate"], results.get("floor_sizes") or {})
+    lines += ["", "### How to run", "", "```bash", results["command"], "```", "",
+              f"Estimated compute on the 2-core CPU machines, 2 runs at a time: distillation ≈ "
+              f"{steps * TRAIN_S_PER_STEP / 2 / 3600:.1f} h ({steps} steps over {len(results['plan'])} runs at "
+              f"~{TRAIN_S_PER_STEP} s per step per run, from a pair of T = 1000 runs taking ~25 min); "
+              + (f"fine-tuning ≈ {len(results['plan']) * ft_steps * FINETUNE_S_PER_STEP / 2 / 3600:.1f} h more "
+                 f"({ft_steps} fine-tuning steps per run at up to {FINETUNE_S_PER_STEP} s, the teacher's size)."
+                 if ft_steps else "fine-tuning not yet sized (no finished run)."), "",
               f"{results['jobs']} run(s) at a time"
               + (f"; {sum(wall) / 60:.0f} run-minutes over {len(runs)} finished runs." if wall else "; no run "
                  "finished yet."), "<!-- /study -->"]
     return "\n".join(lines)
+
+
+TRAIN_S_PER_STEP = 1.5  # s per distillation step per run, 2 runs at a time (docs: a T = 1000 pair took ~25 min)
+FINETUNE_S_PER_STEP = 2.9  # s per fine-tuning step (batch 32 × 64 tokens) of the MiniLM teacher on 1 thread, measured
+
+
+def _finetune_steps(e: dict, train_sizes: dict[str, int]) -> int:
+    """Fine-tuning steps per run: Σ over the fine-tuned tasks of ceil(train examples / 32) · epochs."""
+    tasks = e["finetune_tasks"] or e["tasks"]
+    sizes = [min(train_sizes[t], e["max_train"] or train_sizes[t]) for t in tasks if t in train_sizes]
+    return sum(-(-n // 32) * e["epochs"] for n in sizes) if len(sizes) == len(tasks) else 0
 
 
 def write_study(results: dict, page: Path) -> Path:
