@@ -20,31 +20,80 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
+from typing import NamedTuple
+
+class Variant(NamedTuple):
+    overrides: list[str]  # on the base config; "{t_i}", "{t_f}", "{mask_interval}" ... name the run's schedule
+    description: str
+    tf_ratio: float | None = None  # budget runs: t_f / T for this row (None: the sweep's --tf-ratio)
+
 
 # variant name -> (overrides on the base config, what it stands for)
-VARIANTS: dict[str, tuple[list[str], str]] = {
-    "homodistil": ([], "(a) HomoDistil: start from the teacher, prune on the cubic schedule while distilling"),
-    "oneshot": (["pruning.schedule=oneshot"],
-                "(b) one-shot: prune the teacher to the final widths at step 0 (same metric), then distill"),
-    "scratch": (["model.init=scratch"],
-                "(c) from scratch: random student of the final shape, distilled with the same losses"),
-    "magnitude": (["pruning.metric=magnitude"], "(d) HomoDistil with magnitude instead of sensitivity importance"),
-    "no-kl": (["loss.alpha_pred=0"], "(e) HomoDistil without the prediction KL term"),
+VARIANTS: dict[str, Variant] = {
+    "homodistil": Variant([], "(a) HomoDistil: start from the teacher, prune on the cubic schedule while distilling"),
+    "oneshot": Variant(["pruning.schedule=oneshot"],
+                       "(b) one-shot: prune the teacher to the final widths at step 0 (same metric), then distill"),
+    "scratch": Variant(["model.init=scratch"],
+                       "(c) from scratch: random student of the final shape, distilled with the same losses"),
+    "magnitude": Variant(["pruning.metric=magnitude"],
+                         "(d) HomoDistil with magnitude instead of sensitivity importance"),
+    "no-kl": Variant(["loss.alpha_pred=0"], "(e) HomoDistil without the prediction KL term"),
 }
+# the ablation rows of the budget study (issue 13): each is (a) or (b) with one setting changed, by config key
+ABLATIONS: dict[str, Variant] = {
+    "platon": Variant(["pruning.metric=platon"], "(a) with PLATON importance (both EMAs updated every step)"),
+    "platon-window": Variant(
+        ["pruning.metric=platon", "pruning.platon_window={mask_interval}"],
+        "(a) with PLATON as its reference implementation does it: |w·g| averaged over each mask interval, "
+        "the EMAs updated once per interval"),
+    "tf0.8": Variant([], "(a) with t_f = 0.8·T: 20% of the run at the final width instead of 50%", tf_ratio=0.8),
+    "lr-floor": Variant(["optimizer.min_lr_ratio=0.5"], "(a) with the LR decaying to half its peak, not to 0"),
+    "oneshot-lr-floor": Variant(["pruning.schedule=oneshot", "optimizer.min_lr_ratio=0.5"],
+                                "(b) with the same LR floor"),
+    "score-after": Variant(["pruning.score_after={t_i}"],
+                           "(a) with no scoring before t_i (no early scores from the MLM term alone)"),
+}
+ROWS: dict[str, Variant] = {**VARIANTS, **ABLATIONS}
 
 
-def run_dir(root: Path, size: float, variant: str, seed: int) -> Path:
-    return root / f"s{size:g}" / variant / f"seed{seed}"
+def budget_schedule(steps: int, tf_ratio: float, t_i: int, s_final: float, max_drop: float) -> dict[str, int]:
+    """A run of ``steps`` total steps: t_f = tf_ratio · steps, the largest mask interval whose every update adds at
+    most ``max_drop`` of each width (pruning.schedule.largest_mask_interval), a shrink every ~5% of the pruning
+    window (a multiple of the mask interval: shrinking is invisible, it only saves time) and ~10 held-out
+    evaluations."""
+    from homodistil.pruning.schedule import largest_mask_interval  # noqa: PLC0415
+
+    t_f = round(tf_ratio * steps)
+    mask = largest_mask_interval(t_i, t_f, s_final, max_drop)
+    return {"max_steps": steps, "t_i": t_i, "t_f": t_f, "mask_interval": mask,
+            "shrink_interval": mask * max(1, round((t_f - t_i) / 20 / mask)), "eval_every": max(1, steps // 10)}
 
 
-def run_overrides(root: Path, size: float, variant: str, seed: int, extra: list[str]) -> list[str]:
+def base_schedule(cfg) -> dict[str, int]:
+    """The base config's own schedule (runs without a budget), in :func:`budget_schedule`'s keys."""
+    p = cfg.pruning
+    return {"max_steps": cfg.trainer.max_steps, "t_i": p.t_i, "t_f": p.t_f, "mask_interval": p.mask_interval,
+            "shrink_interval": p.shrink_interval, "eval_every": cfg.trainer.eval_every}
+
+
+def run_dir(root: Path, size: float, variant: str, seed: int, budget: int | None = None) -> Path:
+    return (root / f"T{budget}" if budget else root) / f"s{size:g}" / variant / f"seed{seed}"
+
+
+def run_overrides(root: Path, size: float, variant: str, seed: int, extra: list[str],
+                  budget: int | None = None, schedule: dict[str, int] | None = None) -> list[str]:
     """The overrides of one run: the user's, then size, seed, output dir (exported: it is evaluated), the shared
-    block cache, and last the variant's."""
+    block cache, the budget's schedule (budget runs), and last the variant's (its templates filled from
+    ``schedule``)."""
+    steps = [f"trainer.max_steps={schedule['max_steps']}", f"pruning.t_f={schedule['t_f']}",
+             f"pruning.mask_interval={schedule['mask_interval']}",
+             f"pruning.shrink_interval={schedule['shrink_interval']}",
+             f"trainer.eval_every={schedule['eval_every']}"] if budget else []
     return [*extra, f"pruning.sparsity.ffn={size}", f"pruning.sparsity.attention={size}",
             f"pruning.sparsity.hidden={size}", f"trainer.seed={seed}",
-            f"trainer.output_dir={run_dir(root, size, variant, seed)}", "trainer.export=true",
-            f"data.cache_dir={root / 'cache'}",
-            *VARIANTS[variant][0]]
+            f"trainer.output_dir={run_dir(root, size, variant, seed, budget)}", "trainer.export=true",
+            f"data.cache_dir={root / 'cache'}", *steps,
+            *(o.format(**(schedule or {})) for o in ROWS[variant].overrides)]
 
 
 def evaluate_export(model_dir: str, cfg, out_dir: Path) -> dict:
@@ -119,7 +168,7 @@ def teacher_eval(config: str | None, overrides: list[str], root: Path) -> dict:
 
 def _teacher_dir(root: Path) -> str | None:
     """The (prepared) teacher the finished runs distilled from."""
-    for path in sorted(root.glob("s*/*/seed*/result.json")):
+    for path in sorted(root.glob("**/seed*/result.json")):
         return json.loads(path.read_text())["teacher_dir"]
     return None
 
@@ -149,72 +198,159 @@ def machine() -> dict:
             "platform": platform.platform(), "cuda": torch.cuda.is_available()}
 
 
+class Run(NamedTuple):
+    budget: int | None  # total steps T (None: the base config's)
+    size: float
+    variant: str
+    seed: int
+
+
+def _numbers(text: str, kind, flag: str) -> list:
+    from homodistil.config import ConfigError  # noqa: PLC0415
+
+    try:
+        return [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} ({text}) takes comma-separated numbers") from None
+
+
+def sweep_plan(args) -> tuple[list[Run], dict[int | None, list[int]]]:
+    """The runs of a sweep and the seeds at each budget. Seed-major, then budget (smallest first), then variant,
+    then size, and each seed's ablation rows last: a sweep cut short has every variant at every budget and size for
+    its first seeds, and the variants in the order given (the headline ones first) for the seed it was on."""
+    from homodistil.config import ConfigError  # noqa: PLC0415
+
+    sizes = _numbers(args.sizes, float, "--sizes")
+    seeds = _numbers(args.seeds, int, "--seeds")
+    budgets: list[int | None] = sorted(_numbers(args.budgets, int, "--budgets")) if args.budgets else [None]
+    variants, ablations = args.variants.split(","), [a for a in (args.ablations or "").split(",") if a]
+    unknown = [v for v in variants + ablations if v not in ROWS]
+    if unknown:
+        raise ConfigError(f"--variants/--ablations: unknown {unknown}; choose from {', '.join(ROWS)}")
+    at: dict[int | None, list[int]] = dict.fromkeys(budgets, seeds)
+    for spec in args.budget_seeds or []:
+        budget, _, listed = spec.partition("=")
+        budget = _numbers(budget, int, "--budget-seeds")
+        if len(budget) != 1 or budget[0] not in at or not listed:
+            raise ConfigError(f"--budget-seeds {spec}: expected T=SEEDS with T one of --budgets ({args.budgets})")
+        at[budget[0]] = _numbers(listed, int, "--budget-seeds")
+    ablation_budget = args.ablation_budget if args.budgets else None
+    if ablations and args.budgets and ablation_budget not in at:
+        raise ConfigError(f"--ablations run at --ablation-budget, which must be one of --budgets ({args.budgets})")
+    plan = []
+    for seed in dict.fromkeys([*seeds, *(k for ks in at.values() for k in ks)]):  # --seeds' order first
+        plan += [Run(b, size, v, seed) for b in budgets if seed in at[b] for v in variants for size in sizes]
+        if seed in at[ablation_budget]:
+            plan += [Run(ablation_budget, size, a, seed) for a in ablations for size in sizes
+                     if Run(ablation_budget, size, a, seed) not in plan]
+    return plan, at
+
+
+def schedule_of(run: Run, args, base) -> dict[str, int]:
+    """The run's schedule: the budget's (t_f from the row's or the sweep's ratio), else the base config's."""
+    if run.budget is None:
+        return base_schedule(base)
+    ratio = ROWS[run.variant].tf_ratio or args.tf_ratio
+    return budget_schedule(run.budget, ratio, base.pruning.t_i, run.size, args.max_drop)
+
+
 def compare_main(argv: list[str]) -> int:
     args = build_parser().parse_intermixed_args(argv)
     from homodistil.config import ConfigError, load_config  # noqa: PLC0415
 
     root = Path(args.out)
-    try:
-        sizes = [float(s) for s in args.sizes.split(",")]
-        seeds = [int(s) for s in args.seeds.split(",")]
-    except ValueError:
-        raise ConfigError(f"--sizes ({args.sizes}) and --seeds ({args.seeds}) take comma-separated numbers") from None
-    variants = args.variants.split(",")
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        raise ConfigError(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
     base = load_config(args.config, args.overrides)  # fails early on a bad config
     if not base.trainer.eval_every:
         raise ConfigError("compare needs trainer.eval_every > 0 (the held-out KL curve)")
-    # seed-major, then variant: a sweep cut short still has every variant at every size for its first seeds,
-    # and the variants in the order given (the headline ones first) for the seed it was on
-    plan = [(size, variant, seed) for seed in seeds for variant in variants for size in sizes]
-    for size, variant, seed in plan:  # every run's config is valid before the first one starts
-        load_config(args.config, run_overrides(root, size, variant, seed, args.overrides))
+    plan, _ = sweep_plan(args)
+    jobs = []
+    for run in plan:  # every run's config is valid before the first one starts
+        schedule = schedule_of(run, args, base)
+        overrides = run_overrides(root, run.size, run.variant, run.seed, args.overrides, run.budget, schedule)
+        load_config(args.config, overrides)
+        meta = {"size": run.size, "variant": run.variant, "seed": run.seed, "budget": run.budget,
+                "schedule": schedule}
+        jobs.append((run, (args.config, overrides, meta)))
     root.mkdir(parents=True, exist_ok=True)
-    todo = [(s, v, k) for s, v, k in plan if not (run_dir(root, s, v, k) / "result.json").exists()]
+    todo = [job for run, job in jobs if not (run_dir(root, run.size, run.variant, run.seed, run.budget)
+                                             / "result.json").exists()]
     print(f"compare: {len(plan)} runs ({len(plan) - len(todo)} already done) under {root}, "
           f"{args.jobs} at a time", flush=True)
-    jobs = [(args.config, run_overrides(root, s, v, k, args.overrides), {"size": s, "variant": v, "seed": k})
-            for s, v, k in todo]
     started = time.perf_counter()
     if not args.page_only:
         if args.jobs == 1:
-            for job in jobs:
+            for job in todo:
                 _report_done(run_one(*job), started)
         else:
             threads = max(1, (os.cpu_count() or 1) // args.jobs)
             with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"), initializer=_init_worker,
                                      initargs=(threads,)) as pool:
-                for fut in [pool.submit(run_one, *job) for job in jobs]:
+                for fut in [pool.submit(run_one, *job) for job in todo]:
                     _report_done(fut.result(), started)
     command = ["homodistil", "compare", *(a for a in argv if a != "--page-only")]  # what makes the runs
     results = collect(root, args, base, plan, command)
-    from homodistil.compare_page import write_page  # noqa: PLC0415
+    from homodistil.compare_page import write_page, write_study  # noqa: PLC0415
 
-    page = write_page(results, Path(args.page))
+    page = (write_study if args.budgets else write_page)(results, Path(args.page))
     print(f"results: {root / 'results.json'}; page: {page}", flush=True)
     return 0
 
 
 def _report_done(result: dict, started: float) -> None:
-    f = result["final"]
-    print(f"  done s={result['size']:g} {result['variant']} seed {result['seed']}: KL {f['kl']:.4f} "
+    f, budget = result["final"], f"T={result['budget']} " if result.get("budget") else ""
+    print(f"  done {budget}s={result['size']:g} {result['variant']} seed {result['seed']}: KL {f['kl']:.4f} "
           f"MLM {f['mlm_loss']:.3f} probe {result['probe']} ft {result['finetune']} "
           f"({result['wall_s'] / 60:.1f} min; {(time.perf_counter() - started) / 60:.1f} min so far)", flush=True)
 
 
-def collect(root: Path, args, base, plan: list[tuple[float, str, int]], argv: list[str]) -> dict:
-    """The finished runs of ``plan`` and the teacher's scores -> ``ROOT/results.json``."""
-    runs = [json.loads((run_dir(root, *run) / "result.json").read_text()) for run in plan
-            if (run_dir(root, *run) / "result.json").exists()]
+def collect(root: Path, args, base, plan: list[Run], argv: list[str]) -> dict:
+    """The finished runs of ``plan``, the teacher's scores and the majority-class floor -> ``ROOT/results.json``."""
+    paths = [run_dir(root, r.size, r.variant, r.seed, r.budget) / "result.json" for r in plan]
+    runs = [json.loads(path.read_text()) for path in paths if path.exists()]
     teacher = teacher_eval(args.config, args.overrides, root) if runs else None
+    variants = args.variants.split(",")
+    ablations = [a for a in (args.ablations or "").split(",") if a]
     results = {"command": " ".join(argv), "root": str(root),
                "config": args.config, "overrides": args.overrides, "sizes": args.sizes, "seeds": args.seeds,
-               "variants": {v: VARIANTS[v][1] for v in args.variants.split(",")}, "jobs": args.jobs,
-               "machine": machine(), "base": json.loads(base.model_dump_json()), "teacher": teacher, "runs": runs}
+               "variants": {v: ROWS[v].description for v in variants}, "jobs": args.jobs,
+               "machine": machine(), "base": json.loads(base.model_dump_json()), "teacher": teacher,
+               "floor": majority_floor(base), "floor_sizes": train_sizes(base), "planned": len(plan), "runs": runs}
+    if args.budgets:
+        results.update({
+            "budgets": sorted({r.budget for r in plan}), "tf_ratio": args.tf_ratio, "max_drop": args.max_drop,
+            "ablations": {a: ROWS[a].description for a in ablations}, "ablation_budget": args.ablation_budget,
+            "plan": [r._asdict() for r in plan],
+            "schedules": {f"{r.budget}/{r.variant}/{r.size:g}": schedule_of(r, args, base) for r in plan}})
     (root / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     return results
+
+
+def train_sizes(cfg) -> dict[str, int]:
+    """Per task of ``evaluate.tasks``: the whole training split's size (the compute estimate's fine-tuning steps)."""
+    from homodistil.eval.tasks import load_task  # noqa: PLC0415
+
+    return {task: len(load_task(task).train) for task in cfg.evaluate.tasks}
+
+
+def majority_floor(cfg) -> dict[str, float]:
+    """Per classification task of ``evaluate.tasks``: the score (0-100, as the probes and fine-tuning report it) of
+    always answering the training split's most common label, on the same split and caps."""
+    from collections import Counter  # noqa: PLC0415
+
+    from homodistil.eval import metrics  # noqa: PLC0415
+    from homodistil.eval.report import EvalSettings  # noqa: PLC0415
+    from homodistil.eval.tasks import load_task  # noqa: PLC0415
+
+    s = EvalSettings.from_config(cfg.evaluate)
+    out = {}
+    for task in cfg.evaluate.tasks:
+        data = load_task(task, max_train=s.max_train, max_eval=s.max_eval, split_seed=s.split_seed)
+        if data.spec.kind != "classification":
+            continue
+        top = Counter(data.train["label"]).most_common(1)[0][0]
+        split = data.evals[data.spec.eval_splits[0]]
+        out[task] = metrics.main_score(metrics.compute(data.spec.metrics, [top] * len(split), split["label"]))
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -236,4 +372,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process with "
                                                        "cores/jobs threads (default 1: in this process)")
     p.add_argument("--page-only", action="store_true", help="run nothing: gather the finished runs, write the page")
+    study = p.add_argument_group(
+        "budget study", "(a) against (b) at several total budgets T, and ablation rows at one of them; the page "
+        "gets the study's sections (docs/results.md keeps its other sections)")
+    study.add_argument("--budgets", help="comma-separated total steps T: each run gets trainer.max_steps=T, "
+                                         "pruning.t_f=tf_ratio·T, the largest mask interval within --max-drop, "
+                                         "a shrink every ~5%% of the pruning window and ~10 held-out evaluations")
+    study.add_argument("--tf-ratio", type=float, default=0.5, help="t_f / T (default 0.5)")
+    study.add_argument("--max-drop", type=float, default=0.02,
+                       help="most sparsity one mask update may add, as a fraction of each width (default 0.02)")
+    study.add_argument("--budget-seeds", action="append", metavar="T=SEEDS",
+                       help="seeds at budget T instead of --seeds, e.g. 4000=0,1 (repeatable)")
+    study.add_argument("--ablations", help=f"comma-separated rows run at --ablation-budget, of: {', '.join(ROWS)}")
+    study.add_argument("--ablation-budget", type=int, help="the budget T of the ablation rows (one of --budgets)")
     return p

@@ -176,6 +176,20 @@ class PruningConfig(_Strict):
     calibration_steps: int = Field(4, gt=0, description="Batches scored before a one-shot prune.")
     beta1: float = Field(0.85, ge=0.0, lt=1.0, description="PLATON EMA of the sensitivity.")
     beta2: float = Field(0.95, ge=0.0, lt=1.0, description="PLATON EMA of the uncertainty.")
+    platon_window: int = Field(
+        1, gt=0,
+        description="PLATON only: |w·g| is averaged over windows of this many steps (windows end at the steps "
+        "that are multiples of it, and at t_f) and the two EMAs fold in each window's mean once, at its end, as "
+        "PLATON's reference implementation does with its ΔT (e.g. set it to mask_interval). 1: the EMAs are "
+        "updated every step.",
+    )
+    score_after: int = Field(
+        0, ge=0,
+        description="Importance ignores the gradients of the first score_after steps (at step 0 the student is "
+        "the teacher, so the KL, hidden and attention terms have no gradient and early scores come from the MLM "
+        "term alone). Scoring starts at step max(score_after, t_i - mask_interval) + 1; at most t_i, so that "
+        "the first mask update past t_i has scores. Does not apply to one-shot (its calibration batches).",
+    )
     sparsity: SparsityConfig = SparsityConfig()
     t_i: int = Field(0, ge=0, description="Step at which pruning starts.")
     t_f: int = Field(100, gt=0, description="Step at which the final sparsity is reached.")
@@ -186,6 +200,9 @@ class PruningConfig(_Strict):
     def _window(self):
         if self.t_f <= self.t_i:
             raise ValueError(f"pruning.t_f ({self.t_f}) must be greater than pruning.t_i ({self.t_i})")
+        if self.score_after > self.t_i:
+            raise ValueError(f"pruning.score_after ({self.score_after}) is after pruning.t_i ({self.t_i}): the "
+                             "first mask update past t_i would have no scores")
         return self
 
 
@@ -250,8 +267,9 @@ class EvaluateConfig(_Strict):
     finetune_tasks: list[str] | None = Field(
         None, description="The tasks that are fine-tuned (null: all of 'tasks'); every task is linearly probed."
     )
-    max_train: int = Field(1000, gt=0, description="Training examples per task (seeded subset).")
-    max_eval: int = Field(500, gt=0)
+    max_train: int | None = Field(
+        1000, gt=0, description="Training examples per task (seeded subset); null: the whole training split.")
+    max_eval: int | None = Field(500, gt=0, description="Evaluation examples per task; null: the whole split.")
     epochs: int = Field(1, gt=0)
     lr: float = Field(5e-5, gt=0.0, description="Fine-tuning learning rate.")
     max_length: int = Field(64, ge=8)

@@ -75,7 +75,8 @@ def test_same_batches_and_start_where_they_should(sweep):
         assert metrics["no-kl"][0][term] == metrics["homodistil"][0][term], term
     assert "loss/kl" not in metrics["no-kl"][0] and "loss/kl" in metrics["homodistil"][0]
     # (d) is (a) until the first mask (end of step 2): identical losses, then the metric picks other units
-    untimed = {v: [{k: x for k, x in r.items() if k != "time/step_s"} for r in rows] for v, rows in metrics.items()}
+    untimed = {v: [{k: x for k, x in r.items() if not k.startswith(("time/", "perf/", "kernels/"))} for r in rows]
+               for v, rows in metrics.items()}  # timings differ from run to run
     assert untimed["magnitude"][:2] == untimed["homodistil"][:2]
     assert metrics["magnitude"][-1]["loss/total"] != metrics["homodistil"][-1]["loss/total"]
     # one-shot and scratch are at the final size from step 1, (a) shrinks to it on the schedule

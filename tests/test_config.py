@@ -55,6 +55,9 @@ BAD = [  # (config text or None for tiny.yaml, overrides, expected fragment of t
     (None, ["trainer.profile={steps: 2}"], "trainer.profile.start: Field required"),
     (None, ["trainer.profile={start: 1, step: 2}"], "trainer.profile.step: unknown key"),
     (None, ["trainer.profile={start: 500}"], "trainer.profile.start (500) is after trainer.max_steps (200)"),
+    (None, ["pruning.score_after=11"], "pruning.score_after (11) is after pruning.t_i (10)"),
+    (None, ["pruning.platon_window=0"], "pruning.platon_window: Input should be greater than 0"),
+    (None, ["evaluate.max_train=0"], "evaluate.max_train: Input should be greater than 0"),
     ("- a\n- b", [], "the top level must be a mapping"),
     ("trainer: [", [], "is not valid YAML"),
 ]
@@ -100,3 +103,18 @@ def test_perf_keys_parse():
     assert (cfg.trainer.profile.start, cfg.trainer.profile.steps) == (3, 3)
     defaults = load_config(None)
     assert defaults.trainer.perf_every == 1 and defaults.trainer.peak_tflops is None and defaults.trainer.profile is None
+
+
+def test_study_keys_parse():
+    """pruning.platon_window / score_after and evaluate caps of null (whole splits): defaults keep today's runs."""
+    defaults = load_config(None)
+    assert defaults.pruning.platon_window == 1 and defaults.pruning.score_after == 0
+    assert (defaults.evaluate.max_train, defaults.evaluate.max_eval) == (1000, 500)
+    cfg = load_config(REPO / "configs" / "tiny.yaml", ["pruning.platon_window=10", "pruning.score_after=10",
+                                                       "evaluate.max_train=null", "evaluate.max_eval=null"])
+    assert cfg.pruning.platon_window == 10 and cfg.pruning.score_after == 10
+    assert cfg.evaluate.max_train is None and cfg.evaluate.max_eval is None
+    from homodistil.eval.report import EvalSettings  # noqa: PLC0415
+    whole = EvalSettings.from_config(cfg.evaluate)
+    assert (whole.max_train, whole.max_eval) == (0, 0)  # 0: no cap (eval.tasks._cap)
+    assert EvalSettings.from_config(defaults.evaluate).max_train == 1000

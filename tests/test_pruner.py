@@ -41,6 +41,36 @@ def test_platon_state_matches_formula():
     torch.testing.assert_close(col, (ema2 * unc2).sum(0))
 
 
+def test_platon_window_folds_the_window_mean_once_per_window():
+    """pruning.platon_window: |w·g| averaged over the window, the EMAs updated once per window (by hand)."""
+    torch.manual_seed(2)
+    w, v = torch.randn(8, 3), torch.randn(5, 8)
+    grads = [(torch.randn(8, 3), torch.randn(5, 8)) for _ in range(5)]
+    make = lambda window: Pruner([_group()], lambda s: {"attention": 2}, metric="platon",  # noqa: E731
+                                 s_final={"attention": 0.5}, t_i=0, t_f=9, platon_window=window)
+    pruner = make(3)
+    for k, (gw, gv) in enumerate(grads):  # windows: steps 1-3, then 4-5 (a partial window, folded early)
+        pruner.observe({"w": (w, gw), "v": (v, gv)}, fold=k in (2, 4))
+        if k == 0:
+            assert pruner.scores["g"].eq(0).all()  # nothing folded yet: no score
+    i = [((w * gw).abs(), (v * gv).abs()) for gw, gv in grads]  # I per step, per tensor
+    means = [[sum(t[j] for t in i[a:b]) / (b - a) for j in (0, 1)] for a, b in ((0, 3), (3, 5))]
+    ema = [0.15 * m for m in means[0]]
+    unc = [0.05 * (m - e).abs() for m, e in zip(means[0], ema)]
+    ema = [0.85 * e + 0.15 * m for e, m in zip(ema, means[1])]
+    unc = [0.95 * u + 0.05 * (m - e).abs() for u, m, e in zip(unc, means[1], ema)]
+    torch.testing.assert_close(pruner.scores["g"], (ema[0] * unc[0]).sum(1) + (ema[1] * unc[1]).sum(0))
+    torch.testing.assert_close(pruner.state["w"]["ema"], ema[0])
+    assert pruner.state["w"]["window"].eq(0).all() and pruner.window_steps == 0
+    # window 1 is today's per-step PLATON, whatever fold says
+    one, ref = make(1), {"w": init_state(w, "platon"), "v": init_state(v, "platon")}
+    for gw, gv in grads:
+        one.observe({"w": (w, gw), "v": (v, gv)}, fold=False)
+        row, _ = importance_reference(w, gw, "platon", ref["w"], 0.85, 0.95)
+        _, col = importance_reference(v, gv, "platon", ref["v"], 0.85, 0.95)
+    torch.testing.assert_close(one.scores["g"], row + col)
+
+
 def test_masks_keep_top_scored_per_block_and_only_shrink():
     pruner = Pruner([_group()], lambda s: {"attention": 4 - round(4 * s["attention"])}, metric="magnitude",
                     s_final={"attention": 0.5}, t_i=0, t_f=2)

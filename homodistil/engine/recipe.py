@@ -126,7 +126,7 @@ class Recipe:
         schedule = "oneshot" if scratch else p.schedule  # what the logged target sparsity follows
         self.pruner = Pruner(self.groups, lambda s: self.adapter.kept(self.tcfg, s), metric=p.metric,
                              s_final=p.sparsity.model_dump(), t_i=p.t_i, t_f=p.t_f, beta1=p.beta1, beta2=p.beta2,
-                             schedule=schedule)
+                             schedule=schedule, platon_window=p.platon_window)
         if not meta and p.schedule == "oneshot":
             student = self._prune_at_start(student)
         resized = self._world_change(tag, meta) if tag else None
@@ -287,7 +287,8 @@ class Recipe:
                         if micro < cfg.grad_accum - 1:
                             self.engine.step()  # counts the micro-batch; DeepSpeed updates only at the boundary
                 # 4. importance, from the full gradients of this step (before the optimizer uses them)
-                if self.prunes and self.step < p.t_f and self.step + 1 >= p.t_i - p.mask_interval:
+                if self.prunes and self.step < p.t_f and self.step + 1 >= max(p.t_i - p.mask_interval,
+                                                                               p.score_after + 1):
                     self._observe()
                 with phase("optimizer"):
                     self.engine.step()
@@ -356,7 +357,8 @@ class Recipe:
                         grad = prm.grad if prm.grad is not None else torch.zeros_like(prm)
                         dist.all_reduce(grad)  # the global batch's mean gradient, as in training
                         tensors[name] = (prm.detach(), grad / self.world)
-                self.pruner.observe(tensors)
+                last = k == cfg.pruning.calibration_steps - 1  # the mask is cut after it: a PLATON window ends
+                self.pruner.observe(tensors, fold=last or (k + 1) % cfg.pruning.platon_window == 0)
         student.zero_grad(set_to_none=True)
         self.pruner.update_masks(0)
         params = {n: prm.detach().cpu() for n, prm in student.named_parameters()}
@@ -393,7 +395,10 @@ class Recipe:
         need_grad = self.cfg.pruning.metric != "magnitude"
         if need_grad and not numerics.all_finite(full_grad(prm) for _, prm in wanted):
             return
-        self.pruner.observe((name, (full_param(prm), full_grad(prm) if need_grad else None)) for name, prm in wanted)
+        p, step = self.cfg.pruning, self.step + 1  # the step these gradients update to
+        fold = step % p.platon_window == 0 or step == p.t_f  # a PLATON window ends (always, at platon_window 1)
+        self.pruner.observe(((name, (full_param(prm), full_grad(prm) if need_grad else None)) for name, prm in wanted),
+                            fold=fold)
 
     def _skipped_update(self, terms: dict[str, float]) -> bool:
         """Whether the optimizer skipped this step for a non-finite gradient norm (numerics.py).

@@ -21,15 +21,18 @@ class Pruner:
     """
 
     def __init__(self, groups: list[Group], kept_fn, *, metric: str, s_final: dict[str, float],
-                 t_i: int, t_f: int, beta1: float = 0.85, beta2: float = 0.95, schedule: str = "cubic"):
+                 t_i: int, t_f: int, beta1: float = 0.85, beta2: float = 0.95, schedule: str = "cubic",
+                 platon_window: int = 1):
         self.groups = groups
         self.kept_fn = kept_fn
         self.metric, self.beta1, self.beta2 = metric, beta1, beta2
+        self.windowed = metric == "platon" and platon_window > 1  # |w·g| averaged per window, EMAs once per window
         self.s_final, self.t_i, self.t_f, self.schedule = dict(s_final), t_i, t_f, schedule
         self.params = sorted({s.param for g in groups for s in g.slices})
         self.masks = {g.name: torch.ones(g.size, dtype=torch.bool) for g in groups}
         self.scores = {g.name: torch.zeros(g.size) for g in groups}  # fp32 (size,)
         self.observed = 0  # observations folded into ``scores`` since the last mask update
+        self.window_steps = 0  # windowed PLATON: steps in the current window's running mean
         self.state: dict[str, dict[str, torch.Tensor]] = {}  # per-parameter metric state
 
     # --- schedule -------------------------------------------------------------------------
@@ -40,7 +43,7 @@ class Pruner:
         return {k: cubic_sparsity(step, self.t_i, self.t_f, s) for k, s in self.s_final.items()}
 
     # --- observe --------------------------------------------------------------------------
-    def observe(self, tensors) -> None:
+    def observe(self, tensors, fold: bool = True) -> None:
         """Fold one step's importance into the group scores.
 
         ``tensors``: ``{name: (weight, grad)}`` or ``(name, (weight, grad))`` pairs (a generator) with
@@ -49,6 +52,11 @@ class Pruner:
         its per-row/column scores are kept. ``sensitivity`` averages |w·g| over the steps since
         the last mask update; ``platon`` and ``magnitude`` use the latest value (PLATON smooths
         in its own EMA state).
+
+        Windowed PLATON (``platon_window`` > 1): each step's |w·g| goes into a running mean per
+        entry (state ``window``); ``fold`` (the caller's: this step ends a window) folds that mean
+        into the two EMAs, as one PLATON step with I = the window's mean, and updates the scores.
+        Without ``fold`` the scores stay those of the last fold.
         """
         rows, cols = {}, {}
         dead = dead_entries(self.groups, self.masks, self.params)  # dead entries score 0, as if shrunk away
@@ -57,10 +65,20 @@ class Pruner:
                 continue
             if name not in self.state:
                 self.state[name] = init_state(weight, self.metric)
+                if self.windowed:  # running mean of |w·g| over the window so far, fp32, weight's shape
+                    self.state[name]["window"] = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
             if name in dead:  # w = 0 gives |w·g| = 0 and w² = 0; PLATON's state there is 0 (update_masks)
                 weight = weight * live_entries(dead[name], weight.dim()).to(weight.device)
-            rows[name], cols[name] = importance(weight, grad, self.metric, self.state[name], self.beta1, self.beta2)
+            if self.windowed:
+                rows[name], cols[name] = self._observe_window(name, weight, grad, fold)
+            else:
+                rows[name], cols[name] = importance(weight, grad, self.metric, self.state[name], self.beta1,
+                                                    self.beta2)
         assert set(rows) == set(self.params), sorted(set(self.params) - set(rows))[:3]
+        if self.windowed:
+            self.window_steps = 0 if fold else self.window_steps + 1
+            if not fold:
+                return
         for g in self.groups:
             score = torch.zeros(g.size)
             for s in g.slices:
@@ -72,6 +90,20 @@ class Pruner:
             else:
                 self.scores[g.name] = score
         self.observed += 1
+
+    def _observe_window(self, name: str, weight: torch.Tensor, grad: torch.Tensor, fold: bool):
+        """Windowed PLATON for one parameter: add |w·g| to the window's running mean; at ``fold``, one PLATON
+        update with that mean as I (the kernel with w = mean, g = 1) and the mean restarts. Returns the row and
+        column scores at a fold, else (None, None)."""
+        state = self.state[name]
+        window, k = state["window"], self.window_steps  # (N, K) or (N,); k steps already in the mean
+        window.mul_(k / (k + 1)).add_((weight.float() * grad.float().reshape(weight.shape)).abs(), alpha=1 / (k + 1))
+        if not fold:
+            return None, None
+        ema = {"ema": state["ema"], "unc": state["unc"]}
+        scores = importance(window, torch.ones_like(window), "platon", ema, self.beta1, self.beta2)
+        window.zero_()
+        return scores
 
     # --- mask -----------------------------------------------------------------------------
     def update_masks(self, step: int) -> bool:
@@ -129,6 +161,7 @@ class Pruner:
     # --- checkpoint -----------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"masks": self.masks, "scores": self.scores, "observed": self.observed,
+                "window_steps": self.window_steps,
                 "state": {n: {k: t.cpu() for k, t in st.items()} for n, st in self.state.items()}}
 
     def load_state_dict(self, sd: dict, device: torch.device | str) -> None:
@@ -139,4 +172,5 @@ class Pruner:
         self.masks = {n: m.clone() for n, m in sd["masks"].items()}
         self.scores = {n: s.clone() for n, s in sd["scores"].items()}
         self.observed = sd["observed"]
+        self.window_steps = sd.get("window_steps", 0)  # absent in checkpoints from before platon_window
         self.state = {n: {k: t.to(device) for k, t in st.items()} for n, st in sd["state"].items()}
