@@ -174,6 +174,11 @@ def teacher_arch(cfg: Config) -> Arch:
     teacher = cfg.model.teacher
     if teacher == "tiny":
         t = cfg.model.tiny
+        if t.family != "bert":  # the config the recipe builds (GQA, untied head, causal, ...)
+            from homodistil.pruning.adapters import get_adapter
+
+            config = get_adapter(t.family).tiny_config(TINY_VOCAB, 0, t)
+            return arch_from_hf_config(config.to_dict(), f"model.tiny (family {t.family})")
         return Arch("bert", TINY_VOCAB, t.hidden_size, t.num_hidden_layers, t.num_attention_heads,
                     t.intermediate_size, t.max_position_embeddings, 2)
     path = Path(teacher).expanduser()
