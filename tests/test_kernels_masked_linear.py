@@ -32,6 +32,8 @@ from homodistil.kernels.masked_linear import (  # noqa: E402
 )
 
 DEVICE = os.environ.get("HOMODISTIL_TEST_DEVICE", "cpu")
+if DEVICE == "cuda":  # IEEE fp32 on both sides (TF32 would need a 1e-3 tolerance)
+    torch.backends.cuda.matmul.fp32_precision = "ieee"
 LEAD, K, N = (3, 7), 37, 29
 
 # Tolerance per dtype, as rtol and as atol relative to the largest expected magnitude. Both
