@@ -1,7 +1,9 @@
 """The fused Triton importance kernel against the plain-torch reference.
 
 Runs on CPU under the Triton interpreter (``TRITON_INTERPRET=1``, set below unless already
-set; it must be set before ``homodistil.kernels`` is imported). Shapes are small and odd so
+set; it must be set before ``homodistil.kernels`` is imported); with
+``HOMODISTIL_TEST_DEVICE=cuda`` and ``TRITON_INTERPRET=0`` the same tests run the compiled
+kernel on a GPU (``benchmarks/gpu_check.sh``). Shapes are small and odd so
 that 16 × 16 tiles leave ragged edges: (29, 37) spans 2 × 3 tiles, (45,) three row tiles.
 """
 import os
@@ -20,6 +22,7 @@ from homodistil.kernels.importance import (  # noqa: E402
     init_state,
 )
 
+DEVICE = os.environ.get("HOMODISTIL_TEST_DEVICE", "cpu")
 SHAPES = [(29, 37), (45,)]
 STEPS = 4
 
@@ -45,9 +48,9 @@ def run_steps(fn, weight, grads, metric, betas):
 
 def make_steps(shape, dtype, seed):
     gen = torch.Generator().manual_seed(seed)
-    weight = torch.randn(shape, generator=gen).to(dtype)
+    weight = torch.randn(shape, generator=gen).to(DEVICE, dtype)
     # A gradient may come in a different dtype than its weight (fp32 master grads).
-    grads = [torch.randn(shape, generator=gen).to(dtype if i % 2 else torch.float32)
+    grads = [torch.randn(shape, generator=gen).to(DEVICE, dtype if i % 2 else torch.float32)
              for i in range(STEPS)]
     return weight, grads
 
@@ -86,7 +89,7 @@ def test_deterministic(force_triton, metric):
 
 
 def test_magnitude_needs_no_gradient(force_triton):
-    weight = torch.randn(29, 37)
+    weight = torch.randn(29, 37, device=DEVICE)
     row, col = importance(weight, None, "magnitude", {})
     torch.testing.assert_close(row, (weight**2).sum(1), rtol=RTOL, atol=ATOL)
     torch.testing.assert_close(col, (weight**2).sum(0), rtol=RTOL, atol=ATOL)
@@ -102,8 +105,10 @@ def test_magnitude_needs_no_gradient(force_triton):
                                   "unc": torch.zeros(3, 5)}, "contiguous fp32"),
 ])
 def test_rejects_bad_arguments(force_triton, metric, grad, state, match):
+    grad = None if grad is None else grad.to(DEVICE)
+    state = {k: v.to(DEVICE) for k, v in state.items()}  # (.to keeps a transposed view's strides)
     with pytest.raises(ValueError, match=match):
-        importance(torch.ones(3, 5), grad, metric, state)
+        importance(torch.ones(3, 5, device=DEVICE), grad, metric, state)
 
 
 # The interpreter never compiles: compile the kernel for an H100 (sm_90; Triton's front-end,

@@ -39,6 +39,12 @@ def _triton_has_gpu_driver() -> bool:
     return True
 
 
+def forced_backend() -> str | None:
+    """The backend ``HOMODISTIL_KERNELS`` forces, or None for ``auto`` / unset."""
+    forced = os.environ.get(ENV_VAR, "auto").strip().lower()
+    return forced if forced in BACKENDS else None
+
+
 def kernel_backend(tensor: torch.Tensor) -> str:
     """``"triton"`` or ``"torch"`` for a kernel whose main operand is ``tensor``."""
     forced = os.environ.get(ENV_VAR, "auto").strip().lower()

@@ -1,87 +1,175 @@
-"""Masked linear layer: ``y = act(x · (W ⊙ M)ᵀ + b) ⊙ m_out`` for a structured mask.
+"""Masked linear layer: ``y = (x · Wᵀ + b) ⊙ m`` for an output-row mask ``m``.
 
-The mask is structured: ``out_mask`` (N,) marks live output rows of W, ``in_mask`` (K,) live
-input columns. A masked row's output is exactly 0 (bias included), a masked column never
-contributes. This equals ``F.linear`` on the shrunk matrices, scattered back to full width.
+Training only ever masks output units (``pruning.masked``), so that is the only mask here:
+``m`` (N,) marks the live output rows of W; a masked row's output is exactly 0 (bias
+included) and its weight and bias gradients are exactly 0. This equals ``F.linear`` on the
+shrunk matrix, scattered back to full width.
 
-The Triton path skips masked work instead of multiplying zeros: each call compacts the live
-indices once into a "live-first" permutation of the rows (and one of the columns), and every
-GEMM program gathers its operands through it, so the reduction loops run over live
-columns / rows only. Programs past the live range only write the exact zeros of the masked
-outputs and gradients. Accumulation is fp32; inputs are bf16, fp16 or fp32.
+The mask is prepared once per mask update (:func:`prepare_rows`: one host sync), never per
+call. Three implementations share that contract:
+
+- :func:`masked_linear_reference`: ``F.linear(x, W, b) · m`` (the definition).
+- :func:`masked_linear_cublas`: ``F.linear(x, W ⊙ m, b ⊙ m)``, the same dense cuBLAS GEMMs
+  as an unmasked layer plus an (N, K) multiply, instead of the reference's (M, N) multiply
+  of every output and output gradient (M tokens ≫ K on a training batch).
+- :func:`masked_linear_triton`: Triton kernels that skip masked rows: the forward GEMM runs
+  over the live rows of a live-first permutation and writes exact zeros elsewhere; the
+  backward compacts dy's live columns once, computes dx over them, and dW with a
+  deterministic split over tokens (fixed-order sum of per-split fp32 partials); the bias
+  gradient is a torch sum outside the kernels.
+
+:func:`masked_linear` dispatches: the reference off CUDA, the Triton kernels when forced
+(``HOMODISTIL_KERNELS=triton``) or where :func:`use_triton` says they won on a GPU, cuBLAS
+otherwise. Block sizes are pinned per dtype (:func:`gpu_config`): no autotuning, so every
+rank and every resumed run launches the same tiles and sums in the same order.
 """
 from __future__ import annotations
+
+import logging
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from homodistil.kernels._dispatch import check_launchable, kernel_backend, kernel_range
+from homodistil.kernels._dispatch import (check_launchable, forced_backend, kernel_backend,
+                                         kernel_range)
 
-__all__ = ["masked_linear", "masked_linear_reference", "masked_linear_triton", "kernel_backend"]
+__all__ = ["RowMask", "prepare_rows", "masked_linear", "masked_linear_reference",
+           "masked_linear_cublas", "masked_linear_triton", "use_triton", "triton_threshold",
+           "gpu_config", "dw_splits", "fp32_dot_precision", "kernel_backend"]
 
-ACTIVATIONS = (None, "gelu")
+logger = logging.getLogger("homodistil.kernels")
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
 
-def masked_linear_reference(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    out_mask: torch.Tensor | None = None,
-    in_mask: torch.Tensor | None = None,
-    activation: str | None = None,
-) -> torch.Tensor:
-    """Plain-torch reference. x (..., K), weight (N, K), bias (N,), masks bool -> y (..., N)."""
-    if in_mask is not None:
-        x = x * in_mask.to(x.dtype)
+class RowMask(NamedTuple):
+    """An output-row mask prepared for the kernels (see :func:`prepare_rows`)."""
+
+    keep: torch.Tensor  # (N,) bool, True = live
+    perm: torch.Tensor  # (N,) int32: live rows ascending, then masked rows ascending
+    live: torch.Tensor  # (n_live,) int64 live rows ascending (= perm[:n_live])
+    n_live: int
+
+    @property
+    def masked_fraction(self) -> float:
+        return 1.0 - self.n_live / self.keep.numel()
+
+
+def prepare_rows(keep: torch.Tensor) -> RowMask:
+    """Prepare a bool (N,) output mask once per mask update: one host sync (the live count)."""
+    if keep.dtype != torch.bool or keep.dim() != 1:
+        raise ValueError(f"the row mask must be a 1-D bool tensor, got {keep.dtype} "
+                         f"{tuple(keep.shape)}")
+    live = keep.nonzero().squeeze(1)
+    perm = torch.cat([live, (~keep).nonzero().squeeze(1)]).to(torch.int32)
+    return RowMask(keep, perm, live, live.numel())
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+           rows: RowMask) -> None:
+    if weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x (..., K) and weight (N, K) disagree: {tuple(x.shape)}, "
+                         f"{tuple(weight.shape)}")
+    N = weight.shape[0]
+    if bias is not None and bias.shape != (N,):
+        raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
+    if rows.keep.shape != (N,) or rows.keep.device != weight.device:
+        raise ValueError(f"the row mask must have shape ({N},) on {weight.device}, got "
+                         f"{tuple(rows.keep.shape)} on {rows.keep.device}")
+
+
+def masked_linear_reference(x: torch.Tensor, weight: torch.Tensor,
+                            bias: torch.Tensor | None, rows: RowMask) -> torch.Tensor:
+    """Plain-torch reference. x (..., K), weight (N, K), bias (N,) -> y (..., N)."""
+    _check(x, weight, bias, rows)
     y = F.linear(x, weight, bias)
-    if activation == "gelu":
-        y = F.gelu(y)
-    elif activation is not None:
-        raise ValueError(f"unsupported activation {activation!r} (supported: None, 'gelu')")
-    if out_mask is not None:
-        y = y * out_mask.to(y.dtype)
-    return y
+    return y * rows.keep.to(y.dtype)
+
+
+class _WeightMaskedLinearFn(torch.autograd.Function):
+    """``F.linear(x, W ⊙ m, b ⊙ m)``; saves W, not W ⊙ m (no extra (N, K) tensor held until
+    backward, and ZeRO-3 may release and re-gather W as for any linear layer)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, scale):  # scale (N,): m in W's dtype
+        ctx.save_for_backward(x, weight, scale)
+        ctx.has_bias = bias is not None
+        return F.linear(x, weight * scale[:, None], None if bias is None else bias * scale)
+
+    @staticmethod
+    def backward(ctx, dy):  # dy (..., N)
+        x, weight, scale = ctx.saved_tensors
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        dx = dw = db = None
+        if need_dx:
+            dx = dy @ (weight * scale[:, None])  # (..., K)
+        if need_dw:
+            dw = (dy.reshape(-1, dy.shape[-1]).t() @ x.reshape(-1, x.shape[-1])) * scale[:, None]
+        if need_db and ctx.has_bias:
+            db = dy.reshape(-1, dy.shape[-1]).sum(0) * scale
+        return dx, dw, db, None
+
+
+def masked_linear_cublas(x: torch.Tensor, weight: torch.Tensor,
+                         bias: torch.Tensor | None, rows: RowMask) -> torch.Tensor:
+    """cuBLAS path (any device): dense GEMMs on the masked weight; same contract."""
+    _check(x, weight, bias, rows)
+    return _WeightMaskedLinearFn.apply(x, weight, bias, rows.keep.to(weight.dtype))
 
 
 # ---------------------------------------------------------------------------------------------
-# Kernels. Shared conventions:
-# - ``n_perm`` (N,) int32 lists the live output rows (ascending), then the masked ones;
-#   ``k_perm`` (K,) int32 the same for input columns. A program's tile covers consecutive
-#   *positions* of that order; ``n_live`` / ``k_live`` count the live positions. With
-#   GATHER_N / GATHER_K False (no mask, or all live) the permutation is the identity and is
-#   not loaded (the pointer is a placeholder).
-# - Tiles along a masked dimension come in two runs: ``cdiv(n_live, BLOCK)`` live tiles over
-#   positions [0, n_live), then ``cdiv(N - n_live, BLOCK)`` masked tiles over [n_live, N),
-#   which run no reduction loop and write zeros.
-# - DOT_DTYPE is the operand dtype of ``tl.dot``: the input dtype on GPU (tensor cores), fp32
-#   under the interpreter (its bf16 dot is wrong). PRECISION is ``tl.dot``'s input_precision
-#   for fp32 operands ("tf32" iff torch allows TF32 matmuls, else "ieee").
+# When the Triton kernels run. The table holds fwd+bwd microseconds of the BERT-base FFN pair
+# (up 768→3072 plus down 3072→768) at 8192 tokens, bf16, rows-only masks, measured on an
+# NVIDIA H200 (torch 2.11, triton 3.6) at main 6467f5f by
+#   python benchmarks/kernels.py --tokens 8192 --masks rows --sparsity 0 0.02 0.05 0.25 0.5 \
+#       --dtype bf16 --warmup-ms 10 --rep-ms 25 --importance-shapes 768x3072
+# (docs/gpu.md): masked fraction -> (Triton masked GEMM, cuBLAS F.linear × mask). The Triton
+# column then still re-derived the permutation per call, which cost it well under its gap.
+# ---------------------------------------------------------------------------------------------
+MEASURED_FFN_US: dict[float, tuple[float, float]] = {
+    0.00: (1023.840 + 945.152, 414.512 + 224.704),
+    0.02: (1639.616 + 2628.480, 414.480 + 225.456),
+    0.05: (1619.152 + 2390.864, 412.160 + 223.424),
+    0.25: (1427.360 + 2170.944, 412.512 + 225.856),
+    0.50: (1180.864 + 2003.392, 411.856 + 222.048),
+}
+
+
+def triton_threshold(measured: dict[float, tuple[float, float]] = MEASURED_FFN_US) -> float | None:
+    """The smallest measured masked fraction from which Triton beat cuBLAS at that and every
+    larger measured fraction; None where it lost at the largest one (then it never runs
+    unless forced). On :data:`MEASURED_FFN_US`: None (Triton lost everywhere, 3-7×)."""
+    threshold = None
+    for fraction in sorted(measured, reverse=True):
+        triton_us, cublas_us = measured[fraction]
+        if triton_us >= cublas_us:
+            break
+        threshold = fraction
+    return threshold
+
+
+def use_triton(masked_fraction: float,
+               measured: dict[float, tuple[float, float]] = MEASURED_FFN_US) -> bool:
+    """Whether the Triton kernels win at ``masked_fraction`` (above the largest measured
+    fraction the last measurement holds)."""
+    threshold = triton_threshold(measured)
+    return threshold is not None and masked_fraction >= threshold
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels. Shared conventions:
+# - ``perm`` (N,) int32 lists the live output rows, then the masked ones (RowMask.perm);
+#   ``n_live`` counts the live ones. Forward tiles along N come in two runs: cdiv(n_live, BN)
+#   live tiles over positions [0, n_live), then cdiv(N - n_live, BN) masked tiles over
+#   [n_live, N), which run no reduction loop and write zeros.
+# - The backward reads ``dz`` (M, n_live): dy's live columns, compacted once, contiguous.
+# - DOT_DTYPE is ``tl.dot``'s operand dtype: the input dtype on GPU (tensor cores), fp32 under
+#   the interpreter (its bf16 dot is wrong). PRECISION is ``tl.dot``'s input_precision for
+#   fp32 operands ("tf32" iff torch's fp32 matmuls may use TF32, else "ieee").
 # - Row offsets are widened to int64: M·N passes 2³¹ at a few hundred thousand tokens.
 # ---------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _tile_positions(pid, n_live, n_total, BLOCK: tl.constexpr):
-    """Positions (BLOCK,) of tile ``pid`` in the live-first order, their validity, liveness."""
-    live_tiles = tl.cdiv(n_live, BLOCK)
-    is_live = pid < live_tiles
-    start = tl.where(is_live, pid * BLOCK, n_live + (pid - live_tiles) * BLOCK)
-    end = tl.where(is_live, n_live, n_total)
-    pos = start + tl.arange(0, BLOCK)
-    return pos, pos < end, is_live
-
-
-@triton.jit
-def _gather(perm_ptr, pos, valid, GATHER: tl.constexpr):
-    """Row/column ids at ``pos`` of the live-first order (identity when not GATHER)."""
-    if GATHER:
-        ids = tl.load(perm_ptr + pos, mask=valid, other=0)
-    else:
-        ids = pos
-    return ids
 
 
 @triton.jit
@@ -89,229 +177,144 @@ def _masked_linear_fwd_kernel(
     x_ptr,  # (M, K) input, contiguous, bf16/fp16/fp32
     w_ptr,  # (N, K) weight, contiguous, dtype of x
     b_ptr,  # (N,) bias, dtype of x (placeholder unless HAS_BIAS)
-    n_perm_ptr,  # (N,) int32 live-first output rows (placeholder unless GATHER_N)
-    k_perm_ptr,  # (K,) int32 live-first input columns; only the first k_live are read
-    y_ptr,  # (M, N) output, dtype of x: every element is written (masked rows: exact 0)
-    z_ptr,  # (M, ldz) pre-activation of the live rows (first n_live columns), if SAVE_Z
-    M, N, K,  # problem size
-    n_live, k_live,  # live output rows / input columns
-    ldz,  # row stride of z: n_live rounded up to 16 (aligned rows, vectorized access)
-    HAS_BIAS: tl.constexpr, GATHER_N: tl.constexpr, GATHER_K: tl.constexpr,
-    GELU: tl.constexpr, SAVE_Z: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    perm_ptr,  # (N,) int32 live-first rows
+    y_ptr,  # (M, N) out, dtype of x: every element written (masked rows: exact 0)
+    M, N, K, n_live,
+    HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # grid: (cdiv(M, BLOCK_M), live + masked tiles of N); one (BLOCK_M, BLOCK_N) tile of y.
     pid_m = tl.program_id(0)
-    p, p_ok, n_is_live = _tile_positions(tl.program_id(1), n_live, N, BLOCK_N)
-    rows = _gather(n_perm_ptr, p, p_ok, GATHER_N).to(tl.int64)  # (BLOCK_N,) ids in W / y
+    pid_n = tl.program_id(1)
+    live_tiles = tl.cdiv(n_live, BLOCK_N)
+    is_live = pid_n < live_tiles
+    start = tl.where(is_live, pid_n * BLOCK_N, n_live + (pid_n - live_tiles) * BLOCK_N)
+    p = start + tl.arange(0, BLOCK_N)  # (BLOCK_N,) positions in the live-first order
+    p_ok = p < tl.where(is_live, n_live, N)
+    rows = tl.load(perm_ptr + p, mask=p_ok, other=0).to(tl.int64)  # (BLOCK_N,) ids in W / y
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = m < M
     m64 = m.to(tl.int64)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # Reduce over live input columns only; masked tiles skip the loop (acc stays 0).
-    k_end = tl.where(n_is_live, k_live, 0)
+    k_end = tl.where(is_live, K, 0)  # masked tiles skip the reduction: acc stays 0
     for k0 in range(0, k_end, BLOCK_K):
-        q = k0 + tl.arange(0, BLOCK_K)
-        q_ok = q < k_live
-        cols = _gather(k_perm_ptr, q, q_ok, GATHER_K)  # (BLOCK_K,)
-        a = tl.load(x_ptr + m64[:, None] * K + cols[None, :],
-                    mask=m_ok[:, None] & q_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
-        wt = tl.load(w_ptr + rows[None, :] * K + cols[:, None],
-                     mask=q_ok[:, None] & p_ok[None, :], other=0.0)  # (BLOCK_K, BLOCK_N) = Wᵀ
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < K
+        a = tl.load(x_ptr + m64[:, None] * K + k[None, :],
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
+        wt = tl.load(w_ptr + rows[None, :] * K + k[:, None],
+                     mask=k_ok[:, None] & p_ok[None, :], other=0.0)  # (BLOCK_K, BLOCK_N) = Wᵀ
         acc = tl.dot(a.to(DOT_DTYPE), wt.to(DOT_DTYPE), acc, input_precision=PRECISION)
-
-    live_cols = p < n_live  # = p_ok & n_is_live (a block & scalar mask breaks the interpreter)
     if HAS_BIAS:
-        bias = tl.load(b_ptr + rows, mask=live_cols, other=0.0).to(tl.float32)
-        acc += bias[None, :]
-    if SAVE_Z:
-        tl.store(z_ptr + m64[:, None] * ldz + p[None, :], acc.to(z_ptr.dtype.element_ty),
-                 mask=m_ok[:, None] & live_cols[None, :])
-    if GELU:  # exact erf GELU, as F.gelu(approximate="none"); gelu(0) = 0 keeps masked rows 0
-        acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
+        live_rows = p < n_live  # (a block & scalar mask breaks the interpreter)
+        acc += tl.load(b_ptr + rows, mask=live_rows, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + m64[:, None] * N + rows[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=m_ok[:, None] & p_ok[None, :])
 
 
 @triton.jit
-def _gelu_bwd_kernel(
-    dy_ptr,  # (M, N) upstream gradient, contiguous, dtype of x
-    z_ptr,  # (M, ldz) pre-activation saved by the forward (first n_live columns)
-    n_perm_ptr,  # (N,) int32 live-first output rows (placeholder unless GATHER_N)
-    dz_ptr,  # (M, ldz) out: dy[:, live rows] · gelu'(z), dtype of x, live rows compacted
-    M, N, n_live, ldz,
-    GATHER_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    # grid: (cdiv(M, BLOCK_M), cdiv(n_live, BLOCK_N)); elementwise, fp32 math.
-    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    j = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    j_ok = j < n_live
-    rows = _gather(n_perm_ptr, j, j_ok, GATHER_N)
-    m64 = m.to(tl.int64)
-    ok = (m < M)[:, None] & j_ok[None, :]
-    dy = tl.load(dy_ptr + m64[:, None] * N + rows[None, :], mask=ok, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + m64[:, None] * ldz + j[None, :], mask=ok, other=0.0).to(tl.float32)
-    # d/dz [z·Φ(z)] = Φ(z) + z·φ(z), the formula of torch's GeluBackward (approximate="none")
-    cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
-    pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327
-    tl.store(dz_ptr + m64[:, None] * ldz + j[None, :],
-             (dy * (cdf + z * pdf)).to(dz_ptr.dtype.element_ty), mask=ok)
-
-
-@triton.jit
 def _masked_linear_dx_kernel(
-    dz_ptr,  # (M, ldz) gradient of the pre-activation, dtype of x
+    dz_ptr,  # (M, n_live) dy's live columns, contiguous, dtype of x
     w_ptr,  # (N, K) weight, contiguous
-    n_perm_ptr,  # (N,) int32 live-first output rows; only the first n_live are read
-    k_perm_ptr,  # (K,) int32 live-first input columns (placeholder unless GATHER_K)
-    dx_ptr,  # (M, K) out: dz · W over live rows; masked columns exact 0
-    M, N, K, n_live, k_live,
-    ldz,  # row stride of dz: N when DZ_FULL (dz is dy itself), else n_live rounded up to 16
-    GATHER_N: tl.constexpr, GATHER_K: tl.constexpr, DZ_FULL: tl.constexpr,
+    perm_ptr,  # (N,) int32 live-first rows; only the first n_live are read
+    dx_ptr,  # (M, K) out: dz · W[live]
+    M, K, n_live,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # grid: (cdiv(M, BLOCK_M), live + masked tiles of K); one (BLOCK_M, BLOCK_K) tile of dx.
-    pid_m = tl.program_id(0)
-    q, q_ok, k_is_live = _tile_positions(tl.program_id(1), k_live, K, BLOCK_K)
-    cols = _gather(k_perm_ptr, q, q_ok, GATHER_K)  # (BLOCK_K,) ids in W / dx
-    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = m < M
+    # grid: (cdiv(M, BLOCK_M), cdiv(K, BLOCK_K)); one (BLOCK_M, BLOCK_K) tile of dx.
+    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    m_ok, k_ok = m < M, k < K
     m64 = m.to(tl.int64)
-
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    n_end = tl.where(k_is_live, n_live, 0)
-    for n0 in range(0, n_end, BLOCK_N):
+    for n0 in range(0, n_live, BLOCK_N):
         j = n0 + tl.arange(0, BLOCK_N)
         j_ok = j < n_live
-        rows = _gather(n_perm_ptr, j, j_ok, GATHER_N).to(tl.int64)  # (BLOCK_N,)
-        if DZ_FULL:
-            dz_cols = rows
-        else:
-            dz_cols = j
-        g = tl.load(dz_ptr + m64[:, None] * ldz + dz_cols[None, :],
+        rows = tl.load(perm_ptr + j, mask=j_ok, other=0).to(tl.int64)  # (BLOCK_N,)
+        g = tl.load(dz_ptr + m64[:, None] * n_live + j[None, :],
                     mask=m_ok[:, None] & j_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_N)
-        w = tl.load(w_ptr + rows[:, None] * K + cols[None, :],
-                    mask=j_ok[:, None] & q_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_K)
+        w = tl.load(w_ptr + rows[:, None] * K + k[None, :],
+                    mask=j_ok[:, None] & k_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_K)
         acc = tl.dot(g.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=PRECISION)
-    tl.store(dx_ptr + m64[:, None] * K + cols[None, :], acc.to(dx_ptr.dtype.element_ty),
-             mask=m_ok[:, None] & q_ok[None, :])
+    tl.store(dx_ptr + m64[:, None] * K + k[None, :], acc.to(dx_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & k_ok[None, :])
 
 
 @triton.jit
 def _masked_linear_dw_kernel(
-    dz_ptr,  # (M, ldz) gradient of the pre-activation, dtype of x
+    dz_ptr,  # (M, n_live) dy's live columns, contiguous
     x_ptr,  # (M, K) input, contiguous
-    n_perm_ptr,  # (N,) int32 live-first output rows (placeholder unless GATHER_N)
-    k_perm_ptr,  # (K,) int32 live-first input columns (placeholder unless GATHER_K)
-    dw_ptr,  # (N, K) out: dzᵀ · x on live rows × live columns, exact 0 elsewhere
-    db_ptr,  # (N,) out: Σ_m dz over live rows, 0 on masked rows (written iff HAS_BIAS)
-    M, N, K, n_live, k_live,
-    ldz,  # row stride of dz: N when DZ_FULL, else n_live rounded up to 16
-    HAS_BIAS: tl.constexpr, GATHER_N: tl.constexpr, GATHER_K: tl.constexpr,
-    DZ_FULL: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    part_ptr,  # (SPLITS, n_live, K) fp32 out: split s holds Σ_{m in its chunk} dzᵀ x
+    M, K, n_live,
+    chunk,  # tokens per split, a multiple of BLOCK_M
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # grid: (live + masked tiles of N, live + masked tiles of K); one (BLOCK_N, BLOCK_K) tile
-    # of dw. The programs with pid_k == 0 also own db for their rows: a fixed-order sum over
-    # M inside one program, so db is deterministic (no atomics).
-    pid_k = tl.program_id(1)
-    p, p_ok, n_is_live = _tile_positions(tl.program_id(0), n_live, N, BLOCK_N)
-    q, q_ok, k_is_live = _tile_positions(pid_k, k_live, K, BLOCK_K)
-    rows = _gather(n_perm_ptr, p, p_ok, GATHER_N).to(tl.int64)
-    cols = _gather(k_perm_ptr, q, q_ok, GATHER_K)
-    if DZ_FULL:
-        dz_cols = rows
-    else:
-        dz_cols = p
-    x_cols_ok = q < k_live  # = q_ok & k_is_live: a masked K tile reads no x (only for db)
-
-    # Live rows reduce over M when their K tile is live, or to produce db. Only when every
-    # column is masked is pid_k == 0 a masked K tile; its dot then adds zeros.
-    if HAS_BIAS:
-        reduces = n_is_live & (k_is_live | (pid_k == 0))
-    else:
-        reduces = n_is_live & k_is_live
-    m_end = tl.where(reduces, M, 0)
+    # grid: (cdiv(n_live, BLOCK_N), cdiv(K, BLOCK_K), SPLITS); one (BLOCK_N, BLOCK_K) tile of
+    # one split's partial dW over the compacted live rows. The caller sums the splits in a
+    # fixed order (no atomics: deterministic).
+    j = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    split = tl.program_id(2)
+    j_ok, k_ok = j < n_live, k < K
+    m_start = split * chunk
+    m_end = tl.minimum(m_start + chunk, M)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    db = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for m0 in range(0, m_end, BLOCK_M):
+    for m0 in range(m_start, m_end, BLOCK_M):
         m = m0 + tl.arange(0, BLOCK_M)
-        m_ok = m < M
+        m_ok = m < m_end
         m64 = m.to(tl.int64)
-        gt = tl.load(dz_ptr + m64[None, :] * ldz + dz_cols[:, None],
-                     mask=p_ok[:, None] & m_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_M) = dzᵀ
-        a = tl.load(x_ptr + m64[:, None] * K + cols[None, :],
-                    mask=m_ok[:, None] & x_cols_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
+        gt = tl.load(dz_ptr + m64[None, :] * n_live + j[:, None],
+                     mask=j_ok[:, None] & m_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_M) = dzᵀ
+        a = tl.load(x_ptr + m64[:, None] * K + k[None, :],
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
         acc = tl.dot(gt.to(DOT_DTYPE), a.to(DOT_DTYPE), acc, input_precision=PRECISION)
-        if HAS_BIAS:
-            db += tl.sum(gt.to(tl.float32), axis=1)
-    tl.store(dw_ptr + rows[:, None] * K + cols[None, :], acc.to(dw_ptr.dtype.element_ty),
-             mask=p_ok[:, None] & q_ok[None, :])
-    if HAS_BIAS:
-        if pid_k == 0:
-            tl.store(db_ptr + rows, db.to(db_ptr.dtype.element_ty), mask=p_ok)
+    base = split.to(tl.int64) * n_live * K
+    tl.store(part_ptr + base + j.to(tl.int64)[:, None] * K + k[None, :], acc,
+             mask=j_ok[:, None] & k_ok[None, :])
 
 
-# Block sizes. Under the interpreter: the smallest tl.dot tile (16), so the tests' small odd
-# shapes span several tiles. On GPU: autotuned once per (N, K, dtypes), on first use; every
-# kernel only writes its outputs (never accumulates into them), so the autotuner's repeated
-# launches are harmless.
-_INTERPRET_BLOCKS = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
-_GELU_BWD_BLOCKS = dict(BLOCK_M=32, BLOCK_N=128)
-_GPU_CONFIGS = [
-    triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), num_warps=w, num_stages=s)
-    for bm, bn, bk, w, s in [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 32, 4, 4),
-                             (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 4)]
-]
+# Pinned launch configs: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per operand dtype,
+# the same for all three kernels and every shape (a row mask changes n_live, never the
+# config). No autotuning: a first-use tuning pass stalled each new shape for seconds on an
+# H200, and ranks timing their own choices may pick different tiles, i.e. different
+# summation orders. 128×128 tiles with a 64-deep (16-bit) or 32-deep (fp32) K step use
+# 96 KiB of shared memory at 3 stages, within sm_80's and sm_90's limits.
+# Under the interpreter: the smallest tl.dot tile (16), so the tests' small odd shapes span
+# several tiles.
+_GPU_CONFIGS = {
+    torch.bfloat16: (128, 128, 64, 8, 3),
+    torch.float16: (128, 128, 64, 8, 3),
+    torch.float32: (128, 128, 32, 8, 3),
+}
+_INTERPRET_CONFIG = (16, 16, 16, 1, 1)
+# dW splits over tokens until about this many programs run (two waves of 132 SMs), at most
+# _MAX_SPLITS: a constant, not the device's SM count, so the order of the sum is the same
+# on every GPU.
+_DW_TARGET_PROGRAMS = 264
+_MAX_SPLITS = 16
 
 
-def _autotuned(kernel):
-    return triton.autotune(configs=_GPU_CONFIGS, key=["N", "K"])(kernel)
-
-
-_fwd_tuned = _autotuned(_masked_linear_fwd_kernel)
-_dx_tuned = _autotuned(_masked_linear_dx_kernel)
-_dw_tuned = _autotuned(_masked_linear_dw_kernel)
-
-
-def _launch(kernel, tuned, interpreted: bool, grid, *args, **meta) -> None:
-    """Launch ``kernel`` with the interpreter's blocks, or its autotuned GPU version."""
+def gpu_config(dtype: torch.dtype, interpreted: bool = False) -> tuple[int, int, int, int, int]:
+    """Pinned (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for operands of ``dtype``."""
     if interpreted:
-        kernel[grid](*args, **meta, **_INTERPRET_BLOCKS)
-    else:
-        tuned[grid](*args, **meta)
+        return _INTERPRET_CONFIG
+    if dtype not in _GPU_CONFIGS:
+        raise TypeError(f"unsupported dtype {dtype} (supported: bf16, fp16, fp32)")
+    return _GPU_CONFIGS[dtype]
 
 
-def _live_first(mask: torch.Tensor | None, n: int, name: str,
-                device: torch.device) -> tuple[torch.Tensor | None, int]:
-    """Live-first permutation (n,) int32 of a bool mask, and the live count.
-
-    None when every unit is live (the kernels then skip the gather). One host sync per mask.
-    """
-    if mask is None:
-        return None, n
-    if mask.dtype != torch.bool or mask.shape != (n,) or mask.device != device:
-        raise ValueError(f"{name} must be a bool tensor of shape ({n},) on {device}, "
-                         f"got {mask.dtype} {tuple(mask.shape)} on {mask.device}")
-    live = mask.nonzero().squeeze(1)
-    if live.numel() == n:
-        return None, n
-    dead = (~mask).nonzero().squeeze(1)
-    return torch.cat([live, dead]).to(torch.int32), live.numel()
-
-
-def _aligned(n: int) -> int:
-    """Row stride for an (M, n) scratch buffer: n rounded up to 16 elements. Triton
-    specializes integer arguments divisible by 16, and only then vectorizes row accesses."""
-    return -(-n // 16) * 16
-
-
-def _tiles(live: int, total: int, block: int) -> int:
-    """Live tiles + masked tiles along one dimension (see the kernels' grid comments)."""
-    return triton.cdiv(live, block) + triton.cdiv(total - live, block)
+def dw_splits(M: int, n_live: int, K: int, block_m: int, block_n: int,
+              block_k: int) -> tuple[int, int]:
+    """(splits, chunk): dW's reduction over M tokens in ``splits`` chunks of ``chunk`` tokens
+    (a multiple of ``block_m``), a pure function of the shape, hence of no rank or run."""
+    tiles = triton.cdiv(n_live, block_n) * triton.cdiv(K, block_k)
+    blocks_m = triton.cdiv(M, block_m)
+    splits = max(1, min(_MAX_SPLITS, blocks_m, _DW_TARGET_PROGRAMS // max(tiles, 1)))
+    chunk = triton.cdiv(blocks_m, splits) * block_m
+    return triton.cdiv(M, chunk), chunk
 
 
 def fp32_dot_precision() -> str:
@@ -331,134 +334,114 @@ def fp32_dot_precision() -> str:
     return "tf32" if precision == "tf32" else "ieee"
 
 
-def _dot_meta(x: torch.Tensor, interpreted: bool) -> dict:
-    """``tl.dot`` operand dtype and fp32 precision for inputs like ``x`` (see kernel notes)."""
-    dot_dtype = tl.float32 if interpreted else _TL_DTYPES[x.dtype]
-    return dict(DOT_DTYPE=dot_dtype, PRECISION=fp32_dot_precision())
+def _launch_meta(x: torch.Tensor, interpreted: bool) -> dict:
+    """Constexprs and launch options for operands like ``x`` (see the kernel notes)."""
+    bm, bn, bk, warps, stages = gpu_config(x.dtype, interpreted)
+    meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                DOT_DTYPE=tl.float32 if interpreted else _TL_DTYPES[x.dtype],
+                PRECISION=fp32_dot_precision())
+    if not interpreted:
+        meta.update(num_warps=warps, num_stages=stages)
+    return meta
 
 
 class _MaskedLinearFn(torch.autograd.Function):
     """Autograd wrapper of the Triton kernels; x (M, K), weight (N, K) contiguous, same dtype."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, n_perm, n_live, k_perm, k_live, gelu):
+    def forward(ctx, x, weight, bias, rows: RowMask):
         interpreted = check_launchable(_masked_linear_fwd_kernel, x)
         M, K = x.shape
         N = weight.shape[0]
-        save_z = gelu and any(ctx.needs_input_grad[:3])
+        meta = _launch_meta(x, interpreted)
         y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-        ldz = _aligned(n_live)
-        z = torch.empty((M, ldz), dtype=x.dtype, device=x.device) if save_z else None
-        meta = _dot_meta(x, interpreted)
-        _launch(_masked_linear_fwd_kernel, _fwd_tuned, interpreted,
-                lambda c: (triton.cdiv(M, c["BLOCK_M"]), _tiles(n_live, N, c["BLOCK_N"])),
-                x, weight, x if bias is None else bias,  # placeholders are never read
-                weight if n_perm is None else n_perm, weight if k_perm is None else k_perm,
-                y, y if z is None else z, M, N, K, n_live, k_live, ldz,
-                HAS_BIAS=bias is not None, GATHER_N=n_perm is not None,
-                GATHER_K=k_perm is not None, GELU=gelu, SAVE_Z=save_z, **meta)
-        ctx.save_for_backward(x, weight, n_perm, k_perm, z)
-        ctx.sizes = (n_live, k_live)
-        ctx.meta = meta
-        ctx.interpreted = interpreted
+        grid = (triton.cdiv(M, meta["BLOCK_M"]),
+                triton.cdiv(rows.n_live, meta["BLOCK_N"]) + triton.cdiv(N - rows.n_live, meta["BLOCK_N"]))
+        _masked_linear_fwd_kernel[grid](x, weight, x if bias is None else bias, rows.perm, y,
+                                        M, N, K, rows.n_live, HAS_BIAS=bias is not None, **meta)
+        ctx.save_for_backward(x, weight)
+        ctx.rows, ctx.meta, ctx.has_bias = rows, meta, bias is not None
         return y
 
     @staticmethod
-    def backward(ctx, dy):
-        x, weight, n_perm, k_perm, z = ctx.saved_tensors
-        n_live, k_live = ctx.sizes
-        interpreted, meta = ctx.interpreted, ctx.meta
+    def backward(ctx, dy):  # dy (M, N)
+        x, weight = ctx.saved_tensors
+        rows, meta = ctx.rows, ctx.meta
         M, K = x.shape
-        N = weight.shape[0]
+        N, n_live = weight.shape[0], rows.n_live
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-        dy = dy.contiguous()  # e.g. the expanded (stride 0) gradient of a .sum()
-        gather_n, gather_k = n_perm is not None, k_perm is not None
-        n_perm_arg = weight if n_perm is None else n_perm  # placeholders are never read
-        k_perm_arg = weight if k_perm is None else k_perm
-
-        if z is not None:  # GELU: dz = dy · gelu'(z) once, compacted to the live rows
-            ldz = z.shape[1]
-            dz = torch.empty((M, ldz), dtype=dy.dtype, device=dy.device)
-            if n_live:  # (no live row: dz is empty, and a Triton grid cannot be)
-                b = _INTERPRET_BLOCKS if interpreted else _GELU_BWD_BLOCKS
-                grid = (triton.cdiv(M, b["BLOCK_M"]), triton.cdiv(n_live, b["BLOCK_N"]))
-                _gelu_bwd_kernel[grid](dy, z, n_perm_arg, dz, M, N, n_live, ldz, GATHER_N=gather_n,
-                                       BLOCK_M=b["BLOCK_M"], BLOCK_N=b["BLOCK_N"])
-            dz_full = False
-        else:  # no activation: the kernels read the live columns of dy directly
-            dz, dz_full, ldz = dy, True, N
-
+        dz = dy.index_select(1, rows.live)  # (M, n_live): dy's live columns, compacted once
         dx = dw = db = None
         if need_dx:
-            dx = torch.empty((M, K), dtype=x.dtype, device=x.device)
-            with kernel_range("masked_linear.dx", dx):
-                _launch(_masked_linear_dx_kernel, _dx_tuned, interpreted,
-                        lambda c: (triton.cdiv(M, c["BLOCK_M"]), _tiles(k_live, K, c["BLOCK_K"])),
-                        dz, weight, n_perm_arg, k_perm_arg, dx, M, N, K, n_live, k_live, ldz,
-                        GATHER_N=gather_n, GATHER_K=gather_k, DZ_FULL=dz_full, **meta)
-        if need_dw or need_db:  # db rides on the dW kernel (a frozen W with a trained bias
-            # still pays for dW: rare enough not to need its own kernel)
-            dw = torch.empty_like(weight)
-            db = torch.empty((N,), dtype=weight.dtype, device=weight.device) if need_db else None
-            with kernel_range("masked_linear.dw", dw):
-                _launch(_masked_linear_dw_kernel, _dw_tuned, interpreted,
-                        lambda c: (_tiles(n_live, N, c["BLOCK_N"]), _tiles(k_live, K, c["BLOCK_K"])),
-                        dz, x, n_perm_arg, k_perm_arg, dw, dw if db is None else db,
-                        M, N, K, n_live, k_live, ldz, HAS_BIAS=need_db, GATHER_N=gather_n,
-                        GATHER_K=gather_k, DZ_FULL=dz_full, **meta)
-            dw = dw if need_dw else None
-        return dx, dw, db, None, None, None, None, None
+            dx = x.new_empty((M, K)) if n_live else x.new_zeros((M, K))
+            if n_live:  # (a Triton grid cannot be empty)
+                grid = (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(K, meta["BLOCK_K"]))
+                with kernel_range("masked_linear.dx", dx):
+                    _masked_linear_dx_kernel[grid](dz, weight, rows.perm, dx, M, K, n_live, **meta)
+        if need_dw:
+            dw = torch.zeros_like(weight)
+            if n_live:
+                splits, chunk = dw_splits(M, n_live, K, meta["BLOCK_M"], meta["BLOCK_N"],
+                                          meta["BLOCK_K"])
+                part = torch.empty((splits, n_live, K), dtype=torch.float32, device=x.device)
+                grid = (triton.cdiv(n_live, meta["BLOCK_N"]), triton.cdiv(K, meta["BLOCK_K"]), splits)
+                with kernel_range("masked_linear.dw", dw):
+                    _masked_linear_dw_kernel[grid](dz, x, part, M, K, n_live, chunk, **meta)
+                dw.index_copy_(0, rows.live, part.sum(0).to(dw.dtype))  # fixed-order sum
+        if need_db and ctx.has_bias:
+            db = torch.zeros((N,), dtype=weight.dtype, device=weight.device)
+            db.index_copy_(0, rows.live, dz.float().sum(0).to(db.dtype))
+        return dx, dw, db, None
 
 
-def masked_linear_triton(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    out_mask: torch.Tensor | None = None,
-    in_mask: torch.Tensor | None = None,
-    activation: str | None = None,
-) -> torch.Tensor:
+def masked_linear_triton(x: torch.Tensor, weight: torch.Tensor,
+                         bias: torch.Tensor | None, rows: RowMask) -> torch.Tensor:
     """Triton path; same contract as :func:`masked_linear_reference` (differentiable).
 
-    x (..., K), weight (N, K), bias (N,) share one dtype (bf16, fp16, fp32) and device;
-    masks are bool (N,) / (K,). Non-contiguous inputs are copied (the kernels, and above all
-    the interpreter, assume row-major contiguous tensors). Empty inputs go to the reference
-    (a Triton grid cannot be empty).
+    x (..., K), weight (N, K), bias (N,) share one dtype (bf16, fp16, fp32) and device.
+    Non-contiguous inputs are copied (the kernels, and above all the interpreter, assume
+    row-major contiguous tensors). Empty inputs go to the reference (a Triton grid cannot be
+    empty).
     """
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unsupported activation {activation!r} (supported: None, 'gelu')")
-    if weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"x (..., K) and weight (N, K) disagree: {tuple(x.shape)}, "
-                         f"{tuple(weight.shape)}")
-    N, K = weight.shape
-    if bias is not None and bias.shape != (N,):
-        raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
+    _check(x, weight, bias, rows)
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and (t.dtype != x.dtype or t.device != x.device):
             raise ValueError(f"{name} is {t.dtype} on {t.device}, x is {x.dtype} on {x.device}")
     if x.dtype not in _TL_DTYPES:
         raise TypeError(f"unsupported dtype {x.dtype} (supported: bf16, fp16, fp32)")
     if x.numel() == 0 or weight.numel() == 0:
-        return masked_linear_reference(x, weight, bias, out_mask, in_mask, activation)
-    n_perm, n_live = _live_first(out_mask, N, "out_mask", x.device)
-    k_perm, k_live = _live_first(in_mask, K, "in_mask", x.device)
+        return masked_linear_reference(x, weight, bias, rows)
+    N, K = weight.shape
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, K).contiguous()
-    y = _MaskedLinearFn.apply(x2, weight.contiguous(), None if bias is None else bias.contiguous(),
-                              n_perm, n_live, k_perm, k_live, activation == "gelu")
+    y = _MaskedLinearFn.apply(x.reshape(-1, K).contiguous(), weight.contiguous(),
+                              None if bias is None else bias.contiguous(), rows)
     return y.view(*lead, N)
 
 
-def masked_linear(x, weight, bias=None, out_mask=None, in_mask=None, activation=None):
-    """Dispatching entry point: the Triton kernels on CUDA (or when forced), else the reference.
+_logged_paths: set[str] = set()
 
-    Under autocast the operands are cast to the autocast dtype first, as ``F.linear`` would.
-    """
+
+def masked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  rows: RowMask) -> torch.Tensor:
+    """Dispatching entry point (see the module notes). Under autocast the operands are cast
+    to the autocast dtype first, as ``F.linear`` would."""
     with kernel_range("masked_linear.forward", x):
-        if kernel_backend(x) == "torch":
-            return masked_linear_reference(x, weight, bias, out_mask, in_mask, activation)
-        if torch.is_autocast_enabled(x.device.type):
-            dtype = torch.get_autocast_dtype(x.device.type)
-            x, weight = x.to(dtype), weight.to(dtype)
-            bias = None if bias is None else bias.to(dtype)
-        return masked_linear_triton(x, weight, bias, out_mask, in_mask, activation)
+        return _masked_linear(x, weight, bias, rows)
+
+
+def _masked_linear(x, weight, bias, rows):
+    if kernel_backend(x) == "torch":
+        return masked_linear_reference(x, weight, bias, rows)
+    if forced_backend() == "triton" or use_triton(rows.masked_fraction):
+        path, fn = "triton", masked_linear_triton
+    else:
+        path, fn = "cublas", masked_linear_cublas
+    if path not in _logged_paths:
+        _logged_paths.add(path)
+        logger.info("homodistil masked_linear: %s path (Triton wins from masked fraction %s "
+                    "on the measured table)", path, triton_threshold())
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    return fn(x, weight, bias, rows)

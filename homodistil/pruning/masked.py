@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from homodistil.kernels.masked_linear import masked_linear
+from homodistil.kernels.masked_linear import RowMask, masked_linear, prepare_rows
 
 from .groups import Group, MaskPoint
 
@@ -27,21 +27,31 @@ def _take_over(cls, module: nn.Module):
 
 class _OutMasked(nn.Module):
     """Output units outside ``out_mask`` are forced to 0. A fused projection gets one mask per
-    part (``set_mask(mask, part, parts)``); ``out_mask`` is their concatenation (None: all live)."""
+    part (``set_mask(mask, part, parts)``); ``out_mask`` is their concatenation (None: all live).
+    The kernels' form of the mask (:class:`RowMask`) is prepared once per mask update and
+    device, on the first forward after it, not per call."""
 
     out_mask: torch.Tensor | None = None
     _part_masks: tuple = ()
+    _rows: RowMask | None = None
 
     @classmethod
     def wrap(cls, module: nn.Module):
         new = _take_over(cls, module)
-        new.out_mask, new._part_masks = None, ()
+        new.out_mask, new._part_masks, new._rows = None, (), None
         return new
+
+    def rows(self, device: torch.device) -> RowMask:
+        """``out_mask`` prepared for the masked GEMM on ``device`` (cached until the next mask)."""
+        if self._rows is None or self._rows.keep.device != device:
+            self._rows = prepare_rows(self.out_mask.to(device))
+        return self._rows
 
     def set_mask(self, mask: torch.Tensor | None, part: int = 0, parts: int = 1) -> None:
         masks = list(self._part_masks) if len(self._part_masks) == parts else [None] * parts
         masks[part] = mask
         self._part_masks = tuple(masks)
+        self._rows = None
         if all(m is None for m in masks):
             self.out_mask = None
             return
@@ -55,7 +65,7 @@ class MaskedLinear(_OutMasked, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.out_mask is None:
             return F.linear(x, self.weight, self.bias)
-        return masked_linear(x, self.weight, self.bias, out_mask=self.out_mask.to(x.device))
+        return masked_linear(x, self.weight, self.bias, self.rows(x.device))
 
 
 class MaskedConv1D(_OutMasked, Conv1D):
@@ -64,7 +74,7 @@ class MaskedConv1D(_OutMasked, Conv1D):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.out_mask is None:
             return Conv1D.forward(self, x)
-        return masked_linear(x, self.weight.t(), self.bias, out_mask=self.out_mask.to(x.device))
+        return masked_linear(x, self.weight.t(), self.bias, self.rows(x.device))
 
 
 class MaskedEmbedding(_OutMasked, nn.Embedding):
