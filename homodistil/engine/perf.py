@@ -159,7 +159,7 @@ class Perf:
             mark.record()
         for name, (began, start) in self.open.items():  # the running phases' part before this flush
             if self.cuda:
-                self.events.append((name, start if _ == self.interval else self.mark, mark))
+                self.events.append((name, start if began == self.interval else self.mark, mark))
             else:
                 self.seconds[name] += now - (start if began == self.interval else self.started)
         for name, start, end in self.events:
