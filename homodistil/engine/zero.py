@@ -133,8 +133,12 @@ def restore(engine, params: dict[str, torch.Tensor], moments: dict[str, dict[str
         "single_partition_of_fp32_groups",  # ZeRO-1/2
         "fp32_groups_flat_partition",  # the bf16 optimizer (bf16 at stage 0)
     ) if getattr(engine.optimizer, attr, None)), [flat for group in base.param_groups for flat in group["params"]])
+    # torch's Adam keeps "step" on the parameter's device when fused or capturable (fused=True on
+    # CUDA: a CPU step fails the fused kernel's device check), else on the CPU
+    on_device = any(g.get("fused") or g.get("capturable") for g in base.param_groups)
     for flat in flats:
-        base.state[flat] = {"step": torch.tensor(float(adam_step)),
+        step = torch.tensor(float(adam_step), dtype=torch.float32, device=flat.device if on_device else "cpu")
+        base.state[flat] = {"step": step,
                             **{k: torch.zeros_like(flat, dtype=torch.float32) for k in MOMENTS}}
     if partitioned:
         _link_optimizer_state(engine)
