@@ -25,10 +25,10 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def check_masked_linear(dtype, path, gen) -> float:
-    from homodistil.kernels.masked_linear import (masked_linear_cublas, masked_linear_reference,
+    from homodistil.kernels.masked_linear import (masked_linear_reference,
                                                   masked_linear_triton, prepare_rows)
 
-    fn = {"triton": masked_linear_triton, "cublas": masked_linear_cublas}[path]
+    fn = {"triton": masked_linear_triton}[path]
     m, k, n = 1000, 771, 517
     x = torch.randn(m, k, generator=gen, device="cuda").to(dtype)
     w = (torch.randn(n, k, generator=gen, device="cuda") / k**0.5).to(dtype)
@@ -75,7 +75,7 @@ def main() -> int:
         if precision != "default":
             torch.backends.cuda.matmul.fp32_precision = "tf32"  # what transformers does
         for dtype in (torch.float32, torch.bfloat16):
-            for path in ("triton", "cublas"):
+            for path in ("triton",):
                 cases.append((f"masked_linear {precision} {dtype} {path}", dtype,
                               lambda d=dtype, p=path: check_masked_linear(d, p, gen)))
             for metric in ("magnitude", "sensitivity", "platon"):

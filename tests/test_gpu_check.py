@@ -31,7 +31,7 @@ def test_script_says_it_needs_a_gpu(tmp_path):
 def script_overrides(part: str) -> list[str]:
     """The key=value overrides of one ``benchmarks/gpu_run.py`` call in the script."""
     text = SCRIPT.read_text().replace("\\\n", " ")
-    line = next(ln for ln in text.splitlines() if ln.startswith(f"part {part} "))
+    line = next(ln for ln in text.splitlines() if f"part {part} " in ln)
     return [w.strip('"') for w in line.split() if re.match(r"^\"?[a-z0-9_.]+=", w) and "$" not in w]
 
 

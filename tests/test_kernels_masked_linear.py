@@ -25,7 +25,6 @@ from homodistil.kernels import masked_linear as ml  # noqa: E402
 from homodistil.kernels.masked_linear import (  # noqa: E402
     kernel_backend,
     masked_linear,
-    masked_linear_cublas,
     masked_linear_reference,
     masked_linear_triton,
     prepare_rows,
@@ -107,7 +106,7 @@ def force_triton(monkeypatch):
     monkeypatch.setenv("HOMODISTIL_KERNELS", "triton")
 
 
-PATHS = {"triton": masked_linear_triton, "cublas": masked_linear_cublas}
+PATHS = {"triton": masked_linear_triton}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
@@ -207,11 +206,11 @@ def test_dispatch_threshold():
     assert ml.triton_threshold({0.5: (1.0, 1.0)}) is None  # a tie is not a win
 
 
-def test_dispatch_picks_cublas_on_cuda_unless_forced(monkeypatch):
-    """auto on a CUDA tensor: the cuBLAS path (the threshold says Triton never wins); forced:
-    Triton; auto on CPU: the reference."""
+def test_dispatch_picks_the_measured_path_on_cuda_unless_forced(monkeypatch):
+    """auto on a CUDA tensor: F.linear × mask (the threshold says Triton never wins); forced:
+    Triton; auto on CPU: the reference (the same function)."""
     calls = []
-    for name in ("masked_linear_cublas", "masked_linear_triton", "masked_linear_reference"):
+    for name in ("masked_linear_triton", "masked_linear_reference"):
         monkeypatch.setattr(ml, name, lambda *a, _n=name: calls.append(_n))
     rows = prepare_rows(torch.tensor([True, False]))
     x, w = torch.zeros(3, 2), torch.zeros(2, 2)
@@ -222,7 +221,7 @@ def test_dispatch_picks_cublas_on_cuda_unless_forced(monkeypatch):
     masked_linear(x, w, None, rows)
     monkeypatch.setattr(ml, "kernel_backend", lambda t: "torch")
     masked_linear(x, w, None, rows)
-    assert calls == ["masked_linear_cublas", "masked_linear_triton", "masked_linear_reference"]
+    assert calls == ["masked_linear_reference", "masked_linear_triton", "masked_linear_reference"]
 
 
 class _Matmul:

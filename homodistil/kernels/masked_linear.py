@@ -6,21 +6,21 @@ included) and its weight and bias gradients are exactly 0. This equals ``F.linea
 shrunk matrix, scattered back to full width.
 
 The mask is prepared once per mask update (:func:`prepare_rows`: one host sync), never per
-call. Three implementations share that contract:
+call. Two implementations share that contract:
 
-- :func:`masked_linear_reference`: ``F.linear(x, W, b) · m`` (the definition).
-- :func:`masked_linear_cublas`: ``F.linear(x, W ⊙ m, b ⊙ m)``, the same dense cuBLAS GEMMs
-  as an unmasked layer plus an (N, K) multiply, instead of the reference's (M, N) multiply
-  of every output and output gradient (M tokens ≫ K on a training batch).
+- :func:`masked_linear_reference`: ``F.linear(x, W, b) · m`` (the definition): cuBLAS GEMMs
+  plus one (M, N) multiply, forward and backward. Measured on an H200 (docs/gpu.md), it is
+  the fastest masked path at every masked fraction, so it is also the default on CUDA.
+  (``F.linear(x, W ⊙ m, b ⊙ m)`` with its own backward was measured too: faster forward,
+  1.1-1.9× slower forward+backward; removed.)
 - :func:`masked_linear_triton`: Triton kernels that skip masked rows: the forward GEMM runs
   over the live rows of a live-first permutation and writes exact zeros elsewhere; the
   backward compacts dy's live columns once, computes dx over them, and dW with a
   deterministic split over tokens (fixed-order sum of per-split fp32 partials); the bias
   gradient is a torch sum outside the kernels.
 
-:func:`masked_linear` dispatches: the reference off CUDA, the Triton kernels when forced
-(``HOMODISTIL_KERNELS=triton``) or where :func:`use_triton` says they won on a GPU, cuBLAS
-otherwise. Block sizes are pinned per dtype (:func:`gpu_config`): no autotuning, so every
+:func:`masked_linear` dispatches: the Triton kernels when forced (``HOMODISTIL_KERNELS=triton``)
+or, on CUDA, where :func:`use_triton` says they won on a GPU; the reference otherwise. Block sizes are pinned per dtype (:func:`gpu_config`): no autotuning, so every
 rank and every resumed run launches the same tiles and sums in the same order.
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ from homodistil.kernels._dispatch import (check_launchable, forced_backend, kern
                                          kernel_range)
 
 __all__ = ["RowMask", "prepare_rows", "masked_linear", "masked_linear_reference",
-           "masked_linear_cublas", "masked_linear_triton", "use_triton", "triton_threshold",
+           "masked_linear_triton", "use_triton", "triton_threshold",
            "gpu_config", "dw_splits", "fp32_dot_precision", "kernel_backend"]
 
 logger = logging.getLogger("homodistil.kernels")
@@ -88,63 +88,29 @@ def masked_linear_reference(x: torch.Tensor, weight: torch.Tensor,
     return y * rows.keep.to(y.dtype)
 
 
-class _WeightMaskedLinearFn(torch.autograd.Function):
-    """``F.linear(x, W ⊙ m, b ⊙ m)``; saves W, not W ⊙ m (no extra (N, K) tensor held until
-    backward, and ZeRO-3 may release and re-gather W as for any linear layer)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, scale):  # scale (N,): m in W's dtype
-        ctx.save_for_backward(x, weight, scale)
-        ctx.has_bias = bias is not None
-        return F.linear(x, weight * scale[:, None], None if bias is None else bias * scale)
-
-    @staticmethod
-    def backward(ctx, dy):  # dy (..., N)
-        x, weight, scale = ctx.saved_tensors
-        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-        dx = dw = db = None
-        if need_dx:
-            dx = dy @ (weight * scale[:, None])  # (..., K)
-        if need_dw:
-            dw = (dy.reshape(-1, dy.shape[-1]).t() @ x.reshape(-1, x.shape[-1])) * scale[:, None]
-        if need_db and ctx.has_bias:
-            db = dy.reshape(-1, dy.shape[-1]).sum(0) * scale
-        return dx, dw, db, None
-
-
-def masked_linear_cublas(x: torch.Tensor, weight: torch.Tensor,
-                         bias: torch.Tensor | None, rows: RowMask) -> torch.Tensor:
-    """cuBLAS path (any device): dense GEMMs on the masked weight; same contract."""
-    _check(x, weight, bias, rows)
-    return _WeightMaskedLinearFn.apply(x, weight, bias, rows.keep.to(weight.dtype))
-
-
 # ---------------------------------------------------------------------------------------------
 # When the Triton kernels run. The table holds fwd+bwd microseconds of the BERT-base FFN pair
 # (up 768→3072 plus down 3072→768) at 8192 tokens, bf16, rows-only masks, measured on an
-# NVIDIA H200 (torch 2.11, triton 3.6) at main 6467f5f by
-#   python benchmarks/kernels.py --tokens 8192 --masks rows --sparsity 0 0.02 0.05 0.25 0.5 \
-#       --dtype bf16 --warmup-ms 10 --rep-ms 25 --importance-shapes 768x3072
-# (docs/gpu.md): masked fraction -> (Triton masked GEMM, cuBLAS F.linear × mask). The Triton
-# column then still re-derived the permutation per call, which cost it well under its gap.
+# NVIDIA H200 (torch 2.11, triton 3.6) by part b of benchmarks/gpu_check.sh (docs/gpu.md):
+# masked fraction -> (Triton masked GEMM, F.linear × mask).
 # ---------------------------------------------------------------------------------------------
 MEASURED_FFN_US: dict[float, tuple[float, float]] = {
-    0.00: (1023.840 + 945.152, 414.512 + 224.704),
-    0.02: (1639.616 + 2628.480, 414.480 + 225.456),
-    0.05: (1619.152 + 2390.864, 412.160 + 223.424),
-    0.25: (1427.360 + 2170.944, 412.512 + 225.856),
-    0.50: (1180.864 + 2003.392, 411.856 + 222.048),
+    0.00: (1108.864 + 838.976, 465.264 + 333.056),
+    0.02: (1555.840 + 1057.616, 330.400 + 356.144),
+    0.05: (1524.864 + 1046.816, 330.272 + 239.168),
+    0.25: (909.728 + 714.080, 329.280 + 265.824),
+    0.50: (749.248 + 626.432, 329.632 + 224.288),
 }
 
 
 def triton_threshold(measured: dict[float, tuple[float, float]] = MEASURED_FFN_US) -> float | None:
     """The smallest measured masked fraction from which Triton beat cuBLAS at that and every
     larger measured fraction; None where it lost at the largest one (then it never runs
-    unless forced). On :data:`MEASURED_FFN_US`: None (Triton lost everywhere, 3-7×)."""
+    unless forced). On :data:`MEASURED_FFN_US`: None (Triton lost everywhere, 2.5-3.8×)."""
     threshold = None
     for fraction in sorted(measured, reverse=True):
-        triton_us, cublas_us = measured[fraction]
-        if triton_us >= cublas_us:
+        triton_us, mask_mul_us = measured[fraction]
+        if triton_us >= mask_mul_us:
             break
         threshold = fraction
     return threshold
@@ -438,7 +404,7 @@ def _masked_linear(x, weight, bias, rows):
     if forced_backend() == "triton" or use_triton(rows.masked_fraction):
         path, fn = "triton", masked_linear_triton
     else:
-        path, fn = "cublas", masked_linear_cublas
+        path, fn = "F.linear × mask", masked_linear_reference
     if path not in _logged_paths:
         _logged_paths.add(path)
         logger.info("homodistil masked_linear: %s path (Triton wins from masked fraction %s "
