@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cuda else "cpu")
     from homodistil.config import load_config
     from homodistil.engine import recipe as recipe_mod
-    from homodistil.plan import make_plan
+    from homodistil.cost import make_plan
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -52,7 +52,7 @@ def _demo(args) -> int:
     from homodistil.engine.recipe import distill
     from homodistil.eval.heldout import heldout_metrics
     from homodistil.eval.report import EvalSettings, evaluate_main
-    from homodistil.report import write_report
+    from homodistil.apps.report import write_report
 
     started = time.perf_counter()
     cfg = load_config(args.config, args.overrides)
@@ -79,7 +79,7 @@ def _demo(args) -> int:
 
 
 def _report(args) -> int:
-    from homodistil.report import write_report
+    from homodistil.apps.report import write_report
 
     eval_dir = args.eval or (os.path.join(args.run_dir, "eval") if os.path.exists(
         os.path.join(args.run_dir, "eval", "eval_results.json")) else None)
@@ -109,13 +109,13 @@ def _evaluate(args) -> int:
 
 def _compare(args) -> int:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")
-    from homodistil.compare import compare_main
+    from homodistil.apps.compare import compare_main
 
     return compare_main(args.rest[1:] if args.rest[:1] == ["--"] else args.rest)
 
 
 def _plan(args) -> int:
-    from homodistil.plan import plan_main
+    from homodistil.apps.plan import plan_main
 
     return plan_main(args.rest[1:] if args.rest[:1] == ["--"] else args.rest)
 

@@ -8,7 +8,7 @@ import torch
 import yaml
 from transformers import AutoTokenizer
 
-from homodistil.compare import VARIANTS, compare_main, run_dir
+from homodistil.apps.compare import VARIANTS, compare_main, run_dir
 from homodistil.config import load_config
 from homodistil.data.batches import from_config as data_from_config
 from homodistil.eval.heldout import heldout_metrics

@@ -7,8 +7,8 @@ from collections import Counter
 import pytest
 import yaml
 
-from homodistil.compare import build_parser, compare_main, run_dir, sweep_plan
-from homodistil.compare_page import STUDY, write_page
+from homodistil.apps.compare import build_parser, compare_main, run_dir, sweep_plan
+from homodistil.apps.compare_page import STUDY, write_page
 from homodistil.config import ConfigError
 from homodistil.eval.tasks import load_task
 from homodistil.pruning.schedule import largest_mask_interval

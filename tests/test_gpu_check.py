@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from homodistil.config import load_config
-from homodistil.plan import make_plan, teacher_arch
+from homodistil.cost import make_plan, teacher_arch
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_check.sh"

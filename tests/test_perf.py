@@ -9,7 +9,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from homodistil.config import load_config
-from homodistil.plan import (known_teacher, count_params, forward_flops_per_token, gpu_for_device, make_plan,
+from homodistil.cost import (known_teacher, count_params, forward_flops_per_token, gpu_for_device, make_plan,
                              peak_tflops, step_flops_per_token, student_arch, teacher_arch)
 
 from conftest import tiny_overrides
@@ -96,7 +96,7 @@ def test_profiled_run_writes_trace_and_perf_scalars(tmp_path):
     assert rows[0]["kernels/importance/calls"] == len(recipe.pruner.params)  # one per scored tensor and step
 
     # the report draws throughput and the phase breakdown from metrics.jsonl
-    from homodistil.report import write_report
+    from homodistil.apps.report import write_report
 
     report = write_report(out).read_text()
     assert "![throughput](throughput.png)" in report and "![phases](phases.png)" in report
@@ -104,7 +104,7 @@ def test_profiled_run_writes_trace_and_perf_scalars(tmp_path):
 
 
 def test_plan_from_run_uses_the_measured_mfu(tmp_path, capsys):
-    from homodistil.plan import plan_main
+    from homodistil.apps.plan import plan_main
 
     rows = [{"step": s, "perf/mfu": m, "perf/peak_tflops": 989.0, "perf/max_mem_gib": g}
             for s, m, g in ((1, 0.05, 3.0), (2, 0.31, 7.5), (3, 0.30, 7.0))]

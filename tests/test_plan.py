@@ -1,4 +1,4 @@
-"""homodistil.plan: parameter counts, memory formulas, the not-fit warning, the time estimate,
+"""homodistil.cost: parameter counts, memory formulas, the not-fit warning, the time estimate,
 and the four paper recipes (configs/homobert_*.yaml)."""
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from homodistil.config import load_config
-from homodistil.plan import (GIB, known_teacher, RESERVE_GIB, Arch, arch_from_hf_config, backbone_params,
-                             count_params, format_plan, layer_activation_bytes, make_plan, plan_main,
+from homodistil.apps.plan import format_plan, plan_main
+from homodistil.cost import (GIB, known_teacher, RESERVE_GIB, Arch, arch_from_hf_config, backbone_params,
+                             count_params, layer_activation_bytes, make_plan,
                              student_arch, teacher_arch, zero_model_states, TINY_VOCAB)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -210,7 +211,7 @@ def test_bert_base_time_against_the_paper():
 
 
 def test_plan_module_does_not_import_torch():
-    code = "import sys, homodistil.plan; sys.exit('torch' in sys.modules)"
+    code = "import sys, homodistil.cost, homodistil.apps.plan; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
 
 

@@ -12,7 +12,7 @@ from homodistil.data.batches import BlockBatches, build_blocks
 from homodistil.engine import prepare as prep
 from homodistil.engine.models import minilm_dir
 from homodistil.eval.heldout import heldout_metrics
-from homodistil.report import write_report
+from homodistil.apps.report import write_report
 
 from conftest import tiny_overrides
 from recipe_runs import run_inprocess

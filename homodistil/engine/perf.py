@@ -5,7 +5,7 @@ steps (no host sync per phase), and with ``perf_counter`` on CPU; each is also a
 ``torch.profiler`` range ``phase/<name>``, so traces show them. The step time of the scalars is
 the wall time between two flushes divided by the steps in between, so it includes everything
 the loop did (held-out evaluation and checkpoints too); ``perf/phase/other`` is what no phase
-covered. FLOPs come from :func:`homodistil.plan.step_flops_per_token`, the model that
+covered. FLOPs come from :func:`homodistil.cost.step_flops_per_token`, the model that
 ``homodistil plan`` uses, at the student's current (last shrunk) widths. docs/profiling.md
 explains every scalar.
 """
@@ -22,7 +22,7 @@ from torch.profiler import ProfilerActivity, record_function, tensorboard_trace_
 
 from homodistil.config import Config
 from homodistil.kernels._dispatch import KernelStats, collect_stats
-from homodistil.plan import Arch, gpu_for_device, peak_tflops, step_flops_per_token
+from homodistil.cost import Arch, gpu_for_device, peak_tflops, step_flops_per_token
 
 PHASES = ("data", "teacher", "student", "importance", "optimizer", "mask", "shrink", "heldout", "checkpoint", "log", "profile")
 GIB = 1024**3

@@ -25,7 +25,7 @@ from homodistil.lm.probe import HeldoutProbe
 from homodistil.pruning.adapters import get_adapter
 from homodistil.pruning.groups import KINDS, live_numel, shrink_tensors
 from homodistil.pruning.masked import apply_masks, make_maskable
-from homodistil.plan import arch_from_hf_config
+from homodistil.cost import arch_from_hf_config
 from homodistil.pruning.pruner import Pruner
 
 from . import checkpoint, faults, numerics

@@ -6,7 +6,7 @@ same batches (a pure function of seed and step), the same held-out blocks and th
 teacher. Each run goes to ``ROOT/s{size}/{variant}/seed{seed}`` and ends with ``result.json``
 (held-out KL/MLM curve, parameters, probe and fine-tuning scores); a run with that file is
 skipped, so an interrupted sweep resumes. The teacher is evaluated once (``ROOT/teacher``).
-``ROOT/results.json`` gathers everything and ``homodistil.compare_page`` turns it into the
+``ROOT/results.json`` gathers everything and ``homodistil.apps.compare_page`` turns it into the
 results page with its plots.
 """
 from __future__ import annotations
@@ -289,7 +289,7 @@ def compare_main(argv: list[str]) -> int:
                     _report_done(fut.result(), started)
     command = ["homodistil", "compare", *(a for a in argv if a != "--page-only")]  # what makes the runs
     results = collect(root, args, base, plan, command)
-    from homodistil.compare_page import write_page, write_study  # noqa: PLC0415
+    from homodistil.apps.compare_page import write_page, write_study  # noqa: PLC0415
 
     page = (write_study if args.budgets else write_page)(results, Path(args.page))
     print(f"results: {root / 'results.json'}; page: {page}", flush=True)
