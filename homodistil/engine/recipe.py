@@ -65,6 +65,39 @@ class Recipe:
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> "Recipe":
+        """Every step below checks what it can before the expensive ones run (config and paths,
+        then tokenizer, targets and data, then models), so a user mistake costs seconds."""
+        armed = self._setup_process()
+        self._setup_tokenizer_and_targets()
+        self.data = self._load_data()
+        check_global_batch(self.data, self.cfg.micro_batch_size * self.cfg.grad_accum * self.world, self.cfg.data)
+        teacher = self._setup_teacher()
+        tag, meta, damaged = self._find_checkpoint()
+        student = self._setup_student(teacher, meta)
+        self.teacher = self._host_teacher(teacher)
+        self.pruner = self._make_pruner()
+        if not meta and self.cfg.pruning.schedule == "oneshot":
+            student = self._prune_at_start(student)
+        resized = self._world_change(tag, meta) if tag else None
+        if resized is not None:  # the module holds the weights when the engine is built (as after a shrink)
+            with torch.no_grad():
+                for name, prm in student.named_parameters():
+                    prm.copy_(resized[0][name])
+        self.engine = self._init_engine(student)
+        self.heldout = (HeldoutProbe(self.data, self.teacher, self.adapter.head, self.cfg.evaluate.heldout_blocks,
+                                     self.cfg.micro_batch_size, self.device) if self.cfg.trainer.eval_every else None)
+        self.step = 0
+        self.bad_steps = 0  # consecutive steps skipped for a non-finite loss or gradient
+        removed = checkpoint.remove_incomplete(self.ckpt_root) if self.rank == 0 else []
+        if tag:
+            self._resume(tag, meta, resized)
+        elif self.rank == 0:
+            (self.out / "config.yaml").write_text(dump_config(self.cfg))
+        self._setup_monitoring(tag, removed, armed, damaged)
+        return self
+
+    def _setup_process(self) -> list:
+        """Distributed init, the output directory, seeds; returns the injected faults (if any)."""
         cfg = self.cfg
         self.rank, self.world, _ = init_distributed()
         self.device = device()
@@ -75,20 +108,28 @@ class Recipe:
         dist.barrier()
         self.ckpt_root = self.out / "checkpoints"
         set_seed(cfg.trainer.seed + self.rank)  # torch, numpy, random; dropout differs per rank, as in any DP run
+        return armed
 
+    def _setup_tokenizer_and_targets(self) -> None:
+        """The tokenizer, and the target widths checked against the teacher's declared config
+        before any data or model work; the objective (MLM or next token) picks the batches."""
+        cfg = self.cfg
         self.tokenizer = load_tokenizer(cfg.model)
-        source = teacher_source(cfg.model)  # checked before any data or model work:
+        source = teacher_source(cfg.model)
         declared = teacher_config(source) if source else tiny_config(cfg.model, len(self.tokenizer),
                                                                     self.tokenizer.pad_token_id)
         declared_adapter = get_adapter(declared.model_type)
         declared_adapter.check_targets(declared, cfg.pruning.sparsity.model_dump())
-        self.objective = declared_adapter.objective  # MLM (encoders) or next-token (decoders) batches
-        self.data = self._load_data()
-        check_global_batch(self.data, cfg.micro_batch_size * cfg.grad_accum * self.world, cfg.data)
+        self.objective = declared_adapter.objective
+
+    def _setup_teacher(self):
+        """The teacher model (prepared if it lacks an MLM head), its adapter, and what the losses
+        need of it; a tiny teacher is saved so that evaluation can compare with it."""
+        cfg = self.cfg
         self.teacher_dir = self._teacher_path()
         teacher = self._load_teacher(self.teacher_dir)
         self.tcfg = teacher.config
-        if self.teacher_dir is None:  # the tiny teacher: saved so that evaluation can compare with it
+        if self.teacher_dir is None:
             self.teacher_dir = str(self.out / "teacher")
             if self.rank == 0:
                 teacher.save_pretrained(self.teacher_dir, safe_serialization=True)
@@ -101,13 +142,22 @@ class Recipe:
         self.prunes = (cfg.model.init == "teacher" and cfg.pruning.schedule == "cubic"
                        and any(s > 0 for s in cfg.pruning.sparsity.model_dump().values()))
         self.needs_teacher = bool(cfg.loss.alpha_pred or cfg.loss.alpha_hidden or cfg.loss.alpha_attention)
+        return teacher
 
-        # damaged checkpoints are set aside here (each reported in one line once the monitor is up)
-        tag, damaged = checkpoint.find_resumable(self.ckpt_root) if cfg.trainer.resume else (None, [])
+    def _find_checkpoint(self) -> tuple[str | None, dict | None, list[str]]:
+        """(tag, meta, damaged): the checkpoint to resume from, if any; damaged ones are set aside
+        here and reported once the monitor is up."""
+        tag, damaged = checkpoint.find_resumable(self.ckpt_root) if self.cfg.trainer.resume else (None, [])
         self.resumed_tag = tag
         meta = checkpoint.read_meta(self.ckpt_root, tag) if tag else None
         if meta and _architecture(meta["teacher_config"]) != _architecture(self.tcfg.to_dict()):
             raise ConfigError(f"{self.ckpt_root / tag} was made with another teacher: use a new trainer.output_dir")
+        return tag, meta, damaged
+
+    def _setup_student(self, teacher, meta: dict | None) -> Student:
+        """The student at the checkpoint's widths (or the teacher's; a scratch student at the final
+        ones), with room for its checkpoints; a new HomoDistil student starts as the teacher."""
+        cfg = self.cfg
         scratch = cfg.model.init == "scratch"
         final = cfg.pruning.sparsity.model_dump() if scratch else dict.fromkeys(KINDS, 0.0)
         self.kept = meta["kept"] if meta else self.adapter.kept(self.tcfg, final)
@@ -121,35 +171,25 @@ class Recipe:
         if not meta and not scratch:
             with zero.GatheredParameters(list(teacher.parameters()), enabled=cfg.model.teacher_zero3):
                 student.lm.load_state_dict(teacher.state_dict())  # the student starts as the teacher
-        self.teacher = self._host_teacher(teacher)
-        p = cfg.pruning
-        schedule = "oneshot" if scratch else p.schedule  # what the logged target sparsity follows
-        self.pruner = Pruner(self.groups, lambda s: self.adapter.kept(self.tcfg, s), metric=p.metric,
-                             s_final=p.sparsity.model_dump(), t_i=p.t_i, t_f=p.t_f, beta1=p.beta1, beta2=p.beta2,
-                             schedule=schedule, platon_window=p.platon_window)
-        if not meta and p.schedule == "oneshot":
-            student = self._prune_at_start(student)
-        resized = self._world_change(tag, meta) if tag else None
-        if resized is not None:  # the module holds the weights when the engine is built (as after a shrink)
-            with torch.no_grad():
-                for name, prm in student.named_parameters():
-                    prm.copy_(resized[0][name])
-        self.engine = self._init_engine(student)
-        self.heldout = (HeldoutProbe(self.data, self.teacher, self.adapter.head, cfg.evaluate.heldout_blocks,
-                                     cfg.micro_batch_size, self.device) if cfg.trainer.eval_every else None)
-        self.step = 0
-        self.bad_steps = 0  # consecutive steps skipped for a non-finite loss or gradient
-        removed = checkpoint.remove_incomplete(self.ckpt_root) if self.rank == 0 else []
-        if tag:
-            self._resume(tag, meta, resized)
-        elif self.rank == 0:
-            (self.out / "config.yaml").write_text(dump_config(cfg))
+        return student
+
+    def _make_pruner(self) -> Pruner:
+        p = self.cfg.pruning
+        # what the logged target sparsity follows
+        self.schedule = "oneshot" if self.cfg.model.init == "scratch" else p.schedule
+        return Pruner(self.groups, lambda s: self.adapter.kept(self.tcfg, s), metric=p.metric,
+                      s_final=p.sparsity.model_dump(), t_i=p.t_i, t_f=p.t_f, beta1=p.beta1, beta2=p.beta2,
+                      schedule=self.schedule, platon_window=p.platon_window)
+
+    def _setup_monitoring(self, tag: str | None, removed: list[str], armed: list, damaged: list[str]) -> None:
+        """Progress bar, TensorBoard, metrics files and perf timers; the run's opening lines."""
+        cfg = self.cfg
         self.monitor = Monitor(self.out, self.rank, cfg.trainer.max_steps, self.step, cfg.trainer.progress)
         self.perf = Perf(cfg, self.device, self.world, self.out, self.rank)
         self.monitor.note(f"world size {self.world}, ZeRO stage {cfg.zero_stage}, "
                           f"{'bf16' if cfg.bf16 else 'fp32'}, teacher {cfg.model.teacher} "
                           f"({self._param_count() / 1e6:.2f}M student parameters, init {cfg.model.init}, "
-                          f"schedule {schedule}), data: {self.data.describe()}"
+                          f"schedule {self.schedule}), data: {self.data.describe()}"
                           + (f"; resumed from step {self.step} ({tag})" if tag else "")
                           + (f"; removed incomplete checkpoint(s) {', '.join(removed)}" if removed else "")
                           + (f"; injected faults {armed}" if armed else ""))
@@ -157,7 +197,6 @@ class Recipe:
                           if self.perf.peak else f"no perf/mfu: {self.perf.peak_source}")
         for line in damaged:
             self.monitor.note(line)
-        return self
 
     def _teacher_path(self) -> str | None:
         """The teacher's weights; a teacher without an MLM head is prepared first (rank 0, cached)."""
