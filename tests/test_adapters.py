@@ -98,7 +98,7 @@ def _masked_student(name):
         for p in student.proj:  # not the identity: a masked unit that leaked into the stream would count
             p.weight.normal_()
     groups = student_groups(adapter, config, len(student.proj))
-    make_maskable(student, groups)
+    make_maskable(student, groups, adapter.drop_ins)
     masks = _random_masks(groups, adapter.kept(config, sparsity), torch.Generator().manual_seed(2))
     apply_masks(student, groups, masks)
     return adapter, config, student, groups, masks
@@ -253,7 +253,7 @@ def test_pruner_scores_a_fused_dimension_by_segment():
 def test_masked_conv1d_parts_match_the_shrunk_layer(monkeypatch, backend):
     """A fused Conv1D masked per part (q, k, v) equals the shrunk Conv1D scattered back, with
     gradients, under the reference and the Triton kernels (interpreted on CPU)."""
-    from homodistil.pruning.masked import MaskedConv1D
+    from homodistil.pruning.adapters.gpt2 import MaskedConv1D
 
     monkeypatch.setenv("HOMODISTIL_KERNELS", backend)
     torch.manual_seed(4)

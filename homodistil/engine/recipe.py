@@ -270,7 +270,7 @@ class Recipe:
                           self.adapter.head)
         torch.random.set_rng_state(rng)
         groups = student_groups(self.adapter, config, len(self.hidden_pairs))
-        make_maskable(student, groups)
+        make_maskable(student, groups, self.adapter.drop_ins)
         return student, groups
 
     def _lr_factor(self, s: int) -> float:

@@ -1,16 +1,16 @@
 """Maskable drop-ins for the layers that groups mask (same parameters, same state-dict keys).
 
 While masks are live the student computes exactly what its shrunk version would compute,
-scattered back to full width: masked outputs of linear layers (``nn.Linear``, GPT-2's
-``Conv1D``) and embedding columns are 0, and a masked LayerNorm / RMSNorm takes its
-statistics over the live units only. Without a mask each behaves like its base layer.
+scattered back to full width: masked outputs of linear layers and embedding columns are 0,
+and a masked norm takes its statistics over the live units only. Without a mask each behaves
+like its base layer. :class:`OutMasked` and :class:`NormMasked` are the bases of every
+drop-in; the adapters add their families' own (GPT-2's ``Conv1D``, the Llama family's RMSNorm).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from homodistil.kernels.masked_linear import RowMask, masked_linear, prepare_rows
 
@@ -25,7 +25,7 @@ def _take_over(cls, module: nn.Module):
     return new
 
 
-class _OutMasked(nn.Module):
+class OutMasked(nn.Module):
     """Output units outside ``out_mask`` are forced to 0. A fused projection gets one mask per
     part (``set_mask(mask, part, parts)``); ``out_mask`` is their concatenation (None: all live).
     The kernels' form of the mask (:class:`RowMask`) is prepared once per mask update and
@@ -59,7 +59,7 @@ class _OutMasked(nn.Module):
         self.out_mask = torch.cat([torch.ones_like(some) if m is None else m for m in masks])
 
 
-class MaskedLinear(_OutMasked, nn.Linear):
+class MaskedLinear(OutMasked, nn.Linear):
     """``y = x Wᵀ + b`` (W: (out, in)) with masked output units 0, by the masked GEMM kernel."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -68,16 +68,7 @@ class MaskedLinear(_OutMasked, nn.Linear):
         return masked_linear(x, self.weight, self.bias, self.rows(x.device))
 
 
-class MaskedConv1D(_OutMasked, Conv1D):
-    """GPT-2's ``y = x W + b`` (W: (in, out), transposed vs ``nn.Linear``) with masked outputs 0."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.out_mask is None:
-            return Conv1D.forward(self, x)
-        return masked_linear(x, self.weight.t(), self.bias, self.rows(x.device))
-
-
-class MaskedEmbedding(_OutMasked, nn.Embedding):
+class MaskedEmbedding(OutMasked, nn.Embedding):
     """An embedding whose masked columns (hidden units) are 0: the residual stream of a
     pre-norm model (GPT-2, Llama) then holds exact zeros at masked units, as the shrunk one
     has no such units (its hidden states, read by the hidden-state loss, match)."""
@@ -87,7 +78,7 @@ class MaskedEmbedding(_OutMasked, nn.Embedding):
         return y if self.out_mask is None else y * self.out_mask.to(y.device, y.dtype)
 
 
-class _NormMasked(nn.Module):
+class NormMasked(nn.Module):
     """A norm over the live units ``mask`` only; masked units output exactly 0."""
 
     live: torch.Tensor | None = None
@@ -103,7 +94,7 @@ class _NormMasked(nn.Module):
         self.live = None if mask is None else mask.nonzero().squeeze(1)
 
 
-class MaskedLayerNorm(_NormMasked, nn.LayerNorm):
+class MaskedLayerNorm(NormMasked, nn.LayerNorm):
     """LayerNorm (statistics and affine over the live units only)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (..., d)
@@ -115,50 +106,28 @@ class MaskedLayerNorm(_NormMasked, nn.LayerNorm):
         return x.new_zeros(x.shape).index_copy(-1, live, y)  # (..., d), zeros where masked
 
 
-class MaskedRMSNorm(_NormMasked):
-    """Llama-style RMSNorm (``weight · x / sqrt(mean(x²) + eps)``, mean square in fp32). Takes
-    over LlamaRMSNorm, MistralRMSNorm, Qwen2RMSNorm (same formula and attribute names)."""
-
-    weight: nn.Parameter
-    variance_epsilon: float
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (..., d)
-        live = None if self.live is None else self.live.to(x.device)
-        h = x.float() if live is None else x.float().index_select(-1, live)
-        weight = self.weight if live is None else self.weight.index_select(0, live)
-        y = weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)).to(x.dtype)
-        return y if live is None else y.new_zeros((*x.shape[:-1], x.shape[-1])).index_copy(-1, live, y)
+# The drop-in of each torch layer the adapters mask. An adapter adds its family's own layers
+# (GPT-2's Conv1D, the Llama family's RMSNorm) in its ``drop_ins``: this file knows no model.
+DROP_INS: dict[type, type] = {nn.Linear: MaskedLinear, nn.Embedding: MaskedEmbedding, nn.LayerNorm: MaskedLayerNorm}
 
 
-def _is_rms_norm(module: nn.Module) -> bool:
-    """The Llama-family RMSNorm (Gemma's ``1 + weight`` variant has ``eps``, not ``variance_epsilon``)."""
-    return type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon")
+def _wrapper(module: nn.Module, point: MaskPoint, drop_ins: dict[type, type]):
+    wrapper = {**DROP_INS, **drop_ins}.get(type(module))
+    if wrapper is None or (point.how == "norm") != issubclass(wrapper, NormMasked):
+        raise AssertionError(f"{point.module}: no maskable drop-in for {type(module).__name__} ({point.how})")
+    return wrapper
 
 
-_WRAPPERS = {
-    "out": ((nn.Linear, MaskedLinear), (Conv1D, MaskedConv1D), (nn.Embedding, MaskedEmbedding)),
-    "norm": ((nn.LayerNorm, MaskedLayerNorm),),
-}
-
-
-def _wrapper(module: nn.Module, point: MaskPoint):
-    if point.how == "norm" and _is_rms_norm(module):
-        return MaskedRMSNorm
-    for base, wrapper in _WRAPPERS[point.how]:
-        if isinstance(module, base):
-            return wrapper
-    raise AssertionError(f"{point.module}: no maskable drop-in for {type(module).__name__} ({point.how})")
-
-
-def make_maskable(model: nn.Module, groups: list[Group]) -> None:
-    """Swap every module named by a group's mask points for its maskable drop-in."""
+def make_maskable(model: nn.Module, groups: list[Group], drop_ins: dict[type, type]) -> None:
+    """Swap every module named by a group's mask points for its maskable drop-in: ``DROP_INS``
+    for torch's layers, ``drop_ins`` (the adapter's) for the family's own."""
     for group in groups:
         for point in group.points:
             module = model.get_submodule(point.module)
-            if isinstance(module, (_OutMasked, _NormMasked)):
+            if isinstance(module, (OutMasked, NormMasked)):
                 continue
             parent_name, _, attr = point.module.rpartition(".")
-            setattr(model.get_submodule(parent_name), attr, _wrapper(module, point).wrap(module))
+            setattr(model.get_submodule(parent_name), attr, _wrapper(module, point, drop_ins).wrap(module))
 
 
 def apply_masks(model: nn.Module, groups: list[Group], masks: dict[str, torch.Tensor]) -> None:

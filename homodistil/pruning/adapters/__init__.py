@@ -26,6 +26,7 @@ class Adapter(Protocol):
     model_type: str
     objective: str  # "mlm" (AutoModelForMaskedLM) or "causal" (AutoModelForCausalLM)
     head: str  # name of the submodule that maps the last hidden state to vocabulary logits
+    drop_ins: dict[type, type]  # maskable drop-ins of the family's own layers (pruning.masked has torch's)
 
     def tiny_config(self, vocab_size: int, pad_token_id: int, tiny):
         """A small random-init config of this family from ``tiny`` (a ``config.TinyTeacherConfig``)."""

@@ -28,6 +28,7 @@ class BertAdapter(TiedHeadWidth):
     objective = "mlm"
     base = "bert"  # the encoder's attribute
     head = "cls"  # maps the last hidden state to vocabulary logits
+    drop_ins: dict[type, type] = {}  # only torch layers
     head_transform = ("cls.predictions.transform.dense", "cls.predictions.transform.LayerNorm")
     config_class, model_class = BertConfig, BertForMaskedLM
 

@@ -24,9 +24,14 @@ from __future__ import annotations
 
 import math
 
+import torch
 from transformers import GPT2Config, GPT2LMHeadModel
+from transformers.pytorch_utils import Conv1D
+
+from homodistil.kernels.masked_linear import masked_linear
 
 from ..groups import Group, MaskPoint, Slice
+from ..masked import OutMasked
 from . import AdapterError, Arch, register
 from .common import TiedHeadWidth, norm
 
@@ -41,10 +46,21 @@ def _conv_out(name: str) -> tuple[Slice, ...]:
     return Slice(f"{name}.weight", 1), Slice(f"{name}.bias", 0)
 
 
+class MaskedConv1D(OutMasked, Conv1D):
+    """GPT-2's ``y = x W + b`` (W: (in, out), transposed vs ``nn.Linear``) with masked outputs 0."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.out_mask is None:
+            return Conv1D.forward(self, x)
+        return masked_linear(x, self.weight.t(), self.bias, self.rows(x.device))
+
+
+
 class GPT2Adapter(TiedHeadWidth):
     model_type = "gpt2"
     objective = "causal"
     head = "lm_head"
+    drop_ins = {Conv1D: MaskedConv1D}
 
     def tiny_config(self, vocab_size: int, pad_token_id: int, tiny) -> GPT2Config:
         # GPT-2's own bos/eos ids (50256) lie outside a small tokenizer's vocabulary

@@ -32,20 +32,43 @@ multiple of ``num_attention_heads``, so the kept hidden width is rounded to such
 """
 from __future__ import annotations
 
+import torch
+from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+from transformers.models.mistral.modeling_mistral import MistralRMSNorm
+from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
 from ..groups import Group, MaskPoint, Slice
+from ..masked import NormMasked
 from ..schedule import kept_units
 from . import AdapterError, Arch, register
 from .common import SameDepth, lin, norm
+
+
+class MaskedRMSNorm(NormMasked):
+    """Llama-style RMSNorm (``weight · x / sqrt(mean(x²) + eps)``, mean square in fp32). The
+    Llama, Mistral and Qwen2 RMSNorms share the formula and attribute names."""
+
+    weight: nn.Parameter
+    variance_epsilon: float
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (..., d)
+        live = None if self.live is None else self.live.to(x.device)
+        h = x.float() if live is None else x.float().index_select(-1, live)
+        weight = self.weight if live is None else self.weight.index_select(0, live)
+        y = weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)).to(x.dtype)
+        return y if live is None else y.new_zeros((*x.shape[:-1], x.shape[-1])).index_copy(-1, live, y)
+
 
 
 class LlamaAdapter(SameDepth):
     objective = "causal"
     head = "lm_head"
 
-    def __init__(self, model_type: str):
+    def __init__(self, model_type: str, rms_norm: type):
         self.model_type = model_type
+        self.drop_ins = {rms_norm: MaskedRMSNorm}
 
     def tiny_config(self, vocab_size: int, pad_token_id: int, tiny):
         return AutoConfig.for_model(
@@ -130,5 +153,5 @@ class LlamaAdapter(SameDepth):
         return state  # same head_dim: same attention scale and rotary frequencies
 
 
-for _model_type in ("llama", "mistral", "qwen2"):
-    register(LlamaAdapter(_model_type))
+for _model_type, _rms_norm in (("llama", LlamaRMSNorm), ("mistral", MistralRMSNorm), ("qwen2", Qwen2RMSNorm)):
+    register(LlamaAdapter(_model_type, _rms_norm))
