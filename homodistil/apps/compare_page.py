@@ -20,6 +20,17 @@ PLACEHOLDER = ("<!-- reading -->\n_No reading yet: write it here; `--page-only` 
 
 
 # ------------------------------------------------------------------------------------- numbers
+
+def _save(fig, axes, path: Path) -> Path:
+    """Grid and legend on every axis, then the PNG (and the figure closed)."""
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    _plt().close(fig)
+    return path
+
 def metrics(run: dict) -> dict[str, float | None]:
     """One run's figures: final held-out KL, its mean over the evaluations of the run (step 0 included), final
     MLM loss and masked accuracy, probe and fine-tuning scores."""
@@ -96,13 +107,7 @@ def plot_curves(cells, size: float, variants: list[str], window: tuple[int, int]
                 ylabel="nats / masked token")
     axes[0].set_yscale("symlog", linthresh=0.01)  # KL is exactly 0 at step 0 for the runs that start as the teacher
     axes[1].set(title=f"held-out MLM loss, sparsity {size:g}", xlabel="step", ylabel="nats / masked token")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(fig, axes, path)
 
 
 def plot_scores(cells, teacher: dict | None, variants: list[str], keys: list[str], path: Path) -> Path:
@@ -325,12 +330,7 @@ def plot_budget_gap(cells, sizes: list[float], budgets: list[int], path: Path) -
         ax.set_xscale("log")
         ax.set(title=f"(a) HomoDistil − (b) one-shot: final held-out {'KL' if key == 'kl' else 'MLM loss'}",
                xlabel="total steps T", ylabel="nats / masked token (< 0: (a) ahead)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(fig, axes, path)
 
 
 def study_block(results: dict, figs: Path) -> str:
