@@ -32,7 +32,8 @@ GIB = 1024**3
 def cpu_peak_tflops(n: int = 256, reps: int = 16) -> float:
     """The best fp32 matmul rate torch reaches on this CPU with its current threads (TFLOP/s):
     best of 3 timings of ``reps`` (n × n) @ (n × n) products, measured once per process."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    gen = torch.Generator().manual_seed(0)  # not the global RNG: a resumed run's dropout stream is restored
+    a, b = torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen)
     a @ b  # warm-up: first-call allocations and thread start
     best = float("inf")
     for _ in range(3):
