@@ -43,39 +43,10 @@ def _distill(args) -> int:
 
 
 def _demo(args) -> int:
-    """distill -> export -> held-out KL/MLM loss -> downstream evaluation -> report with plots."""
-    import time
-
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")
-    from homodistil.config import load_config
-    from homodistil.data.corpora import EMBEDDED, corpus_licences
-    from homodistil.engine.recipe import distill
-    from homodistil.eval.heldout import heldout_metrics
-    from homodistil.eval.report import EvalSettings, evaluate_main
-    from homodistil.apps.report import write_report
+    from homodistil.apps.demo import demo_main
 
-    started = time.perf_counter()
-    cfg = load_config(args.config, args.overrides)
-    recipe = distill(cfg)
-    out, e = recipe.out, cfg.evaluate
-    student = str(out / "export")
-    print("measuring held-out MLM loss and teacher-student KL ...", flush=True)
-    heldout = heldout_metrics({"student": student}, recipe.teacher_dir, recipe.data, max_blocks=e.heldout_blocks,
-                              objective=recipe.objective)
-    extra = {name: {"held-out MLM loss": v["mlm_loss"], "KL(T||model)": v["kl_to_teacher"]}
-             for name, v in heldout.items()}
-    evaluate_main({"student": student}, e.tasks, out / "eval", teacher=recipe.teacher_dir,
-                  extra_metrics=lambda name, _dir: extra.get(name, {}), print_table=False,
-                  settings=EvalSettings.from_config(e, progress=cfg.trainer.progress))
-    minutes = (time.perf_counter() - started) / 60
-    sources = [cfg.data.source] if isinstance(cfg.data.source, str) else list(cfg.data.source)
-    sources = [n for s in sources for n in (EMBEDDED if s == "embedded" else [s])]
-    licences = [f"text `{n}`: {corpus_licences()[n]}" for n in sources if n in corpus_licences()]
-    report = write_report(out, out / "eval", heldout, notes=[f"wall time of `homodistil demo`: {minutes:.1f} min",
-                                                             f"teacher: {recipe.teacher_dir}", *licences])
-    print((out / "eval" / "eval_results.md").read_text())
-    print(f"report: {report} ({minutes:.1f} min)")
-    return 0
+    return demo_main(args.config, args.overrides)
 
 
 def _report(args) -> int:
@@ -88,16 +59,9 @@ def _report(args) -> int:
 
 
 def _export(args) -> int:
-    from homodistil.engine.export import export_checkpoint
-    from homodistil.pruning.adapters import get_adapter
+    from homodistil.apps.export import export_main
 
-    model = export_checkpoint(args.checkpoint, args.out_dir)
-    n = sum(p.numel() for p in model.parameters())
-    # the adapter knows each family's width fields: its kept widths at sparsity 0 are the model's
-    widths = get_adapter(model.config.model_type).kept(model.config, {"ffn": 0.0, "attention": 0.0, "hidden": 0.0})
-    print(f"exported {type(model).__name__} ({n / 1e6:.2f}M parameters; widths "
-          f"{', '.join(f'{k} {v}' for k, v in widths.items())}) to {args.out_dir}")
-    return 0
+    return export_main(args.checkpoint, args.out_dir)
 
 
 def _evaluate(args) -> int:

@@ -138,7 +138,7 @@ def write_report(run_dir: str | Path, eval_dir: str | Path | None = None, heldou
     lines += [f"- {n}" for n in notes or []]
     lines += [f"- steps: {last['step']}; student parameters {first['prune/live_params'] / 1e6:.2f}M -> "
               f"{last['prune/live_params'] / 1e6:.2f}M; final sparsity {last['prune/sparsity']:.2f}",
-              f"- final losses: " + ", ".join(f"{t} {last[f'loss/{t}']:.4f}" for t in LOSS_TERMS if f"loss/{t}" in last),
+              "- final losses: " + ", ".join(f"{t} {last[f'loss/{t}']:.4f}" for t in LOSS_TERMS if f"loss/{t}" in last),
               "", "![losses](losses.png)", "", "![sparsity](sparsity.png)", ""]
     plot_training(run_dir)
     if plot_perf(run_dir):

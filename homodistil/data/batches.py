@@ -18,6 +18,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Protocol
 
 import datasets
 import torch
@@ -165,6 +166,25 @@ def _collate(samples: list[tuple]) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
+class BatchSource(Protocol):
+    """What training and evaluation read, from pre-built blocks (:class:`BlockBatches`) or a
+    stream (:class:`StreamBatches`); :func:`from_config` builds the one a config asks for."""
+
+    prebuilt: bool  # True: batches are a pure function of (seed, step, index), at any world size
+    heldout: torch.Tensor  # (H, T) held-out blocks, never trained on
+
+    def describe(self) -> str: ...
+
+    def batch(self, step: int, micro: int, *, grad_accum: int, micro_batch: int, rank: int,
+              world: int) -> dict[str, torch.Tensor]: ...
+
+    def heldout_batches(self, batch_size: int, limit: int | None = None): ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
 class _HeldoutBlocks:
     """Fixed held-out batches, shared by both batch sources: ``self.heldout`` (H, T) blocks,
     masked by (seed, sample index) only, so every evaluation of a run sees the same ones."""
@@ -185,6 +205,8 @@ class _HeldoutBlocks:
 
 class BlockBatches(_HeldoutBlocks):
     """Deterministic MLM (or causal-LM) batches over pre-built blocks, split into train and held-out parts."""
+
+    prebuilt = True
 
     def __init__(self, blocks: torch.Tensor, tokenizer, *, mlm_probability: float, seed: int,
                  heldout_fraction: float = 0.0, objective: str = "mlm"):
@@ -227,7 +249,7 @@ def check_global_batch(data, global_batch: int, cfg) -> None:
 
     ``cfg``: the data config (``source``, ``max_seq_length``) for the message.
     """
-    if isinstance(data, BlockBatches) and len(data.train) < global_batch:
+    if data.prebuilt and len(data.train) < global_batch:
         raise DataError(f"data.source {cfg.source!r}: {len(data.train)} training blocks of {cfg.max_seq_length} "
                         f"tokens, fewer than one global batch ({global_batch}): add text, or lower "
                         f"data.max_seq_length or the batch size")
@@ -246,6 +268,8 @@ class StreamBatches(_HeldoutBlocks):
     training batches do too, unlike pre-built blocks). Masking is keyed on (seed, rank, sample),
     as reproducible as the stream's order.
     """
+
+    prebuilt = False
 
     def __init__(self, dataset, tokenizer, *, max_seq_length: int, mlm_probability: float, seed: int,
                  rank: int, world: int, objective: str = "mlm", heldout_blocks: int = 0):
@@ -322,7 +346,7 @@ class StreamBatches(_HeldoutBlocks):
 
 
 def from_config(d, tokenizer, *, seed: int, objective: str = "mlm", rank: int = 0, world: int = 1,
-                cache_dir: Path | None = None, heldout_blocks: int = 0) -> BlockBatches | StreamBatches:
+                cache_dir: Path | None = None, heldout_blocks: int = 0) -> BatchSource:
     """The batch source a data config (``config.DataConfig``) describes: a stream (rank ``rank``
     of ``world``; ``heldout_blocks`` held out at its head when ``d.heldout_fraction > 0``), or
     pre-built blocks (tokenized once into ``cache_dir``) split into training and held-out parts.

@@ -19,7 +19,7 @@ from deepspeed import zero
 from transformers import set_seed
 
 from homodistil.config import Config, ConfigError, dump_config
-from homodistil.data.batches import BlockBatches, StreamBatches, check_global_batch
+from homodistil.data.batches import BatchSource, check_global_batch
 from homodistil.data.batches import from_config as data_from_config
 from homodistil.lm.probe import HeldoutProbe
 from homodistil.pruning.adapters import get_adapter
@@ -204,7 +204,7 @@ class Recipe:
         source = teacher_source(m)
         if source is None or m.prepare.steps == 0 or self.objective == "causal" or not missing_head(source):
             return source  # preparing gives a head-less encoder an MLM head; a causal LM is used as it is
-        if not isinstance(self.data, BlockBatches):
+        if not self.data.prebuilt:
             raise ConfigError(f"teacher '{m.teacher}' has no MLM head and preparing one needs pre-built blocks: "
                               f"set data.streaming=false, or give a teacher with a head")
         d = self.cfg.data
@@ -232,7 +232,7 @@ class Recipe:
             unset_hf_deepspeed_config()
             del keep_alive
 
-    def _load_data(self) -> BlockBatches | StreamBatches:
+    def _load_data(self) -> BatchSource:
         d = self.cfg.data
 
         def build():
