@@ -4,7 +4,8 @@
 # A PNG of TensorBoard's time-series page for a run (docs/profiling.md's screenshot): serves
 # RUN_DIR/tensorboard on 127.0.0.1 with the venv's tensorboard, captures it with headless
 # Chromium (Debian: apt-get install chromium), and stops the server. TAG_REGEX filters the
-# cards (default: the perf/* throughput, MFU and step-time scalars).
+# cards (default: the perf/* throughput, MFU and step-time scalars). It shows the SCALARS
+# dashboard, whose charts are SVG (the time-series page draws with WebGL, blank headless).
 set -euo pipefail
 run=${1:?usage: $0 RUN_DIR OUT.png [TAG_REGEX]}
 out=${2:?usage: $0 RUN_DIR OUT.png [TAG_REGEX]}
@@ -19,5 +20,5 @@ for _ in $(seq 60); do curl -sf -o /dev/null "http://127.0.0.1:$port/" && break;
 query=$(python3 -c 'import sys, urllib.parse; print(urllib.parse.quote(sys.argv[1], safe=""))' "$tags")
 chromium --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=1600,1300 \
     --virtual-time-budget=60000 --run-all-compositor-stages-before-draw --screenshot="$out" \
-    "http://127.0.0.1:$port/?darkMode=false&tagFilter=$query#timeseries" 2>/dev/null
+    "http://127.0.0.1:$port/?darkMode=false#scalars&tagFilter=$query&_smoothingWeight=0" 2>/dev/null
 echo "wrote $out"
