@@ -4,7 +4,7 @@
     python benchmarks/faults.py --trials 50 --seed 3 --out /tmp/faults
 
 Each trial takes the next fault kind in turn (SIGKILL at a step every other trial, SIGTERM,
-SIGKILL during a checkpoint save, ENOSPC during a save) and draws its step, a rank, a ZeRO
+SIGKILL during a checkpoint save, ENOSPC during a save, SIGKILL inside a shrink) and draws its step, a rank, a ZeRO
 stage (0-3) and pre-built or streamed data; runs the tiny world-size-2 job of ``tests/fault_harness.py``
 with it; relaunches it (``torchrun --max-restarts 1`` after a kill, a second launch after a
 SIGTERM or a full disk); and compares the end with an uninterrupted run of the same
@@ -75,13 +75,13 @@ def main() -> None:
     args = parser.parse_args()
     tmp = Path(args.out or tempfile.mkdtemp(prefix="homodistil-faults-"))
     started = time.perf_counter()
-    references: dict[tuple[int, bool], Path] = {}
+    references: dict[tuple[int, bool, bool], Path] = {}
     results = []
     for i, trial in enumerate(H.random_trials(args.trials, args.seed)):
-        key = (trial.stage, trial.streaming)
+        key = trial.config
         if key not in references:
             ref = tmp / f"reference-zero{trial.stage}-{'stream' if trial.streaming else 'blocks'}"
-            proc = H.launch(H.job(ref, trial.stage, trial.streaming))
+            proc = H.launch(H.job(ref, *key))
             if proc.returncode:
                 sys.exit(f"reference run failed:\n{proc.stderr[-4000:]}")
             references[key] = ref

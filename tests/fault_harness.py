@@ -40,9 +40,10 @@ JOB = ["trainer.max_steps=10", f"trainer.save_every={SAVE_EVERY}", f"pruning.mas
 FINAL = f"step{STEPS:08d}"
 
 
-def job(out: Path, stage: int = 2, streaming: bool = False) -> list[str]:
+def job(out: Path, stage: int = 2, streaming: bool = False, teacher_zero3: bool = False) -> list[str]:
     return tiny_overrides(out) + JOB + [f"deepspeed.zero_optimization.stage={stage}",
-                                        f"data.streaming={str(streaming).lower()}"]
+                                        f"data.streaming={str(streaming).lower()}",
+                                        f"model.teacher_zero3={str(teacher_zero3).lower()}"]
 
 
 def launch(overrides: list[str], fault: str = "", max_restarts: int = 0, timeout: int = 600):
@@ -115,6 +116,12 @@ class Trial:
     fault: str  # a HOMODISTIL_FAULT spec with one fault, e.g. "kill@5:rank=1"
     stage: int = 2
     streaming: bool = False
+    teacher_zero3: bool = False  # the frozen teacher partitioned by its own ZeRO-3 engine
+
+    @property
+    def config(self) -> tuple[int, bool, bool]:
+        """What the uninterrupted reference run must share with this trial."""
+        return self.stage, self.streaming, self.teacher_zero3
 
     @property
     def kind(self) -> str:
@@ -158,8 +165,8 @@ class Result:
 def run_trial(trial: Trial, out: Path, reference: Path) -> Result:
     """Run ``trial`` in ``out``, relaunch as a user would, compare with ``reference``."""
     result = Result(trial)
-    overrides = job(out, trial.stage, trial.streaming)
-    if trial.kind in ("kill", "kill_in_save"):
+    overrides = job(out, *trial.config)
+    if trial.kind in ("kill", "kill_in_save", "kill_in_shrink"):
         procs = [launch(overrides, trial.fault, max_restarts=1)]  # torchrun relaunches the killed job
         result.fault_seen = re.search(r"exitcode: -9\b", procs[0].stderr) is not None  # torchrun saw a SIGKILL
     else:  # SIGTERM or a full disk: the job stops by itself; the requeued / relaunched job resumes
@@ -195,6 +202,9 @@ def ci_trials(seed: int = 0) -> list[Trial]:
         Trial("term@5:rank=1"),       # preemption: saves at 5
         Trial("kill_in_save@6:rank=0"),  # files written, COMPLETE not
         Trial("enospc_in_save@6:rank=1"),  # a disk that fills on one rank while saving
+        Trial("kill_in_shrink@4:rank=1"),  # between the engine's destroy and the restore
+        Trial("kill_in_shrink@8:rank=0", stage=3),  # the same with ZeRO-3 partitions
+        Trial("kill@5:rank=0", teacher_zero3=True),  # the teacher partitioned by its own ZeRO-3 engine
     ]
 
 
@@ -202,12 +212,16 @@ def random_trials(n: int, seed: int) -> list[Trial]:
     """``n`` seeded trials: the kinds in turn (SIGKILL at a step every other trial), then the
     step, rank, ZeRO stage and data (pre-built or streamed) drawn at random."""
     rng = random.Random(seed)
-    kinds = ["kill", "term", "kill", "kill_in_save", "kill", "enospc_in_save"]
+    kinds = ["kill", "term", "kill", "kill_in_save", "kill", "enospc_in_save", "kill_in_shrink"]
     trials = []
     for i in range(n):
         kind = kinds[i % len(kinds)]
-        step = rng.choice([s for s in range(SAVE_EVERY, STEPS, SAVE_EVERY)]) if kind.endswith("_save") \
-            else rng.randint(1, STEPS - 1)
+        if kind.endswith("_save"):
+            step = rng.choice(range(SAVE_EVERY, STEPS, SAVE_EVERY))
+        elif kind == "kill_in_shrink":  # the job's shrinks: every SHRINK_EVERY steps, and from t_f on
+            step = rng.choice([s for s in range(1, STEPS) if s % SHRINK_EVERY == 0 or s >= T_F])
+        else:
+            step = rng.randint(1, STEPS - 1)
         trials.append(Trial(f"{kind}@{step}:rank={rng.randint(0, 1)}", stage=rng.choice([0, 1, 2, 3]),
                             streaming=rng.random() < 0.25))
     return trials

@@ -27,16 +27,25 @@ from recipe_runs import run_inprocess
 # ---------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    out = tmp_path_factory.mktemp("reference")
-    proc = H.launch(H.job(out))
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return out
+def references(tmp_path_factory):
+    """Uninterrupted runs, one per trial configuration (stage, data, teacher), made when first asked."""
+    made = {}
+
+    def reference(config):
+        if config not in made:
+            out = tmp_path_factory.mktemp("reference")
+            proc = H.launch(H.job(out, *config))
+            assert proc.returncode == 0, proc.stderr[-4000:]
+            made[config] = out
+        return made[config]
+
+    return reference
 
 
-@pytest.mark.parametrize("trial", H.ci_trials(seed=0), ids=lambda t: t.fault)
-def test_fault_then_relaunch_ends_exactly_like_an_uninterrupted_run(trial, reference, tmp_path):
-    result = H.run_trial(trial, tmp_path / "run", reference)
+@pytest.mark.parametrize("trial", H.ci_trials(seed=0), ids=lambda t: f"{t.fault}-zero{t.stage}"
+                         + ("-teacher_zero3" if t.teacher_zero3 else ""))
+def test_fault_then_relaunch_ends_exactly_like_an_uninterrupted_run(trial, references, tmp_path):
+    result = H.run_trial(trial, tmp_path / "run", references(trial.config))
     print(f"\n{trial.fault}: resumed from step {result.resumed_from}, {result.steps_lost} step(s) lost, "
           f"{result.lost_beyond_checkpoint} beyond the last checkpoint; {result.exact}")
     assert result.fault_seen, result.log[-6000:]

@@ -11,6 +11,8 @@ through :func:`loss`; a matching fault then acts on this process only::
     kill_in_save@6      SIGKILL inside the save of step 6: DeepSpeed's files, rank files, pruner and
                         meta are written; MANIFEST.json, COMPLETE and ``latest`` are not
     enospc_in_save@6    OSError(ENOSPC) at the same place (a disk that fills during a save)
+    kill_in_shrink@4    SIGKILL inside the shrink at the end of step 4: the engine is destroyed, the
+                        smaller one not yet built nor restored
     nan@4x3             the loss of steps 4, 5, 6 becomes NaN (and with it every gradient)
     inf@4               the loss of step 4 becomes +Inf
     nan_grad@4          the loss of step 4 stays finite, its gradients become NaN
@@ -31,8 +33,9 @@ from dataclasses import dataclass
 import torch
 
 ENV = "HOMODISTIL_FAULT"
-KINDS = ("kill", "term", "kill_in_save", "enospc_in_save", "nan", "inf", "nan_grad")
-_POINT = {"kill": "step", "term": "step", "kill_in_save": "save", "enospc_in_save": "save"}
+KINDS = ("kill", "term", "kill_in_save", "enospc_in_save", "kill_in_shrink", "nan", "inf", "nan_grad")
+_POINT = {"kill": "step", "term": "step", "kill_in_save": "save", "enospc_in_save": "save",
+          "kill_in_shrink": "shrink"}
 _SPEC = re.compile(r"^(?P<kind>[a-z_]+)@(?P<step>\d+)(?:x(?P<count>\d+))?(?P<opts>(?::\w+=\d+)*)$")
 
 
@@ -76,7 +79,8 @@ def configure(rank: int) -> list[Fault]:
 
 
 def point(name: str, step: int) -> None:
-    """A named place in the run (``step``: end of a step; ``save``: before COMPLETE is written)."""
+    """A named place in the run (``step``: end of a step; ``save``: before COMPLETE is written;
+    ``shrink``: between the engine's destroy and the rebuilt engine's restore)."""
     for f in _active:
         if _POINT.get(f.kind) == name and f.hits(step):
             if f.kind == "enospc_in_save":

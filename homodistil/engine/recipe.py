@@ -483,6 +483,7 @@ class Recipe:
         global_steps, global_samples = self.engine.global_steps, self.engine.global_samples
         scheduler_state = self.engine.lr_scheduler.state_dict()
         self.engine.destroy()
+        faults.point("shrink", self.step)
         del self.engine
         gc.collect()
         self.engine = self._init_engine(student)
