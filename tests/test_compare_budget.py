@@ -27,7 +27,7 @@ def study(tmp_path_factory):
     root = tmp_path_factory.mktemp("budget")
     argv = [str(REPO / "configs" / "tiny.yaml"), *ARGS, "--sizes", str(SIZE), "--seeds", str(SEED),
             "--variants", "homodistil,oneshot", "--budgets", "6,8", "--ablations", "platon-window",
-            "--ablation-budget", "8", "--max-drop", "0.4", "--out", str(root / "runs"), "--page", str(root / "docs" / "results.md")]
+            "--ablation-budget", "8", "--finetune-budgets", "8", "--max-drop", "0.4", "--out", str(root / "runs"), "--page", str(root / "docs" / "results.md")]
     assert compare_main(argv) == 0
     return root, argv
 
@@ -88,6 +88,28 @@ def test_page_sections_and_resume(study):
     # the main page's writer keeps the block
     write_page(json.loads((root / "runs" / "results.json").read_text()), page)
     assert page.read_text().count("<!-- study -->") == 1 and "## Headline" in page.read_text()
+
+
+def test_finetuning_only_where_asked_and_later_without_distilling_again(study):
+    root, argv = study
+    result = lambda variant, budget: json.loads(  # noqa: E731
+        (run_dir(root / "runs", SIZE, variant, SEED, budget) / "result.json").read_text())
+    assert result("homodistil", 6)["finetune"] == {} and result("oneshot", 6)["finetune"] == {}
+    for variant in ("homodistil", "oneshot", "platon-window"):
+        assert set(result(variant, 8)["finetune"]) == {"rt-polarity"}, variant
+    teacher = json.loads((root / "runs" / "teacher" / "result.json").read_text())
+    assert set(teacher["finetune"]) == {"rt-polarity"} and set(teacher["probe"]) == {"rt-polarity"}
+    curves = {p: p.read_bytes() for p in (root / "runs" / "T6").glob("*/*/seed*/heldout.jsonl")}
+    tuned8 = {v: result(v, 8)["finetune"] for v in ("homodistil", "oneshot")}
+    argv = [a if a != "8" or argv[i - 1] != "--finetune-budgets" else "6,8" for i, a in enumerate(argv)]
+    assert compare_main(argv) == 0
+    assert {p: p.read_bytes() for p in curves} == curves and len(curves) == 2  # not distilled again
+    for variant in ("homodistil", "oneshot"):
+        assert set(result(variant, 6)["finetune"]) == {"rt-polarity"}
+        assert result(variant, 8)["finetune"] == tuned8[variant]  # not fine-tuned again
+    assert "fine-tuning (the runs at T = 6, 8," in (root / "docs" / "results.md").read_text()
+    with pytest.raises(ConfigError, match="--finetune-budgets 7"):
+        compare_main([*argv[:argv.index("--finetune-budgets")], "--finetune-budgets", "7"])
 
 
 def _plan(*extra):

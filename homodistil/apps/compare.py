@@ -96,22 +96,25 @@ def run_overrides(root: Path, size: float, variant: str, seed: int, extra: list[
             *(o.format(**(schedule or {})) for o in ROWS[variant].overrides)]
 
 
-def evaluate_export(model_dir: str, cfg, out_dir: Path) -> dict:
-    """Probe on every ``evaluate.tasks`` task, fine-tune on ``evaluate.finetune_tasks``: scores 0-100."""
+def probe_export(model_dir: str, cfg, out_dir: Path) -> dict:
+    """Parameters and a linear probe on every ``evaluate.tasks`` task: scores 0-100."""
+    from homodistil.eval.report import EvalSettings, evaluate_models  # noqa: PLC0415
+
+    settings = EvalSettings.from_config(cfg.evaluate, do_latency=False, progress=False, do_finetune=False)
+    probe = evaluate_models({"model": model_dir}, cfg.evaluate.tasks, out_dir / "probe", settings=settings)
+    probe = probe["models"]["model"]
+    return {"params": probe["params"], "probe": {t: (r["probe"] or {}).get("main") for t, r in probe["tasks"].items()}}
+
+
+def finetune_export(model_dir: str, cfg, out_dir: Path) -> dict[str, float | None]:
+    """Fine-tuning on ``evaluate.finetune_tasks`` (default: every task): scores 0-100."""
     from homodistil.eval.report import EvalSettings, evaluate_models  # noqa: PLC0415
 
     e = cfg.evaluate
-
-    def settings(**kw):
-        return EvalSettings.from_config(e, do_latency=False, progress=False, **kw)
-
-    probe = evaluate_models({"model": model_dir}, e.tasks, out_dir / "probe",
-                            settings=settings(do_finetune=False))["models"]["model"]
+    settings = EvalSettings.from_config(e, do_latency=False, progress=False, do_probe=False)
     finetune = evaluate_models({"model": model_dir}, e.finetune_tasks or e.tasks, out_dir / "finetune",
-                               settings=settings(do_probe=False))["models"]["model"]
-    return {"params": probe["params"],
-            "probe": {t: (r["probe"] or {}).get("main") for t, r in probe["tasks"].items()},
-            "finetune": {t: (r["finetune"] or {}).get("main") for t, r in finetune["tasks"].items()}}
+                               settings=settings)["models"]["model"]
+    return {t: (r["finetune"] or {}).get("main") for t, r in finetune["tasks"].items()}
 
 
 def _rows(path: Path) -> list[dict]:
@@ -123,7 +126,8 @@ def _rows(path: Path) -> list[dict]:
 
 
 def run_one(config: str | None, overrides: list[str], meta: dict) -> dict:
-    """Distill, export, evaluate one run; writes and returns its ``result.json``."""
+    """Distill, export and probe one run; writes and returns its ``result.json`` (``finetune`` empty: fine-tuning
+    is its own job, :func:`finetune_one`, run after every distillation of the sweep)."""
     from homodistil.config import load_config  # noqa: PLC0415
     from homodistil.engine.recipe import distill  # noqa: PLC0415
 
@@ -134,17 +138,35 @@ def run_one(config: str | None, overrides: list[str], meta: dict) -> dict:
     with (out / "log.txt").open("a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         recipe = distill(cfg)
         train_s = time.perf_counter() - started
-        scores = evaluate_export(str(out / "export"), cfg, out / "eval")
+        scores = probe_export(str(out / "export"), cfg, out / "eval")
     curve = _rows(out / "heldout.jsonl")
     result = {**meta, "overrides": overrides, "teacher_dir": recipe.teacher_dir, "train_s": train_s,
               "wall_s": time.perf_counter() - started, "threads": _threads(), "heldout": curve, "final": curve[-1],
-              **scores}
+              **scores, "finetune": {}}
     (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
 
 
+def finetune_one(config: str | None, overrides: list[str], result_path: Path) -> dict:
+    """Fine-tune a finished run's (or the teacher's) exported model; adds ``finetune`` (and ``finetune_s``) to its
+    ``result.json``. The distillation is not touched, so a sweep can fine-tune runs an earlier sweep only probed."""
+    from homodistil.config import load_config  # noqa: PLC0415
+
+    cfg = load_config(config, overrides)
+    result = json.loads(result_path.read_text())
+    started = time.perf_counter()
+    with (result_path.parent / "log.txt").open("a") as log, contextlib.redirect_stdout(log), \
+            contextlib.redirect_stderr(log):
+        model_dir = result.get("path") or str(result_path.parent / "export")  # the teacher's result names its path
+        result["finetune"] = finetune_export(model_dir, cfg, result_path.parent / "eval")
+    result["finetune_s"] = time.perf_counter() - started
+    result_path.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
 def teacher_eval(config: str | None, overrides: list[str], root: Path) -> dict:
-    """The teacher's probe and fine-tuning scores, once per sweep (``ROOT/teacher/result.json``)."""
+    """The teacher's probe scores, once per sweep (``ROOT/teacher/result.json``; :func:`finetune_one` adds its
+    fine-tuning scores)."""
     from homodistil.config import load_config  # noqa: PLC0415
     from homodistil.engine.models import teacher_source  # noqa: PLC0415
 
@@ -159,9 +181,9 @@ def teacher_eval(config: str | None, overrides: list[str], root: Path) -> dict:
     (root / "teacher").mkdir(parents=True, exist_ok=True)
     with (root / "teacher" / "log.txt").open("a") as log, contextlib.redirect_stdout(log), \
             contextlib.redirect_stderr(log):
-        scores = evaluate_export(teacher_dir, cfg, root / "teacher" / "eval")
+        scores = probe_export(teacher_dir, cfg, root / "teacher" / "eval")
     result = {"path": teacher_dir, "source": teacher_source(cfg.model), "wall_s": time.perf_counter() - started,
-              **scores}
+              **scores, "finetune": {}}
     path.write_text(json.dumps(result, indent=1) + "\n")
     return result
 
@@ -263,6 +285,7 @@ def compare_main(argv: list[str]) -> int:
     if not base.trainer.eval_every:
         raise ConfigError("compare needs trainer.eval_every > 0 (the held-out KL curve)")
     plan, _ = sweep_plan(args)
+    tuned = finetune_budgets(args, plan)
     jobs = []
     for run in plan:  # every run's config is valid before the first one starts
         schedule = schedule_of(run, args, base)
@@ -272,20 +295,23 @@ def compare_main(argv: list[str]) -> int:
                 "schedule": schedule}
         jobs.append((run, (args.config, overrides, meta)))
     root.mkdir(parents=True, exist_ok=True)
-    todo = [job for run, job in jobs if not (run_dir(root, run.size, run.variant, run.seed, run.budget)
-                                             / "result.json").exists()]
-    print(f"compare: {len(plan)} runs ({len(plan) - len(todo)} already done) under {root}, "
-          f"{args.jobs} at a time", flush=True)
+    result_of = {run: run_dir(root, run.size, run.variant, run.seed, run.budget) / "result.json" for run in plan}
+    todo = [job for run, job in jobs if not result_of[run].exists()]
+    which = ("every run" if tuned is None else
+             "the runs at T = " + ", ".join(map(str, sorted(tuned))) if tuned else "no run")
+    print(f"compare: {len(plan)} runs ({len(plan) - len(todo)} already distilled) under {root}, "
+          f"{args.jobs} at a time; then fine-tuning of {which} and the teacher", flush=True)
     started = time.perf_counter()
     if not args.page_only:
-        if args.jobs == 1:
-            for job in todo:
-                _report_done(run_one(*job), started)
-        else:
-            threads = max(1, (os.cpu_count() or 1) // args.jobs)
-            with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"), initializer=_init_worker,
-                                     initargs=(threads,)) as pool:
-                for fut in [pool.submit(run_one, *job) for job in todo]:
+        with _pool(args.jobs) as submit:
+            for fut in [submit(run_one, *job) for job in todo]:
+                _report_done(fut.result(), started)
+            if tuned is None or tuned:  # the teacher first: the longest fine-tuning
+                teacher_eval(args.config, args.overrides, root)
+                paths = [root / "teacher" / "result.json"]
+                paths += [result_of[run] for run, _ in jobs if tuned is None or run.budget in tuned]
+                for fut in [submit(finetune_one, args.config, args.overrides, path) for path in paths
+                            if not json.loads(path.read_text())["finetune"]]:
                     _report_done(fut.result(), started)
     command = ["homodistil", "compare", *(a for a in argv if a != "--page-only")]  # what makes the runs
     results = collect(root, args, base, plan, command)
@@ -296,11 +322,53 @@ def compare_main(argv: list[str]) -> int:
     return 0
 
 
+class _Later:
+    """A job of a sweep run in this process, when its result is asked for (the runs report one by one)."""
+
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def result(self):
+        return self.fn(*self.args)
+
+
+@contextlib.contextmanager
+def _pool(jobs: int):
+    """``submit(fn, *args) -> future``: in this process (jobs == 1), else in ``jobs`` processes of cores/jobs
+    threads each."""
+    if jobs == 1:
+        yield _Later
+        return
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_init_worker,
+                             initargs=(threads,)) as pool:
+        yield pool.submit
+
+
+def finetune_budgets(args, plan: list[Run]) -> set[int] | None:
+    """The budgets whose runs are fine-tuned (``--finetune-budgets``); None: every run (and every sweep without
+    ``--budgets``)."""
+    from homodistil.config import ConfigError  # noqa: PLC0415
+
+    if not args.budgets or args.finetune_budgets is None:
+        return None
+    tuned = set(_numbers(args.finetune_budgets, int, "--finetune-budgets"))
+    if tuned - {r.budget for r in plan}:
+        raise ConfigError(f"--finetune-budgets {args.finetune_budgets}: each must be one of --budgets "
+                          f"({args.budgets})")
+    return tuned
+
+
 def _report_done(result: dict, started: float) -> None:
+    elapsed = f"{(time.perf_counter() - started) / 60:.1f} min so far"
+    if "final" not in result:  # the teacher
+        print(f"  done teacher: probe {result['probe']} ft {result['finetune']} ({elapsed})", flush=True)
+        return
     f, budget = result["final"], f"T={result['budget']} " if result.get("budget") else ""
+    took = result.get("finetune_s", result["wall_s"])
     print(f"  done {budget}s={result['size']:g} {result['variant']} seed {result['seed']}: KL {f['kl']:.4f} "
           f"MLM {f['mlm_loss']:.3f} probe {result['probe']} ft {result['finetune']} "
-          f"({result['wall_s'] / 60:.1f} min; {(time.perf_counter() - started) / 60:.1f} min so far)", flush=True)
+          f"({took / 60:.1f} min; {elapsed})", flush=True)
 
 
 def collect(root: Path, args, base, plan: list[Run], argv: list[str]) -> dict:
@@ -319,6 +387,7 @@ def collect(root: Path, args, base, plan: list[Run], argv: list[str]) -> dict:
         results.update({
             "budgets": sorted({r.budget for r in plan}), "tf_ratio": args.tf_ratio, "max_drop": args.max_drop,
             "ablations": {a: ROWS[a].description for a in ablations}, "ablation_budget": args.ablation_budget,
+            "finetune_budgets": sorted(tuned) if (tuned := finetune_budgets(args, plan)) is not None else None,
             "plan": [r._asdict() for r in plan],
             "schedules": {f"{r.budget}/{r.variant}/{r.size:g}": schedule_of(r, args, base) for r in plan}})
     (root / "results.json").write_text(json.dumps(results, indent=1) + "\n")
@@ -385,4 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seeds at budget T instead of --seeds, e.g. 4000=0,1 (repeatable)")
     study.add_argument("--ablations", help=f"comma-separated rows run at --ablation-budget, of: {', '.join(ROWS)}")
     study.add_argument("--ablation-budget", type=int, help="the budget T of the ablation rows (one of --budgets)")
+    study.add_argument("--finetune-budgets", metavar="T[,T...]",
+                       help="fine-tune only the runs at these budgets (default: every run); the others get the "
+                            "probes. Fine-tuning runs after every distillation of the sweep; a run an earlier sweep "
+                            "only probed is fine-tuned from its export, not distilled again")
     return p

@@ -395,8 +395,11 @@ def study_block(results: dict, figs: Path) -> str:
     lines += ["### Downstream", ""]
     e = results["base"]["evaluate"]
     cap = lambda n: "whole split" if n is None else f"at most {n}"  # noqa: E731
-    lines += [f"Linear probe on {', '.join(e['tasks'])}; fine-tuning on "
-              f"{', '.join(e['finetune_tasks'] or e['tasks'])}: {e['epochs']} epochs, lr {e['lr']}, training "
+    tuned = results.get("finetune_budgets")
+    at = "every run" if tuned is None else ("the runs at T = " + ", ".join(map(str, tuned)) if tuned else "no run")
+    lines += [f"Linear probe on {', '.join(e['tasks'])} for every run; fine-tuning ({at}, after every distillation "
+              f"of the sweep) on {', '.join(e['finetune_tasks'] or e['tasks'])}: {e['epochs']} epochs, lr {e['lr']}, "
+              "training "
               f"examples {cap(e['max_train'])}, validation {cap(e['max_eval'])}, max length {e['max_length']}. "
               "The teacher is evaluated under the same settings; the floor is always answering the training "
               "split's most common label. (a) − (b): paired by seed, bold where it exceeds its spread.", ""]
@@ -425,13 +428,15 @@ def study_block(results: dict, figs: Path) -> str:
                     + f" | {min(len(a), len(b))} |")
     wall = [r["wall_s"] for r in runs]
     steps = sum(r["budget"] for r in results["plan"])
+    n_tuned = 1 + sum(tuned is None or r["budget"] in tuned for r in results["plan"])  # + the teacher
     ft_steps = _finetune_steps(results["base"]["evaluate"], results.get("floor_sizes") or {})
     lines += ["", "### How to run", "", "```bash", results["command"], "```", "",
               f"Estimated compute on the 2-core CPU machines, 2 runs at a time: distillation ≈ "
               f"{steps * TRAIN_S_PER_STEP / 2 / 3600:.1f} h ({steps} steps over {len(results['plan'])} runs at "
               f"~{TRAIN_S_PER_STEP} s per step per run, from a pair of T = 1000 runs taking ~25 min); "
-              + (f"fine-tuning ≈ {len(results['plan']) * ft_steps * FINETUNE_S_PER_STEP / 2 / 3600:.1f} h more "
-                 f"({ft_steps} fine-tuning steps per run at up to {FINETUNE_S_PER_STEP} s, the teacher's size)."
+              + (f"fine-tuning ≈ {n_tuned * ft_steps * FINETUNE_S_PER_STEP / 2 / 3600:.1f} h more "
+                 f"({n_tuned} models, the teacher's included, {ft_steps} fine-tuning steps each at up to "
+                 f"{FINETUNE_S_PER_STEP} s, the teacher's size)."
                  if ft_steps else "fine-tuning not yet sized (no finished run)."), "",
               f"{results['jobs']} run(s) at a time"
               + (f"; {sum(wall) / 60:.0f} run-minutes over {len(runs)} finished runs." if wall else "; no run "
