@@ -72,8 +72,10 @@ def test_profiled_run_writes_trace_and_perf_scalars(tmp_path):
     tb = _scalars(out)
     steps = range(1, 7)
     for key in ("perf/tokens_per_s", "perf/samples_per_s", "perf/tflops", "perf/mfu", "perf/step_s",
-                "perf/phase/student", "perf/phase/shrink"):
+                "perf/phase/student", "perf/phase/shrink", "perf/base_mem_gib"):
         assert set(tb[key]) == set(steps), key
+    # on CPU the resident set before any model was built (libraries only) is below the run's peak
+    assert 0.1 < tb["perf/base_mem_gib"][6] < tb["perf/max_mem_gib"][6]
     phases = [k for k in tb if k.startswith("perf/phase/") and k != "perf/phase/other"]
     for step in steps:
         covered = sum(tb[k][step] for k in phases)
