@@ -14,9 +14,19 @@ shrinks, so step 0 is the peak):
   ``model.teacher_zero3`` plus the gathered working set (two layers in flight).
 - student model states, ZeRO paper accounting (Rajbhandari et al. 2020) for ``Ψ`` trainable
   parameters (the LM plus the hidden-state projections): mixed precision keeps 2Ψ weights,
-  2Ψ gradients and 12Ψ optimizer state (fp32 master, Adam m and v); fp32 keeps 4Ψ, 4Ψ, 8Ψ.
+  2Ψ gradients and 12Ψ optimizer state (fp32 master, Adam m and v); fp32 keeps 4Ψ, 4Ψ, 8Ψ,
+  except that DeepSpeed's stage 1/2 optimizer clones an fp32 master partition even when the
+  weights are fp32 (``stage_1_and_2.py``: ``single_partition_of_fp32_groups``), so 12Ψ there
+  (stage 3 reuses the fp32 partition: ``stage3.py``, "we don't need another copy").
   Stage 1 divides the optimizer state by the world size, stage 2 also the gradients,
-  stage 3 everything. Plus the ZeRO communication buckets (min(Ψ, bucket size) × e each).
+  stage 3 everything. Plus the ZeRO communication buckets: stages 1/2 a reduce and an
+  all-gather bucket (min(Ψ, bucket size) × e each); stage 3 the reduce bucket twice (its
+  coalesced reduce-scatter concatenates the bucket's gradients into a flat copy) and the
+  gathered parameters it keeps live between uses (min(Ψ, ``stage3_max_live_parameters``,
+  default 1e9) × e).
+- importance state: PLATON keeps two fp32 EMAs (three with ``platon_window`` > 1) of every
+  scored weight, full size on every rank; the scored weights are all but the MLM head's bias,
+  counted as Ψ. Only while the student is pruned (cubic schedule from the teacher).
 - activations kept for the backward pass, per layer for micro-batch ``b``, sequence ``s``,
   hidden ``h``, attention width ``h_a``, FFN width ``f``, ``a`` heads (Korthikanti et al. 2022,
   generalised to ``h_a != h`` and ``f != 4h``)::
@@ -31,6 +41,10 @@ shrinks, so step 0 is the peak):
   hidden states.
 - a fixed reserve for the CUDA context, NCCL and allocator fragmentation
   (:data:`RESERVE_GIB`).
+
+On CPU the same parts, less the reserve, are what a run adds to its process's peak resident
+set: tests/test_plan_memory.py holds them to within 20% of a world-size-2 run at ZeRO 2 and 3
+(docs/profiling.md has the figures).
 
 Time: FLOPs per token = 2 × (matmul parameters) + 4 × layers × s × h_a (attention scores and
 values) for a forward pass; the student trains (3 × forward), the teacher only runs forward.
@@ -274,6 +288,8 @@ def peak_tflops(gpu: str, bf16: bool) -> float:
 def zero_model_states(psi: int, stage: int, world: int, bf16: bool) -> dict[str, float]:
     """Bytes per GPU for weights, gradients and Adam state of ``psi`` trainable parameters."""
     w, g, o = (2.0 * psi, 2.0 * psi, 12.0 * psi) if bf16 else (4.0 * psi, 4.0 * psi, 8.0 * psi)
+    if not bf16 and stage in (1, 2):  # DeepSpeed's fp32 master partition, cloned from fp32 weights
+        o += 4.0 * psi
     if stage >= 1:
         o /= world
     if stage >= 2:
@@ -351,6 +367,16 @@ class Plan:
         return (self.compute_s + self.comm_s + self.overhead_s) / 3600.0
 
 
+def importance_state(cfg: Config) -> int:
+    """Bytes per scored weight that importance keeps between steps: PLATON's two fp32 EMAs (and
+    the window's running mean), while a cubic schedule prunes a student started from the teacher."""
+    p = cfg.pruning
+    prunes = cfg.model.init == "teacher" and p.schedule == "cubic" and any(v > 0 for v in p.sparsity.model_dump().values())
+    if not prunes or p.metric != "platon":
+        return 0
+    return 12 if p.platon_window > 1 else 8
+
+
 def _memory(cfg: Config, t: Arch, world: int, micro: int) -> dict[str, float]:
     e = 2 if cfg.bf16 else 4
     tp = count_params(t)
@@ -374,9 +400,11 @@ def _memory(cfg: Config, t: Arch, world: int, micro: int) -> dict[str, float]:
 
     if stage in (1, 2):
         mem["ZeRO buckets"] = e * (min(psi, size("reduce_bucket_size", 5e8)) + min(psi, size("allgather_bucket_size", 5e8)))
-    elif stage == 3:
-        mem["ZeRO buckets"] = e * (min(psi, size("reduce_bucket_size", 5e8))
-                                   + min(psi, size("stage3_prefetch_bucket_size", 5e7)))
+    elif stage == 3:  # the reduce bucket and its flat copy in the coalesced reduce-scatter
+        mem["ZeRO buckets"] = 2 * e * min(psi, size("reduce_bucket_size", 5e8))
+        mem["ZeRO-3 live parameters"] = e * min(psi, size("stage3_max_live_parameters", 1e9))
+    if importance_state(cfg):
+        mem["importance state (PLATON)"] = importance_state(cfg) * psi
     mem.update(activation_bytes(cfg, t, micro, cfg.data.max_seq_length))
     mem["CUDA context, NCCL, fragmentation"] = RESERVE_GIB * GIB
     return mem

@@ -72,8 +72,10 @@ def test_profiled_run_writes_trace_and_perf_scalars(tmp_path):
     tb = _scalars(out)
     steps = range(1, 7)
     for key in ("perf/tokens_per_s", "perf/samples_per_s", "perf/tflops", "perf/mfu", "perf/step_s",
-                "perf/phase/student", "perf/phase/shrink"):
+                "perf/phase/student", "perf/phase/shrink", "perf/base_mem_gib"):
         assert set(tb[key]) == set(steps), key
+    # on CPU the resident set before any model was built (libraries only) is below the run's peak
+    assert 0.1 < tb["perf/base_mem_gib"][6] < tb["perf/max_mem_gib"][6]
     phases = [k for k in tb if k.startswith("perf/phase/") and k != "perf/phase/other"]
     for step in steps:
         covered = sum(tb[k][step] for k in phases)
@@ -113,7 +115,18 @@ def test_plan_from_run_uses_the_measured_mfu(tmp_path, capsys):
     assert plan_main(args + ["--from-run", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "at 30% MFU of 8 x 989 TFLOPS" in out  # the median, not the assumed 25%
-    assert "MFU 30.0% (median of 3 steps" in out and "peak memory of rank 0 7.50 GiB" in out
+    assert "MFU 30.0% (median of 3 steps" in out and "peak memory of rank 0 7.50 GiB (allocated)" in out
+    # a CPU run also logs its resident set before any model was built: the plan shows the difference
+    # beside its own total without the CUDA reserve
+    from homodistil.cost import GIB, RESERVE_GIB
+
+    rows = [{**r, "perf/base_mem_gib": 0.5} for r in rows]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert plan_main(args + ["--from-run", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    plan = make_plan(load_config(REPO / "configs" / "homobert_base.yaml"), "h100-80gb", 1)
+    assert (f"peak memory of rank 0 7.50 GiB resident (CPU): 7.00 GiB above the 0.50 GiB before any model was "
+            f"built, vs {plan.total_memory / GIB - RESERVE_GIB:.2f} GiB modelled without the CUDA reserve") in out
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss/total": 1.0}) + "\n")
     assert plan_main(args + ["--from-run", str(tmp_path)]) == 2
     assert "has no perf/mfu" in capsys.readouterr().err

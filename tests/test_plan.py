@@ -102,7 +102,10 @@ def test_zero_stages_partition_by_world_size():
     assert zero_model_states(psi, 2, world, bf16=True) == {"weights": 2000, "gradients": 500, "optimizer": 3000}
     assert zero_model_states(psi, 3, world, bf16=True) == {"weights": 500, "gradients": 500, "optimizer": 3000}
     assert zero_model_states(psi, 0, world, bf16=False) == {"weights": 4000, "gradients": 4000, "optimizer": 8000}
-    assert zero_model_states(psi, 2, world, bf16=False) == {"weights": 4000, "gradients": 1000, "optimizer": 2000}
+    # fp32: DeepSpeed's stage 1/2 optimizer clones an fp32 master partition anyway; stage 3 reuses it
+    assert zero_model_states(psi, 1, world, bf16=False) == {"weights": 4000, "gradients": 4000, "optimizer": 3000}
+    assert zero_model_states(psi, 2, world, bf16=False) == {"weights": 4000, "gradients": 1000, "optimizer": 3000}
+    assert zero_model_states(psi, 3, world, bf16=False) == {"weights": 1000, "gradients": 1000, "optimizer": 2000}
 
 
 def test_layer_activations_by_hand():
@@ -135,6 +138,16 @@ def test_plan_memory_parts_for_a_tiny_run():
     s3 = make_plan(load_config(None, ["model.teacher=tiny", "deepspeed.zero_optimization.stage=3"]), "h200", 1)
     s0 = make_plan(load_config(None, ["model.teacher=tiny", "deepspeed.zero_optimization.stage=0"]), "h200", 1)
     assert s3.memory["student weights"] * 8 == s0.memory["student weights"]
+    s3_psi = count_params(teacher_arch(s3_cfg := load_config(None, ["model.teacher=tiny"]))).total + 3 * 64 * 64
+    assert s3.memory["ZeRO buckets"] == 2 * 4 * s3_psi  # fp32: the reduce bucket and its flat copy
+    assert s3.memory["ZeRO-3 live parameters"] == 4 * s3_psi and "ZeRO-3 live parameters" not in one.memory
+    # PLATON's two fp32 EMAs per scored weight, full size on every rank; none for the other metrics
+    assert one.memory["importance state (PLATON)"] == 8 * psi
+    assert s3_cfg.pruning.metric == "platon" and s3.memory["importance state (PLATON)"] == 8 * s3_psi
+    magnitude = make_plan(load_config(None, ["model.teacher=tiny", "pruning.metric=magnitude"]), "h200", 1)
+    assert "importance state (PLATON)" not in magnitude.memory
+    windowed = make_plan(load_config(None, ["model.teacher=tiny", "pruning.platon_window=10"]), "h200", 1)
+    assert windowed.memory["importance state (PLATON)"] == 12 * s3_psi
 
 
 def test_plan_builds_students_and_tiny_teachers_through_the_adapters():
@@ -165,7 +178,10 @@ def test_not_fit_warning_and_exit_status(capsys):
     # Llama-3-8B teacher + full-size student at ZeRO-2 on 8x A100-40GB: 16 GB of teacher and
     # 2+2 bytes/param of student weights and gradients already exceed 40 GB.
     big = ["model.teacher=meta-llama/Meta-Llama-3-8B", "deepspeed.zero_optimization.stage=2",
-           "deepspeed.bf16.enabled=true", "loss.alpha_attention=0", "model.attn_implementation=sdpa"]
+           "deepspeed.bf16.enabled=true", "loss.alpha_attention=0", "model.attn_implementation=sdpa",
+           "pruning.metric=sensitivity"]
+    # PLATON's per-weight state (8 bytes per parameter on every GPU, 60 GiB here) is named when it dominates
+    assert "pruning.metric=sensitivity" in format_plan(load_config(None, big[:-1]), "a100-40gb", 1)
     cfg = load_config(None, big)
     plan = make_plan(cfg, "a100-40gb", nodes=1)
     assert not plan.fits and plan.total_memory > 40 * GIB

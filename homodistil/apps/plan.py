@@ -88,6 +88,8 @@ def _advice(plan: Plan, cfg: Config) -> str:
         tips.append(f"deepspeed.zero_optimization.stage={max(2, cfg.zero_stage + 1)}")
     if not cfg.model.teacher_zero3 and mem.get("teacher weights (replicated)", 0) > 0.2 * plan.total_memory:
         tips.append("model.teacher_zero3=true")
+    if mem.get("importance state (PLATON)", 0) > 0.2 * plan.total_memory:
+        tips.append("pruning.metric=sensitivity (PLATON keeps two fp32 values per weight on every GPU)")
     if not tips:
         tips.append("more GPUs (--nodes) or a larger GPU")
     return f"does not fit: needs {need:.1f} GiB per GPU, a {plan.gpu.name} has {have:.0f} GiB; try " + ", ".join(tips)
@@ -101,7 +103,8 @@ def format_plan(cfg: Config, gpu: str, nodes: int, gpus_per_node: int = 8, mfu: 
 def measured(run_dir: str | Path) -> dict[str, float]:
     """A run's measured figures from its metrics.jsonl (the perf/* scalars, docs/profiling.md):
     the median MFU (the steps with a shrink, checkpoint or held-out evaluation included), the
-    device peak it is a fraction of, and the peak memory of rank 0."""
+    device peak it is a fraction of, the peak memory of rank 0 and, on CPU, its resident set before
+    any model was built."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise PlanError(f"--from-run: {path} not found")
@@ -111,7 +114,8 @@ def measured(run_dir: str | Path) -> dict[str, float]:
         raise PlanError(f"--from-run: {path} has no perf/mfu (a run with trainer.perf_every=0, or on a GPU "
                         f"without a peak: set trainer.peak_tflops)")
     return {"mfu": mfu[len(mfu) // 2], "peak_tflops": next(r["perf/peak_tflops"] for r in rows if "perf/mfu" in r),
-            "max_mem_gib": max(r.get("perf/max_mem_gib", 0.0) for r in rows), "steps": float(len(mfu))}
+            "max_mem_gib": max(r.get("perf/max_mem_gib", 0.0) for r in rows), "steps": float(len(mfu)),
+            "base_mem_gib": next((r["perf/base_mem_gib"] for r in rows if "perf/base_mem_gib" in r), None)}
 
 
 def plan_main(argv: list[str]) -> int:
@@ -145,10 +149,22 @@ def plan_main(argv: list[str]) -> int:
     print(describe(plan, cfg))
     if run:
         print(f"measured  {args.from_run}: MFU {run['mfu']:.1%} (median of {run['steps']:.0f} steps, of a "
-              f"{run['peak_tflops']:.4g} TFLOP/s device peak){' used above' if args.mfu is None else ''}; peak "
-              f"memory of rank 0 {run['max_mem_gib']:.2f} GiB (GPU: allocated; CPU: resident) vs "
-              f"{plan.total_memory / GIB:.2f} GiB modelled")
+              f"{run['peak_tflops']:.4g} TFLOP/s device peak){' used above' if args.mfu is None else ''}")
+        print(f"          {_measured_memory(run, plan)}")
     return 0 if plan.fits else 1
+
+
+def _measured_memory(run: dict, plan: Plan) -> str:
+    """The run's peak memory beside the modelled total: a GPU's allocated peak against the whole plan;
+    on CPU the peak resident set less the one before any model was built (the libraries), against
+    the plan less its CUDA reserve (tests/test_plan_memory.py compares the two)."""
+    peak, base = run["max_mem_gib"], run["base_mem_gib"]
+    if base is None:
+        return f"peak memory of rank 0 {peak:.2f} GiB (allocated) vs {plan.total_memory / GIB:.2f} GiB modelled"
+    reserve = plan.memory["CUDA context, NCCL, fragmentation"]
+    return (f"peak memory of rank 0 {peak:.2f} GiB resident (CPU): {peak - base:.2f} GiB above the "
+            f"{base:.2f} GiB before any model was built, vs {(plan.total_memory - reserve) / GIB:.2f} GiB "
+            f"modelled without the CUDA reserve")
 
 
 if __name__ == "__main__":  # pragma: no cover

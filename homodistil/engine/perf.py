@@ -57,6 +57,18 @@ def device_peak(cfg: Config, device: torch.device) -> tuple[float | None, str]:
     return cpu_peak_tflops(), f"measured fp32 matmul peak of this CPU ({torch.get_num_threads()} threads)"
 
 
+def _resident_gib() -> float:
+    """The process's resident set now (Linux ``VmRSS``; 0 where /proc is missing)."""
+    status = Path("/proc/self/status")
+    lines = status.read_text().splitlines() if status.is_file() else []
+    return next((int(line.split()[1]) * 1024 / GIB for line in lines if line.startswith("VmRSS:")), 0.0)
+
+
+# imported by the recipe after torch, DeepSpeed and transformers and before any model is built:
+# on CPU, a run's peak resident set less this is what the run itself holds (what the plan models)
+BASE_RESIDENT_GIB = _resident_gib()
+
+
 def peak_memory_gib(device: torch.device) -> float:
     """The process's peak memory so far: allocated GPU memory, or resident host memory on CPU."""
     if device.type == "cuda":
@@ -171,6 +183,8 @@ class Perf:
         out = {"perf/step_s": step_s, "perf/tokens_per_s": self.tokens_per_step / step_s,
                "perf/samples_per_s": self.samples_per_step / step_s, "perf/tflops": flops / step_s / 1e12,
                "perf/max_mem_gib": peak_memory_gib(self.device)}
+        if not self.cuda:
+            out["perf/base_mem_gib"] = BASE_RESIDENT_GIB
         if self.peak is not None:
             out["perf/mfu"] = out["perf/tflops"] / self.peak
             out["perf/peak_tflops"] = self.peak
