@@ -60,7 +60,7 @@ def fragment(param, rank: int, world: int, with_grad: bool) -> tuple[int, torch.
     else:
         weight = param.detach().view(-1)[start:start + numel]
         grad = param.grad.view(-1)[start:start + numel] if with_grad else None
-    return start, weight, grad
+    return start, weight.detach(), None if grad is None else grad.detach()  # the fp32 master is a leaf that needs grad
 
 
 def gather_fragments(local: torch.Tensor, start: int, numel: int) -> torch.Tensor:

@@ -103,6 +103,7 @@ class Pruner:
                              None if grad is None else grad.reshape(-1))
         self.commit(fold)
 
+    @torch.no_grad()
     def measure(self, name: str, shape: tuple[int, ...], start: int, weight: torch.Tensor,
                 grad: torch.Tensor | None) -> None:
         """This step's importance of one fragment: ``weight`` and ``grad`` are flat elements
@@ -149,6 +150,7 @@ class Pruner:
         """Forget the measured step (the optimizer skipped it: no importance state moves)."""
         self.pending = {}
 
+    @torch.no_grad()
     def commit(self, fold: bool = True, reduce=None) -> None:
         """Fold the measured step into the state and, at ``fold``, into the group scores.
 
