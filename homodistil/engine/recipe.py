@@ -326,7 +326,8 @@ class Recipe:
                             terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
                         if micro < cfg.grad_accum - 1:
                             self.engine.step()  # counts the micro-batch; DeepSpeed updates only at the boundary
-                # 4. importance, from the full gradients of this step (before the optimizer uses them)
+                # 4. importance, measured on this rank's fragments of this step's gradients (before the optimizer uses
+                # them), committed after it if it applied the step
                 if self.prunes and self.step < p.t_f and self.step + 1 >= max(p.t_i - p.mask_interval,
                                                                                p.score_after + 1):
                     self._observe()
