@@ -83,7 +83,7 @@ def importance_cost(base: list[str], tmp: Path, warmup: int, total: int, pairs: 
     with_imp = base + ["pruning.metric=platon", f"pruning.t_i={total - 1}", f"pruning.t_f={total}",
                        f"pruning.mask_interval={total}", "pruning.shrink_interval=100000"]
     without = base + ["pruning.sparsity.ffn=0", "pruning.sparsity.attention=0", "pruning.sparsity.hidden=0",
-                      f"pruning.t_f={total}"]
+                      "pruning.t_i=0", f"pruning.t_f={total}"]
     pairs_s = []
     for k in range(pairs):
         a, _, _ = run(with_imp + [f"data.cache_dir={tmp / 'cache'}"], tmp / f"imp{k}")
