@@ -10,7 +10,10 @@ Reports, on the machine it runs on:
    their live parameters (goal: within 20% of it);
 3. the cost of one shrink (gather + rebuild + restore) in training steps;
 4. the cost of the perf/* and kernels/* scalars: configs/tiny.yaml as it is, trained with
-   ``trainer.perf_every=1`` vs ``0`` (goal: within 2%), ``--perf-cost-only`` runs just this.
+   ``trainer.perf_every=1`` vs ``0`` (goal: within 2%), ``--perf-cost-only`` runs just this;
+5. a distill step with PLATON importance every step vs one without importance (goal ≤ 1.05),
+   alternating the two runs; ``--importance-only`` runs just this, and under
+   ``torchrun --nproc_per_node 2`` measures it at world size 2 (rank 0 prints).
 Timings 1-3 are medians over the steps after a warm-up, from the recipe's own ``time/step_s``;
 4 compares the wall time of whole ``train()`` calls, alternating the two, median of the pairs.
 """
@@ -73,6 +76,23 @@ def perf_cost(tmp: Path, steps: int, pairs: int) -> tuple[float, list[float]]:
     return statistics.median(ratios), ratios
 
 
+def importance_cost(base: list[str], tmp: Path, warmup: int, total: int, pairs: int) -> tuple[float, list]:
+    """Median over ``pairs`` of (distill step with PLATON every step) / (distill step without importance),
+    each the median ``time/step_s`` after ``warmup`` steps; the two runs alternate (a shared machine
+    slows both alike)."""
+    with_imp = base + ["pruning.metric=platon", f"pruning.t_i={total - 1}", f"pruning.t_f={total}",
+                       f"pruning.mask_interval={total}", "pruning.shrink_interval=100000"]
+    without = base + ["pruning.sparsity.ffn=0", "pruning.sparsity.attention=0", "pruning.sparsity.hidden=0",
+                      "pruning.t_i=0", f"pruning.t_f={total}"]
+    pairs_s = []
+    for k in range(pairs):
+        a, _, _ = run(with_imp + [f"data.cache_dir={tmp / 'cache'}"], tmp / f"imp{k}")
+        b, _, _ = run(without + [f"data.cache_dir={tmp / 'cache'}"], tmp / f"noimp{k}")
+        pairs_s.append((statistics.median(r["time/step_s"] for r in a[warmup:]),
+                        statistics.median(r["time/step_s"] for r in b[warmup:])))
+    return statistics.median(x / y for x, y in pairs_s), pairs_s
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hidden", type=int, default=384)
@@ -86,6 +106,9 @@ def main() -> int:
     ap.add_argument("--perf-steps", type=int, default=100, help="steps of each tiny run for the perf cost")
     ap.add_argument("--perf-pairs", type=int, default=3, help="alternating with/without pairs for the perf cost")
     ap.add_argument("--perf-cost-only", action="store_true", help="measure only the cost of the perf scalars")
+    ap.add_argument("--importance-only", action="store_true",
+                    help="measure only distill with PLATON every step / without importance (any world size)")
+    ap.add_argument("--importance-pairs", type=int, default=2, help="alternating with/without importance pairs")
     args = ap.parse_args()
     if args.perf_cost_only:
         with tempfile.TemporaryDirectory() as tmp:
@@ -109,6 +132,23 @@ def main() -> int:
 
     def median_step(rows, first):
         return statistics.median(r["time/step_s"] for r in rows[first:])
+
+    if args.importance_only:
+        import torch.distributed as dist
+
+        from homodistil.engine.dist import init_distributed
+
+        rank, world, _ = init_distributed()
+        out = Path(tempfile.mkdtemp(prefix="bench-importance-")) if rank == 0 else None
+        shared = [str(out)]
+        dist.broadcast_object_list(shared, src=0)
+        ratio, pairs = importance_cost(base, Path(shared[0]), args.warmup, total, args.importance_pairs)
+        if rank == 0:
+            print(f"\nshape: hidden {args.hidden}, {args.layers} layers, {args.heads} heads, FFN {args.ffn}; "
+                  f"batch {args.batch} x {args.seq} tokens per rank; world size {world}")
+            print(f"{'distill step, PLATON every step / without importance':62s} {ratio:8.3f} {'<= 1.05':>14s}"
+                  f"   (seconds: {', '.join(f'{a:.3f}/{b:.3f}' for a, b in pairs)})")
+        return 0
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -137,6 +177,8 @@ def main() -> int:
     print(f"{'measure':62s} {'value':>8s} {'goal':>14s}")
     print(f"{'distill step (with importance) / plain MLM step':62s} {t_distill / t_mlm:8.2f} {'<= 1.40':>14s}")
     print(f"{'distill step (no importance) / plain MLM step':62s} {t_distill_noimp / t_mlm:8.2f}")
+    print(f"{'distill step, PLATON every step / without importance':62s} {t_distill / t_distill_noimp:8.3f} "
+          f"{'<= 1.05':>14s}")
     print(f"  seconds: distill {t_distill:.3f}, distill w/o importance {t_distill_noimp:.3f}, MLM {t_mlm:.3f}")
     for s, (t, t_plain, live, shrinks) in widths.items():
         pct, ratio = int(round(100 * (1 - s))), live / full_params

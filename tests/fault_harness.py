@@ -80,6 +80,7 @@ def _equal(a, b) -> bool:
 
 def compare(reference: Path, run: Path, tag: str = FINAL) -> dict[str, bool]:
     """Which parts of ``run``'s checkpoint ``tag`` equal ``reference``'s exactly."""
+    from homodistil.engine import checkpoint  # noqa: PLC0415
     from homodistil.engine.export import _full_state  # noqa: PLC0415
 
     ref, got = reference / "checkpoints" / tag, run / "checkpoints" / tag
@@ -92,8 +93,8 @@ def compare(reference: Path, run: Path, tag: str = FINAL) -> dict[str, bool]:
         "finished": True,
         "weights": _equal(wa, wb),
         "masks": _equal(pa["masks"], pb["masks"]),
-        "importance": _equal(pa["scores"], pb["scores"]) and _equal(pa["state"], pb["state"])
-        and pa["observed"] == pb["observed"],
+        "importance": _equal(pa["scores"], pb["scores"]) and pa["observed"] == pb["observed"] and _equal(
+            *(list(checkpoint.importance_states(d.parent, tag)) for d in (ref, got))),
         "all_files": names == sorted(p.name for p in got.iterdir()) and all(
             _equal(torch.load(ref / n, weights_only=False), torch.load(got / n, weights_only=False))
             if n.endswith(".pt") else (ref / n).read_bytes() == (got / n).read_bytes()

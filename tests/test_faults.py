@@ -102,7 +102,8 @@ def test_a_non_finite_step_changes_nothing_and_the_run_goes_on(tmp_path, monkeyp
         params, moments, adam_step = gather(recipe.engine)
         snapshots[recipe.step] = {"params": params, "moments": moments, "adam_step": adam_step, "skipped": skipped,
                                   "lr": recipe.engine.optimizer.param_groups[0]["lr"], "loss": terms["loss"],
-                                  "pruner": copy.deepcopy(recipe.pruner.state_dict())}
+                                  "pruner": copy.deepcopy(recipe.pruner.state_dict()),
+                                  "importance": copy.deepcopy(recipe.pruner.local_state_dict())}
 
     recipe._log = snapshot
     recipe.train()
@@ -115,7 +116,8 @@ def test_a_non_finite_step_changes_nothing_and_the_run_goes_on(tmp_path, monkeyp
         assert torch.equal(two["params"][name], one["params"][name]), name
         assert all(torch.equal(two["moments"][name][k], one["moments"][name][k]) for k in ("exp_avg", "exp_avg_sq"))
         assert not torch.equal(three["params"][name], two["params"][name]) or "LayerNorm" in name or "bias" in name
-    assert one["pruner"]["state"] and H._equal(two["pruner"], one["pruner"])  # masks, scores, EMAs, count
+    assert one["importance"]["state"] and H._equal(two["pruner"], one["pruner"])  # masks, scores, count
+    assert H._equal(two["importance"], one["importance"])  # the EMAs
     # linear decay from 1e-3 to 0 over 4 steps: the skipped step still counts
     assert [snapshots[s]["lr"] for s in (1, 2, 3)] == pytest.approx([7.5e-4, 5e-4, 2.5e-4], rel=1e-6)
     assert torch.isfinite(torch.tensor(three["loss"]))
@@ -151,9 +153,8 @@ def test_too_many_bad_steps_stop_with_the_last_good_checkpoint(tmp_path, monkeyp
 
     good, last = _full_state(root, "step00000001"), _full_state(root, "step00000004")
     assert all(torch.equal(good[k], last[k]) for k in good)
-    p1, _ = checkpoint.load_run_state(root, "step00000001", 0)
-    p4, _ = checkpoint.load_run_state(root, "step00000004", 0)
-    assert all(torch.equal(p1["state"][n]["ema"], p4["state"][n]["ema"]) for n in p1["state"])
+    (p1,), (p4,) = (list(checkpoint.importance_states(root, tag)) for tag in ("step00000001", "step00000004"))
+    assert p1["state"] and all(torch.equal(p1["state"][n]["ema"], p4["state"][n]["ema"]) for n in p1["state"])
 
 
 # ---------------------------------------------------------------------------------------------

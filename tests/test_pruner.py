@@ -5,7 +5,7 @@ from transformers import BertConfig
 from homodistil.kernels.importance import importance_reference, init_state
 from homodistil.pruning.adapters import AdapterError, get_adapter, supported
 from homodistil.pruning.groups import Group, MaskPoint, Slice, live_numel, shrink_tensors
-from homodistil.pruning.pruner import Pruner
+from homodistil.pruning.pruner import Pruner, live_fragment, pieces
 
 import pytest
 
@@ -60,7 +60,7 @@ def test_platon_window_folds_the_window_mean_once_per_window():
     ema = [0.85 * e + 0.15 * m for e, m in zip(ema, means[1])]
     unc = [0.95 * u + 0.05 * (m - e).abs() for u, m, e in zip(unc, means[1], ema)]
     torch.testing.assert_close(pruner.scores["g"], (ema[0] * unc[0]).sum(1) + (ema[1] * unc[1]).sum(0))
-    torch.testing.assert_close(pruner.state["w"]["ema"], ema[0])
+    torch.testing.assert_close(pruner.state["w"]["ema"], ema[0].flatten())  # state is flat: the rank's fragment
     assert pruner.state["w"]["window"].eq(0).all() and pruner.window_steps == 0
     # window 1 is today's per-step PLATON, whatever fold says
     one, ref = make(1), {"w": init_state(w, "platon"), "v": init_state(v, "platon")}
@@ -177,9 +177,145 @@ def test_resumed_importance_state_lives_where_it_is_asked_to():
 
     saved = pruner()
     saved.observe({"w": (w, g), "v": (v, gv)})
-    sd = saved.state_dict()
-    assert {t.device.type for st in sd["state"].values() for t in st.values()} == {"cpu"}
+    sd, local = saved.state_dict(), saved.local_state_dict()
+    assert {t.device.type for st in local["state"].values() for t in st.values()} == {"cpu"}
     resumed = pruner()
-    resumed.load_state_dict(sd, torch.device("meta"))
+    resumed.load_state_dict(sd)
+    resumed.load_local_state([local], {}, torch.device("meta"))
     assert {t.device.type for st in resumed.state.values() for t in st.values()} == {"meta"}
     assert torch.equal(resumed.masks["g"], saved.masks["g"]) and torch.equal(resumed.scores["g"], saved.scores["g"])
+
+
+# ---------------------------------------------------------------------------------------------
+# fragments: each rank scores its own flat range of a parameter
+# ---------------------------------------------------------------------------------------------
+
+def test_pieces_cover_a_flat_range_with_a_partial_row_whole_rows_and_a_partial_row():
+    assert pieces((4, 5), 3, 14) == [(0, 0, 1, 3, 2), (2, 1, 2, 0, 5), (12, 3, 1, 0, 2)]
+    assert pieces((4, 5), 5, 10) == [(0, 1, 2, 0, 5)]
+    assert pieces((4, 5), 6, 2) == [(0, 1, 1, 1, 2)]
+    assert pieces((7,), 2, 3) == [(0, 2, 3, 0, 1)]  # 1-D: a column
+    assert pieces((4, 5), 20, 0) == []
+    for start in range(21):  # every range of a (4, 5) tensor: its blocks tile it exactly
+        for n in range(21 - start):
+            covered = torch.zeros(4, 5, dtype=torch.int64)
+            for offset, row, rows, col, cols in pieces((4, 5), start, n):
+                covered[row:row + rows, col:col + cols] += 1
+                assert row * 5 + col == start + offset
+            assert covered.flatten().tolist() == [int(start <= i < start + n) for i in range(20)]
+
+
+def test_live_fragment_is_the_flat_slice_of_the_live_entries():
+    units = {0: torch.tensor([True, False, True, True]), 1: torch.tensor([True, True, False, True, True])}
+    full = (units[0].view(-1, 1) & units[1].view(1, -1)).flatten()
+    for start, n in ((0, 20), (3, 14), (7, 1), (12, 8)):
+        assert torch.equal(live_fragment(units, (4, 5), start, n), full[start:start + n])
+
+
+@pytest.mark.parametrize("metric,window", [("magnitude", 1), ("sensitivity", 1), ("platon", 1), ("platon", 2)])
+def test_fragments_split_among_ranks_give_the_whole_tensors_scores_and_reshard_after_a_shrink(metric, window):
+    """Three simulated ranks measure uneven flat ranges (starting mid-row); their partial sums,
+    added as the all-reduce adds them, give the scores and masks of one pruner that sees whole
+    tensors, through a mask update (dead entries) and a shrink after which the PLATON state is
+    resharded to another partitioning."""
+    torch.manual_seed(3)
+    shapes = {"w": (8, 3), "v": (5, 8)}
+
+    def make():
+        return Pruner([_group()], lambda s: {"attention": 4 - round(4 * s["attention"])}, metric=metric,
+                      s_final={"attention": 0.5}, t_i=0, t_f=4, platon_window=window)
+
+    def split(shape, cuts):
+        n = shape[0] * shape[1]
+        bounds = [0, *cuts(n), n]
+        return list(zip(bounds[:-1], [b - a for a, b in zip(bounds[:-1], bounds[1:])]))
+
+    whole, ranks = make(), [make() for _ in range(3)]
+    ranges = {name: split(shape, lambda n: (n // 3 + 1, 2 * n // 3 - 1)) for name, shape in shapes.items()}
+    for step in range(1, 5):
+        full = {n: (torch.randn(s), torch.randn(s)) for n, s in shapes.items()}
+        whole.observe(full, fold=step % window == 0)
+        for r, pruner in enumerate(ranks):
+            for name, (w, g) in full.items():
+                start, n = ranges[name][r]
+                pruner.measure(name, tuple(w.shape), start, w.flatten()[start:start + n], g.flatten()[start:start + n])
+        _commit_together(ranks, step % window == 0)
+        for g in whole.groups:
+            for pruner in ranks:
+                torch.testing.assert_close(pruner.scores[g.name], whole.scores[g.name], rtol=1e-5, atol=0)
+        changed = whole.update_masks(step)
+        assert all(p.update_masks(step) == changed for p in ranks)
+        assert all(torch.equal(p.masks["g"], whole.masks["g"]) for p in ranks)
+        if step == 2:  # shrink; the new partitioning starts at other offsets
+            new = [_group(size=int(whole.masks["g"].sum()))]
+            keep = whole.shrink(new)
+            for pruner in ranks:
+                assert torch.equal(pruner.shrink(new)["g"], keep["g"])
+            shapes = {"w": (int(keep["g"].numel()), 3), "v": (5, int(keep["g"].numel()))}
+            ranges = {name: split(shape, lambda n: (2, n - 5)) for name, shape in shapes.items()}
+            _reshard_together(ranks, ranges)
+            for name in whole.state:
+                for key, t in whole.state[name].items():
+                    assert torch.equal(torch.cat([p.state[name][key] for p in ranks]), t), (name, key)
+
+
+def _together(ranks, work):
+    """Run ``work(rank, pruner, reduce)`` for each simulated rank in its own thread; ``reduce`` sums a
+    tensor over the ranks in place, as ``dist.all_reduce`` does (each call is one collective)."""
+    import threading
+
+    barrier, slots = threading.Barrier(len(ranks)), [None] * len(ranks)
+
+    def reduce_for(r):
+        def reduce(t):
+            slots[r] = t.clone()
+            barrier.wait()
+            t.copy_(sum(slots))
+            barrier.wait()
+        return reduce
+
+    errors = []
+
+    def run(r, pruner):
+        try:
+            work(r, pruner, reduce_for(r))
+        except Exception as err:  # noqa: BLE001 - re-raised in the test's thread
+            errors.append(err)
+            barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(r, p)) for r, p in enumerate(ranks)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
+def _commit_together(ranks, fold):
+    _together(ranks, lambda r, pruner, reduce: pruner.commit(fold, reduce=reduce))
+
+
+def _reshard_together(ranks, ranges):
+    def gather(reduce):
+        def full(local, start, numel):
+            out = torch.zeros(numel)
+            out[start:start + local.numel()] = local
+            reduce(out)
+            return out
+        return full
+
+    _together(ranks, lambda r, pruner, reduce: pruner.reshard(gather(reduce), {n: rs[r] for n, rs in ranges.items()}))
+
+
+def test_a_saved_partitioned_state_loads_into_another_partitioning():
+    torch.manual_seed(4)
+    shape = (5, 8)
+    ema = torch.randn(40)
+    saved = [{"shapes": {"w": shape}, "fragments": {"w": (a, b - a)}, "state": {"w": {"ema": ema[a:b]}}}
+             for a, b in ((0, 13), (13, 27), (27, 40))]
+    pruner = Pruner([Group("g", "attention", 5, slices=(Slice("w", 0),), points=(MaskPoint("m", "out"),))],
+                    lambda s: {"attention": 2}, metric="platon", s_final={"attention": 0.5}, t_i=0, t_f=4)
+    pruner.load_state_dict({**pruner.state_dict(), "partitioned": True})
+    pruner.load_local_state(iter(saved), {"w": (9, 20)}, "cpu")
+    assert torch.equal(pruner.state["w"]["ema"], ema[9:29]) and pruner.fragments["w"] == (9, 20)

@@ -5,8 +5,9 @@ Layout under ``<output_dir>/checkpoints/``::
     latest                      tag of the newest *complete* checkpoint (atomic rename)
     step00000040/               DeepSpeed files (model, optimizer, LR scheduler; per rank)
         meta.json               step, widths, teacher config, tokenizer: enough to rebuild
-        pruner.pt               masks, scores, importance state (identical on all ranks)
-        rank{r}.pt              each rank's RNG state (torch/python/numpy) and data position
+        pruner.pt               masks, scores, counters (identical on all ranks)
+        rank{r}.pt              each rank's RNG state (torch/python/numpy), data position and
+                                importance state (PLATON's, of the rank's own fragments)
         MANIFEST.json           every other file's size and CRC-32, written before COMPLETE
         COMPLETE                written last, after every rank finished
 
@@ -220,8 +221,8 @@ def find_resumable(root: Path) -> tuple[str | None, list[str]]:
     return None, reports
 
 
-def save(engine, root: Path, step: int, meta: dict, pruner_state: dict, rank: int, data_state: dict,
-         need_bytes: int, keep: int = 2, protect: str | None = None) -> str:
+def save(engine, root: Path, step: int, meta: dict, pruner_state: dict, importance_state: dict, rank: int,
+         data_state: dict, need_bytes: int, keep: int = 2, protect: str | None = None) -> str:
     """Save a checkpoint collectively (every rank calls this); returns its tag.
 
     ``need_bytes``: the size expected for the first checkpoint (later ones are checked against
@@ -242,7 +243,8 @@ def save(engine, root: Path, step: int, meta: dict, pruner_state: dict, rank: in
     engine.save_checkpoint(str(root), tag=tag, save_latest=False)
     error = None
     try:  # our own files: a failure on one rank is agreed on below instead of hanging the others
-        torch.save({"rng": rng_state(), "data": data_state}, root / tag / f"rank{rank}.pt")
+        torch.save({"rng": rng_state(), "data": data_state, "importance": importance_state},
+                   root / tag / f"rank{rank}.pt")
         if rank == 0:
             torch.save(pruner_state, root / tag / PRUNER)
             (root / tag / META).write_text(json.dumps(meta, indent=1))
@@ -280,6 +282,21 @@ def load_run_state(root: Path, tag: str, rank: int) -> tuple[dict, dict | None]:
     rank_file = root / tag / f"rank{rank}.pt"
     return (torch.load(root / tag / PRUNER, weights_only=False),
             torch.load(rank_file, weights_only=False) if rank_file.exists() else None)
+
+
+def importance_states(root: Path, tag: str):
+    """Every saved rank's importance state (``Pruner.local_state_dict``), read one rank file at a
+    time; a checkpoint from before per-rank state holds whole tensors in ``pruner.pt``."""
+    files = sorted((root / tag).glob("rank*.pt"))
+    for path in files:
+        state = torch.load(path, weights_only=False).get("importance")
+        if state is None:
+            legacy = torch.load(root / tag / PRUNER, weights_only=False).get("state", {})
+            yield {"state": {n: {k: t.reshape(-1) for k, t in st.items()} for n, st in legacy.items() if st},
+                   "shapes": {n: tuple(next(iter(st.values())).shape) for n, st in legacy.items() if st},
+                   "fragments": {n: (0, next(iter(st.values())).numel()) for n, st in legacy.items() if st}}
+            return
+        yield state
 
 
 def world_free_state(directory: Path) -> tuple[dict, dict, int, dict]:

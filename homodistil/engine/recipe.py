@@ -31,6 +31,7 @@ from homodistil.pruning.pruner import Pruner
 from . import checkpoint, faults, numerics
 from .dist import device, init_distributed
 from .export import export_dense
+from .fragments import fragment, fragment_range, gather_fragments
 from .losses import distill_losses
 from .models import (Student, load_teacher, load_tokenizer, student_config, student_groups, teacher_config,
                      teacher_outputs, teacher_source, tiny_config, tokenizer_name)
@@ -39,7 +40,7 @@ from .prepare import cache_dir as prepare_cache_dir
 from .prepare import fingerprint
 from .monitor import Monitor
 from .perf import Perf, timed
-from .zero import MOMENTS, full_grad, full_param, gather, restore, restore_torch_linear
+from .zero import MOMENTS, gather, restore, restore_torch_linear
 
 
 def _check_writable(path: Path) -> None:
@@ -325,7 +326,8 @@ class Recipe:
                             terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
                         if micro < cfg.grad_accum - 1:
                             self.engine.step()  # counts the micro-batch; DeepSpeed updates only at the boundary
-                # 4. importance, from the full gradients of this step (before the optimizer uses them)
+                # 4. importance, measured on this rank's fragments of this step's gradients (before the optimizer uses
+                # them), committed after it if it applied the step
                 if self.prunes and self.step < p.t_f and self.step + 1 >= max(p.t_i - p.mask_interval,
                                                                                p.score_after + 1):
                     self._observe()
@@ -333,6 +335,7 @@ class Recipe:
                     self.engine.step()
                 self.step += 1
                 skipped = self._skipped_update(terms_sum)
+                self._commit_importance(skipped)
                 # 5. masks follow the cubic schedule, 6. masked units are removed for real
                 if self.step % p.mask_interval == 0 or self.step == p.t_f:
                     self._update_masks()
@@ -422,22 +425,28 @@ class Recipe:
 
     @timed("importance")
     def _observe(self) -> None:
-        """Hand the pruner full weights and gradients, one parameter at a time (collective at
-        ZeRO-3: every rank, same order), so the full model never sits on one rank.
+        """Measure importance on this rank's own fragment of every scored parameter (its fp32 master
+        values and its slice of the rank-averaged gradient; engine/fragments.py): no gather, no
+        collective. The measurement waits for :meth:`_commit_importance`, after the optimizer's step."""
+        scored, need_grad = set(self.pruner.params), self.cfg.pruning.metric != "magnitude"
+        for name, prm in self.engine.module.named_parameters():
+            if name in scored:
+                start, weight, grad = fragment(prm, self.rank, self.world, need_grad)
+                self.pruner.measure(name, tuple(getattr(prm, "ds_shape", prm.shape)), start, weight, grad)
 
-        Non-finite gradients (the optimizer will skip this step) are not observed: a first pass
-        checks them, one full gradient at a time; full gradients are the same on every rank, so
-        every rank decides alike.
-        """
-        scored = set(self.pruner.params)
-        wanted = [(name, prm) for name, prm in self.engine.module.named_parameters() if name in scored]
-        need_grad = self.cfg.pruning.metric != "magnitude"
-        if need_grad and not numerics.all_finite(full_grad(prm) for _, prm in wanted):
+    @timed("importance")
+    def _commit_importance(self, skipped: bool) -> None:
+        """Fold the measured step in (one all-reduce of every partial row/column sum), unless the
+        optimizer skipped the step for a non-finite gradient: its own overflow check decides, the
+        same on every rank, so no pass over the gradients is added (magnitude needs none)."""
+        if not self.pruner.pending:
             return
-        p, step = self.cfg.pruning, self.step + 1  # the step these gradients update to
-        fold = step % p.platon_window == 0 or step == p.t_f  # a PLATON window ends (always, at platon_window 1)
-        self.pruner.observe(((name, (full_param(prm), full_grad(prm) if need_grad else None)) for name, prm in wanted),
-                            fold=fold)
+        if skipped and self.cfg.pruning.metric != "magnitude":
+            self.pruner.discard()
+            return
+        p = self.cfg.pruning
+        fold = self.step % p.platon_window == 0 or self.step == p.t_f  # a PLATON window ends (always, at window 1)
+        self.pruner.commit(fold, reduce=dist.all_reduce)
 
     def _skipped_update(self, terms: dict[str, float]) -> bool:
         """Whether the optimizer skipped this step for a non-finite gradient norm (numerics.py).
@@ -488,9 +497,16 @@ class Recipe:
         gc.collect()
         self.engine = self._init_engine(student)
         restore(self.engine, params, moments, adam_step)
+        self.pruner.reshard(gather_fragments, self._fragment_ranges())
         self._set_schedule(global_steps, global_samples, scheduler_state)
         self.monitor.note(f"step {self.step}: shrunk to {self.kept} ({self._param_count() / 1e6:.2f}M parameters) "
                           f"in {time.perf_counter() - started:.2f}s")
+
+    def _fragment_ranges(self) -> dict[str, tuple[int, int]]:
+        """This rank's fragment (start, numel) of every scored parameter of the engine."""
+        scored = set(self.pruner.params)
+        return {name: fragment_range(prm, self.rank, self.world)
+                for name, prm in self.engine.module.named_parameters() if name in scored}
 
     def _set_schedule(self, global_steps: int, global_samples: int, scheduler_state: dict) -> None:
         """Put a freshly built engine's step counters and LR schedule where the run was."""
@@ -534,7 +550,7 @@ class Recipe:
     @timed("checkpoint")
     def save(self) -> str:
         tag = checkpoint.save(self.engine, self.ckpt_root, self.step, self._meta(), self.pruner.state_dict(),
-                              self.rank, self.data.state_dict(), self.ckpt_bytes,
+                              self.pruner.local_state_dict(), self.rank, self.data.state_dict(), self.ckpt_bytes,
                               keep=self.cfg.trainer.keep_checkpoints, protect=self.resumed_tag)
         self._last_saved = self.step
         return tag
@@ -584,7 +600,9 @@ class Recipe:
             self.engine.skipped_steps = counters["skipped_steps"]
             self._set_schedule(counters["global_steps"], counters["global_samples"], counters["lr_scheduler"])
         pruner_state, rank_state = checkpoint.load_run_state(self.ckpt_root, tag, self.rank)
-        self.pruner.load_state_dict(pruner_state, self.device)
+        self.pruner.load_state_dict(pruner_state)
+        self.pruner.load_local_state(checkpoint.importance_states(self.ckpt_root, tag), self._fragment_ranges(),
+                                     self.device)
         if rank_state is not None:  # None: a rank the checkpoint's (smaller) world did not have
             self.data.load_state_dict(rank_state.get("data", {}))
             checkpoint.set_rng_state(rank_state["rng"])

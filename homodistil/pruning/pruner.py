@@ -1,20 +1,61 @@
 """The pruner state machine: observe (importance) → mask (schedule) → shrink (slice).
 
-It works on plain tensors handed to it by the caller (full, rank-identical weights and
-gradients), so it is usable without the training loop and without DeepSpeed.
+It works on plain tensors handed to it by the caller, so it is usable without the training
+loop and without DeepSpeed. Importance is measured on *fragments*: flat element ranges
+``[start, start + n)`` of a row-major parameter. Under ZeRO each rank measures its own
+partition, the partial row and column sums of all parameters go through one caller-given
+reduction (a sum over ranks), and every rank ends with the same scores (docs/design.md §5).
+A single process (or a caller with full, identical tensors on every rank) hands whole
+tensors to :meth:`observe`.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
 from homodistil.kernels.importance import importance, init_state
 
-from .groups import Group, dead_entries, live_entries, shrink_tensors
+from .groups import Group, dead_entries, shrink_tensors
 from .schedule import cubic_sparsity
 
 
+def pieces(shape: tuple[int, ...], start: int, numel: int) -> list[tuple[int, int, int, int, int]]:
+    """Blocks ``(offset, row, rows, col, cols)`` that cover flat elements ``[start, start + numel)``
+    of a row-major ``shape`` (1-D: (R, 1)): a partial first row, whole rows, a partial last row.
+    Each block is contiguous in the range, from ``offset`` (relative to ``start``) on."""
+    width = shape[1] if len(shape) == 2 else 1
+    out, pos, end = [], start, start + numel
+    while pos < end:
+        row, col = divmod(pos, width)
+        if col or end - pos < width:  # inside one row
+            n = min(width - col, end - pos)
+            out.append((pos - start, row, 1, col, n))
+        else:
+            rows = (end - pos) // width
+            n = rows * width
+            out.append((pos - start, row, rows, 0, width))
+        pos += n
+    return out
+
+
+def live_fragment(units: dict[int, torch.Tensor], shape: tuple[int, ...], start: int, numel: int) -> torch.Tensor:
+    """Bool (numel,): the live entries of a fragment (``units`` from :func:`dead_entries`): an
+    entry in a masked row or column is dead."""
+    out = []
+    for _, row, rows, col, cols in pieces(shape, start, numel):
+        live = torch.ones(rows, cols, dtype=torch.bool)
+        if 0 in units:
+            live &= units[0][row:row + rows].view(-1, 1)
+        if 1 in units:
+            live &= units[1][col:col + cols].view(1, -1)
+        out.append(live.flatten())
+    return torch.cat(out) if out else torch.ones(0, dtype=torch.bool)
+
+
 class Pruner:
-    """Holds importance state and masks for ``groups``; all ranks hold identical copies.
+    """Holds masks and scores (identical on all ranks) and the importance state of this rank's
+    fragments for ``groups``.
 
     ``kept_fn(sparsity: dict[kind, float]) -> dict[kind, int]`` gives the units kept per block
     at given per-kind sparsities (the adapter's ``kept`` bound to the teacher config).
@@ -33,7 +74,14 @@ class Pruner:
         self.scores = {g.name: torch.zeros(g.size) for g in groups}  # fp32 (size,)
         self.observed = 0  # observations folded into ``scores`` since the last mask update
         self.window_steps = 0  # windowed PLATON: steps in the current window's running mean
-        self.state: dict[str, dict[str, torch.Tensor]] = {}  # per-parameter metric state
+        self.partitioned = False  # state holds this rank's fragments only (measured with a reduction)
+        # per parameter: its full shape, this rank's fragment (start, numel), the metric's flat state
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.fragments: dict[str, tuple[int, int]] = {}
+        self.state: dict[str, dict[str, torch.Tensor]] = {}  # {name: {ema, unc[, window]: fp32 (numel,)}}
+        self.pending: dict[str, tuple] = {}  # measured, not yet committed (the optimizer has not decided)
+        self.unsliced = None  # partitioned state between shrink() and reshard()
+        self.dead: dict | None = None  # dead_entries of the current masks (None: to be computed)
 
     # --- schedule -------------------------------------------------------------------------
     def sparsity(self, step: int) -> dict[str, float]:
@@ -44,45 +92,111 @@ class Pruner:
 
     # --- observe --------------------------------------------------------------------------
     def observe(self, tensors, fold: bool = True) -> None:
-        """Fold one step's importance into the group scores.
+        """Measure and commit one step from full tensors, identical wherever this is called.
 
-        ``tensors``: ``{name: (weight, grad)}`` or ``(name, (weight, grad))`` pairs (a generator) with
-        the full tensors of each parameter in ``self.params``. A generator lets the caller gather
-        one full parameter at a time (ZeRO-3), so a large model is never whole on a rank: only
-        its per-row/column scores are kept. ``sensitivity`` averages |w·g| over the steps since
-        the last mask update; ``platon`` and ``magnitude`` use the latest value (PLATON smooths
-        in its own EMA state).
-
-        Windowed PLATON (``platon_window`` > 1): each step's |w·g| goes into a running mean per
-        entry (state ``window``); ``fold`` (the caller's: this step ends a window) folds that mean
-        into the two EMAs, as one PLATON step with I = the window's mean, and updates the scores.
-        Without ``fold`` the scores stay those of the last fold.
+        ``tensors``: ``{name: (weight, grad)}`` or ``(name, (weight, grad))`` pairs (grad None for
+        ``magnitude``) covering ``self.params``; others are ignored.
         """
-        rows, cols = {}, {}
-        dead = dead_entries(self.groups, self.masks, self.params)  # dead entries score 0, as if shrunk away
         for name, (weight, grad) in (tensors.items() if isinstance(tensors, dict) else tensors):
-            if name not in self.params:
-                continue
-            if name not in self.state:
-                self.state[name] = init_state(weight, self.metric)
-                if self.windowed:  # running mean of |w·g| over the window so far, fp32, weight's shape
-                    self.state[name]["window"] = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-            if name in dead:  # w = 0 gives |w·g| = 0 and w² = 0; PLATON's state there is 0 (update_masks)
-                weight = weight * live_entries(dead[name], weight.dim()).to(weight.device)
+            if name in self.params:
+                self.measure(name, tuple(weight.shape), 0, weight.reshape(-1),
+                             None if grad is None else grad.reshape(-1))
+        self.commit(fold)
+
+    @torch.no_grad()
+    def measure(self, name: str, shape: tuple[int, ...], start: int, weight: torch.Tensor,
+                grad: torch.Tensor | None) -> None:
+        """This step's importance of one fragment: ``weight`` and ``grad`` are flat elements
+        ``[start, start + n)`` of parameter ``name`` (full ``shape``), any float dtype.
+
+        Kept pending until :meth:`commit` (the step was applied) or :meth:`discard` (it was not):
+        ``sensitivity``/``magnitude`` as partial row and column sums, PLATON as I = |w·g| (its
+        state is only updated by a step the optimizer applied). Dead entries (a masked row or
+        column) count with w = 0, as if shrunk away.
+        """
+        numel = weight.numel()
+        if name not in self.fragments:
+            self.shapes[name], self.fragments[name] = tuple(shape), (start, numel)
+            self.state[name] = init_state(weight, self.metric)
+            if self.windowed:  # running mean of |w·g| over the window so far
+                self.state[name]["window"] = torch.zeros(numel, dtype=torch.float32, device=weight.device)
+        assert self.fragments[name] == (start, numel), (name, self.fragments[name], (start, numel))
+        if self.dead is None:  # once per mask change, not per parameter and step
+            self.dead = dead_entries(self.groups, self.masks, self.params)
+        units = self.dead.get(name)
+        if units is not None:
+            weight = weight * live_fragment(units, self.shapes[name], start, numel).to(weight.device)
+        if self.metric == "platon":
+            self.pending[name] = ((weight.float() * grad.float()).abs(),)  # I, fp32 (numel,)
+        else:
+            self.pending[name] = self._partial(name, weight, grad, self.metric, {})
+
+    def _partial(self, name: str, weight: torch.Tensor, grad: torch.Tensor | None, metric: str,
+                 state: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row (R,) and column (C,) sums of a fragment's element scores (its other rows/columns 0),
+        one kernel call per block of :func:`pieces` on views of the flat tensors and state."""
+        shape, (start, numel) = self.shapes[name], self.fragments[name]
+        rows = torch.zeros(shape[0], dtype=torch.float32, device=weight.device)
+        cols = torch.zeros(shape[1] if len(shape) == 2 else 1, dtype=torch.float32, device=weight.device)
+        for offset, row, n_rows, col, n_cols in pieces(shape, start, numel):
+            span = slice(offset, offset + n_rows * n_cols)
+            r, c = importance(weight[span].view(n_rows, n_cols), None if grad is None else grad[span], metric,
+                              {k: t[span] for k, t in state.items()}, self.beta1, self.beta2)
+            rows[row:row + n_rows] += r
+            cols[col:col + n_cols] += c
+        return rows, cols
+
+    def discard(self) -> None:
+        """Forget the measured step (the optimizer skipped it: no importance state moves)."""
+        self.pending = {}
+
+    @torch.no_grad()
+    def commit(self, fold: bool = True, reduce=None) -> None:
+        """Fold the measured step into the state and, at ``fold``, into the group scores.
+
+        ``reduce(t)``: sums a 1-D fp32 tensor over the ranks in place (None: the fragments are
+        whole tensors, identical wherever this runs); one call per committed step, on the partial
+        sums of every parameter concatenated. ``sensitivity`` averages |w·g| over the steps since
+        the last mask update; ``platon`` and ``magnitude`` use the latest value (PLATON smooths in
+        its own EMA state).
+
+        Windowed PLATON (``platon_window`` > 1): each step's I goes into a running mean per entry
+        (state ``window``); ``fold`` (the caller's: this step ends a window) folds that mean into
+        the two EMAs, as one PLATON step with I = the window's mean, and updates the scores.
+        Without ``fold`` the scores stay those of the last fold (and nothing is reduced).
+        """
+        assert set(self.pending) == set(self.params), sorted(set(self.params) - set(self.pending))[:3]
+        self.partitioned = reduce is not None
+        pending, self.pending = self.pending, {}
+        if self.metric == "platon":
+            for name, (ipt,) in pending.items():
+                state = self.state[name]
+                if self.windowed:
+                    k = self.window_steps  # steps already in the mean
+                    state["window"].mul_(k / (k + 1)).add_(ipt, alpha=1 / (k + 1))
+                    if not fold:
+                        continue
+                    ipt = state["window"]
+                ema = {"ema": state["ema"], "unc": state["unc"]}  # the kernel with w = I, g = 1: |w·g| = I
+                pending[name] = self._partial(name, ipt, torch.ones_like(ipt), "platon", ema)
+                if self.windowed:
+                    state["window"].zero_()
             if self.windowed:
-                rows[name], cols[name] = self._observe_window(name, weight, grad, fold)
-            else:
-                rows[name], cols[name] = importance(weight, grad, self.metric, self.state[name], self.beta1,
-                                                    self.beta2)
-        assert set(rows) == set(self.params), sorted(set(self.params) - set(rows))[:3]
-        if self.windowed:
-            self.window_steps = 0 if fold else self.window_steps + 1
-            if not fold:
-                return
+                self.window_steps = 0 if fold else self.window_steps + 1
+                if not fold:
+                    return
+        flat = torch.cat([t for name in self.params for t in pending[name]])  # (Σ R + C,)
+        if reduce is not None:
+            reduce(flat)
+        flat, rows, cols, at = flat.cpu(), {}, {}, 0  # the step's one host copy
+        for name in self.params:
+            r, c = (t.numel() for t in pending[name])
+            rows[name], cols[name] = flat[at:at + r], flat[at + r:at + r + c]
+            at += r + c
         for g in self.groups:
             score = torch.zeros(g.size)
             for s in g.slices:
-                score += (rows if s.dim == 0 else cols)[s.param][s.span(g.size)].cpu()
+                score += (rows if s.dim == 0 else cols)[s.param][s.span(g.size)]
             if self.metric == "magnitude":
                 score = score.sqrt()
             if self.metric == "sensitivity":
@@ -90,20 +204,6 @@ class Pruner:
             else:
                 self.scores[g.name] = score
         self.observed += 1
-
-    def _observe_window(self, name: str, weight: torch.Tensor, grad: torch.Tensor, fold: bool):
-        """Windowed PLATON for one parameter: add |w·g| to the window's running mean; at ``fold``, one PLATON
-        update with that mean as I (the kernel with w = mean, g = 1) and the mean restarts. Returns the row and
-        column scores at a fold, else (None, None)."""
-        state = self.state[name]
-        window, k = state["window"], self.window_steps  # (N, K) or (N,); k steps already in the mean
-        window.mul_(k / (k + 1)).add_((weight.float() * grad.float().reshape(weight.shape)).abs(), alpha=1 / (k + 1))
-        if not fold:
-            return None, None
-        ema = {"ema": state["ema"], "unc": state["unc"]}
-        scores = importance(window, torch.ones_like(window), "platon", ema, self.beta1, self.beta2)
-        window.zero_()
-        return scores
 
     # --- mask -----------------------------------------------------------------------------
     def update_masks(self, step: int) -> bool:
@@ -127,12 +227,13 @@ class Pruner:
             self.masks[g.name] = new.view(-1)
             changed = True
         if changed:
-            self.observed = 0
+            self.observed, self.dead = 0, None
             dead = dead_entries(self.groups, self.masks, self.state)
             for name, state in self.state.items():  # PLATON's Ī and U of dead entries: 0, so Ī·U is 0 from now on
-                for t in state.values():
-                    if name in dead:
-                        t.mul_(live_entries(dead[name], t.dim()).to(t.device))
+                if name in dead:
+                    live = live_fragment(dead[name], self.shapes[name], *self.fragments[name])
+                    for t in state.values():
+                        t.mul_(live.to(t.device))
         return changed
 
     def is_dense(self) -> bool:
@@ -143,34 +244,91 @@ class Pruner:
         return {name: m.nonzero().squeeze(1) for name, m in self.masks.items()}
 
     def shrink(self, new_groups: list[Group]) -> dict[str, torch.Tensor]:
-        """Drop masked units from the pruner's own state; returns the kept indices per group
-        (the caller slices parameters and optimizer state with the same indices)."""
+        """Drop masked units from masks, scores and (whole-tensor) importance state; returns the
+        kept indices per group (the caller slices parameters and optimizer state with the same
+        indices). Partitioned state waits for :meth:`reshard`, once the new partitioning exists."""
         keep = self.keep_indices()
-        for key in {k for st in self.state.values() for k in st}:
-            sliced = shrink_tensors({n: st[key] for n, st in self.state.items() if key in st}, self.groups, keep)
-            for name, tensor in sliced.items():
-                self.state[name][key] = tensor
+        if self.partitioned:
+            self.unsliced = (self.groups, keep, self.state, self.fragments, self.shapes)
+            self.state, self.fragments, self.shapes = {}, {}, {}
+        else:
+            state, shapes = self.state, self.shapes
+            self.state, self.fragments, self.shapes = {}, {}, {}  # a metric without state re-records at measure
+            for name, st in state.items():
+                for key, t in st.items():
+                    sliced = shrink_tensors({name: t.view(shapes[name])}, self.groups, keep)[name]
+                    self.state.setdefault(name, {})[key] = sliced.reshape(-1)
+                    self.shapes[name], self.fragments[name] = tuple(sliced.shape), (0, sliced.numel())
         self.scores = {g: self.scores[g][idx] for g, idx in keep.items()}
         self.groups = new_groups
         by_name = {g.name: g for g in new_groups}
         for name, idx in keep.items():
             assert by_name[name].size == idx.numel(), (name, by_name[name].size, idx.numel())
         self.masks = {g.name: torch.ones(g.size, dtype=torch.bool) for g in new_groups}
+        self.dead = None
         return keep
+
+    def reshard(self, gather, ranges: dict[str, tuple[int, int]]) -> None:
+        """After :meth:`shrink` of partitioned state: this rank's kept entries in the new partitioning.
+
+        One parameter's state tensor at a time (every rank, same order): ``gather(local, start,
+        numel)`` returns the full flat tensor from every rank's fragment; it is sliced to the kept
+        units and this rank's new fragment ``ranges[name]`` = (start, numel) is kept. Peak extra
+        memory: the largest parameter, twice.
+        """
+        if self.unsliced is None:
+            return
+        groups, keep, state, fragments, shapes = self.unsliced
+        self.unsliced = None
+        for name in sorted(state):
+            for key in sorted(state[name]):
+                local = state[name].pop(key)
+                full = gather(local, fragments[name][0], math.prod(shapes[name])).view(shapes[name])
+                sliced = shrink_tensors({name: full}, groups, keep)[name]
+                start, numel = ranges[name]
+                self.state.setdefault(name, {})[key] = sliced.reshape(-1)[start:start + numel].clone()
+                self.shapes[name], self.fragments[name] = tuple(sliced.shape), (start, numel)
+                del full, sliced
 
     # --- checkpoint -----------------------------------------------------------------------
     def state_dict(self) -> dict:
+        """What every rank holds alike (rank 0 saves it)."""
         return {"masks": self.masks, "scores": self.scores, "observed": self.observed,
-                "window_steps": self.window_steps,
+                "window_steps": self.window_steps, "partitioned": self.partitioned}
+
+    def local_state_dict(self) -> dict:
+        """This rank's importance state, on the CPU, with the fragments it covers (each rank saves its own)."""
+        return {"shapes": dict(self.shapes), "fragments": dict(self.fragments),
                 "state": {n: {k: t.cpu() for k, t in st.items()} for n, st in self.state.items()}}
 
-    def load_state_dict(self, sd: dict, device: torch.device | str) -> None:
-        """Masks and scores as saved; the importance state on ``device``, where the gradients it
-        is updated with live (a resumed GPU run once handed CPU state to the CUDA kernel)."""
+    def load_state_dict(self, sd: dict) -> None:
+        """Masks, scores and counters as saved (the importance state: :meth:`load_local_state`)."""
         for name, mask in sd["masks"].items():
             assert mask.shape == self.masks[name].shape, (name, tuple(mask.shape), tuple(self.masks[name].shape))
         self.masks = {n: m.clone() for n, m in sd["masks"].items()}
+        self.dead = None
         self.scores = {n: s.clone() for n, s in sd["scores"].items()}
         self.observed = sd["observed"]
         self.window_steps = sd.get("window_steps", 0)  # absent in checkpoints from before platon_window
-        self.state = {n: {k: t.to(device) for k, t in st.items()} for n, st in sd["state"].items()}
+        self.partitioned = sd.get("partitioned", False)
+
+    def load_local_state(self, saved, ranges: dict[str, tuple[int, int]], device: torch.device | str) -> None:
+        """This rank's importance state from every rank's saved :meth:`local_state_dict` (``saved``: an
+        iterable, read one at a time), for fragments ``ranges`` (name -> (start, numel); whole tensors
+        where the state is not partitioned), on ``device``, where the gradients it is updated with live
+        (a resumed GPU run once handed CPU state to the CUDA kernel). Any saved partitioning works:
+        each saved fragment's overlap with this rank's is copied."""
+        self.state, self.fragments, self.shapes = {}, {}, {}
+        for piece in saved:
+            for name, st in piece["state"].items():
+                shape = tuple(piece["shapes"][name])
+                if name not in self.state:
+                    start, numel = ranges[name] if self.partitioned else (0, math.prod(shape))
+                    self.shapes[name], self.fragments[name] = shape, (start, numel)
+                    self.state[name] = {k: torch.zeros(numel, dtype=torch.float32, device=device) for k in st}
+                start, numel = self.fragments[name]
+                lo_saved = piece["fragments"][name][0]
+                lo, hi = max(start, lo_saved), min(start + numel, lo_saved + piece["fragments"][name][1])
+                for key, t in st.items():
+                    if hi > lo:
+                        self.state[name][key][lo - start:hi - start] = t[lo - lo_saved:hi - lo_saved].to(device)
