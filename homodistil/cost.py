@@ -25,8 +25,10 @@ shrinks, so step 0 is the peak):
   gathered parameters it keeps live between uses (min(Ψ, ``stage3_max_live_parameters``,
   default 1e9) × e).
 - importance state: PLATON keeps two fp32 EMAs (three with ``platon_window`` > 1) of every
-  scored weight, full size on every rank; the scored weights are all but the MLM head's bias,
-  counted as Ψ. Only while the student is pruned (cubic schedule from the teacher).
+  scored weight, and the step's |w·g| from the backward to the optimizer's overflow verdict, for
+  the rank's own partition only (engine/fragments.py: 1/world of the weights at every stage); the
+  scored weights are all but the MLM head's bias, counted as Ψ. Only while the student is pruned
+  (cubic schedule from the teacher).
 - activations kept for the backward pass, per layer for micro-batch ``b``, sequence ``s``,
   hidden ``h``, attention width ``h_a``, FFN width ``f``, ``a`` heads (Korthikanti et al. 2022,
   generalised to ``h_a != h`` and ``f != 4h``)::
@@ -368,13 +370,14 @@ class Plan:
 
 
 def importance_state(cfg: Config) -> int:
-    """Bytes per scored weight that importance keeps between steps: PLATON's two fp32 EMAs (and
-    the window's running mean), while a cubic schedule prunes a student started from the teacher."""
+    """Bytes per scored weight that importance keeps, over all ranks: PLATON's two fp32 EMAs, the step's
+    pending |w·g| (held until the optimizer says the step was applied) and, with a window, its running mean,
+    while a cubic schedule prunes a student started from the teacher. Each rank keeps its partition's share."""
     p = cfg.pruning
     prunes = cfg.model.init == "teacher" and p.schedule == "cubic" and any(v > 0 for v in p.sparsity.model_dump().values())
     if not prunes or p.metric != "platon":
         return 0
-    return 12 if p.platon_window > 1 else 8
+    return 16 if p.platon_window > 1 else 12
 
 
 def _memory(cfg: Config, t: Arch, world: int, micro: int) -> dict[str, float]:
@@ -404,7 +407,7 @@ def _memory(cfg: Config, t: Arch, world: int, micro: int) -> dict[str, float]:
         mem["ZeRO buckets"] = 2 * e * min(psi, size("reduce_bucket_size", 5e8))
         mem["ZeRO-3 live parameters"] = e * min(psi, size("stage3_max_live_parameters", 1e9))
     if importance_state(cfg):
-        mem["importance state (PLATON)"] = importance_state(cfg) * psi
+        mem["importance state (PLATON)"] = importance_state(cfg) * psi / world
     mem.update(activation_bytes(cfg, t, micro, cfg.data.max_seq_length))
     mem["CUDA context, NCCL, fragmentation"] = RESERVE_GIB * GIB
     return mem

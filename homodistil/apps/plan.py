@@ -89,7 +89,7 @@ def _advice(plan: Plan, cfg: Config) -> str:
     if not cfg.model.teacher_zero3 and mem.get("teacher weights (replicated)", 0) > 0.2 * plan.total_memory:
         tips.append("model.teacher_zero3=true")
     if mem.get("importance state (PLATON)", 0) > 0.2 * plan.total_memory:
-        tips.append("pruning.metric=sensitivity (PLATON keeps two fp32 values per weight on every GPU)")
+        tips.append("pruning.metric=sensitivity (PLATON keeps three fp32 values per weight, spread over the GPUs)")
     if not tips:
         tips.append("more GPUs (--nodes) or a larger GPU")
     return f"does not fit: needs {need:.1f} GiB per GPU, a {plan.gpu.name} has {have:.0f} GiB; try " + ", ".join(tips)
