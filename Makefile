@@ -20,7 +20,7 @@ demo: setup
 
 test: setup
 	bash scripts/system-deps.sh test
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=20 tests
 
 bench: setup
 	$(PY) benchmarks/recipe.py
