@@ -9,6 +9,9 @@ Reports, on the machine it runs on:
 2. the step time of students shrunk to 50% and 25% width vs full width, beside the ratio of
    their live parameters (goal: within 20% of it);
 3. the cost of one shrink (gather + rebuild + restore) in training steps;
+5. the peak extra host memory of a shrink per rank against the student's fp32 size, at world size
+   1 and 2 (torchrun, ZeRO-3, 1 MiB glibc mmap threshold so that freed tensors leave the resident
+   set): streaming the state, and the whole shrink with DeepSpeed's rebuild;
 4. the cost of the perf/* and kernels/* scalars: configs/tiny.yaml as it is, trained with
    ``trainer.perf_every=1`` vs ``0`` (goal: within 2%), ``--perf-cost-only`` runs just this;
 5. a distill step with PLATON importance every step vs one without importance (goal ≤ 1.05),
@@ -51,6 +54,26 @@ def run(overrides: list[str], out: Path, measure_shrink: bool = False):
     recipe.close()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return rows, shrink_times, recipe
+
+
+def shrink_memory(base: list[str], nproc: int, out: Path) -> tuple[float, list[float], list[float]]:
+    """(student fp32 bytes, per-rank streaming peaks, per-rank whole-shrink peaks) of one shrink at step 2."""
+    import re
+    import subprocess
+
+    from homodistil.engine.dist import _free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           str(_free_port()), "-m", "homodistil.cli", "distill", str(REPO / "configs" / "tiny.yaml"), *base,
+           "pruning.sparsity.ffn=0.5", "pruning.sparsity.attention=0.5", "pruning.sparsity.hidden=0.5", "pruning.t_i=0",
+           "pruning.t_f=2", "pruning.mask_interval=1", "pruning.shrink_interval=2", "trainer.max_steps=2",
+           "trainer.eval_every=0", "deepspeed.zero_optimization.stage=3", f"trainer.output_dir={out}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": str(2**20)}
+    text = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, cwd=REPO).stdout
+    full = float(re.search(r"\(([\d.]+)M student parameters", text).group(1)) * 1e6 * 4
+    found = re.search(r"streaming the state ([\d., ]+), whole shrink ([\d., ]+)", text)
+    mib = [[float(v) * 2**20 for v in found.group(i).split(", ")] for i in (1, 2)]
+    return full, mib[0], mib[1]
 
 
 def perf_cost(tmp: Path, steps: int, pairs: int) -> tuple[float, list[float]]:
@@ -168,6 +191,7 @@ def main() -> int:
                          rows[-1]["prune/live_params"], shrinks)
         full_params = distill[-1]["prune/live_params"]
         perf_ratio, perf_ratios = perf_cost(tmp, args.perf_steps, args.perf_pairs)
+        memory = {n: shrink_memory(base[:-2], n, tmp / f"mem{n}") for n in (1, 2)}  # without max_steps, save_every
 
     t_distill = median_step(distill_imp, args.warmup)
     t_distill_noimp = median_step(distill, args.warmup)
@@ -188,6 +212,10 @@ def main() -> int:
         print(f"{f'{pct}% width: distill step (full-size teacher) / full width':62s} {t / t_distill_noimp:8.2f}")
         print(f"{f'{pct}% width: one shrink / one full-width distill step':62s} "
               f"{shrinks[0] / t_distill_noimp:8.2f}   ({shrinks[0]:.2f}s)")
+    for n, (full, streamed, whole) in memory.items():
+        print(f"{f'shrink, world size {n}: peak extra host memory per rank / student fp32':62s} "
+              f"{max(streamed) / full:8.2f}   (streaming the state: {', '.join(f'{b / full:.2f}' for b in streamed)}; "
+              f"whole shrink: {', '.join(f'{b / full:.2f}' for b in whole)}; fp32 size {full / 2**20:.0f} MiB)")
     print(f"{'perf scalars on / off (tiny config, train() wall time)':62s} {perf_ratio:8.3f} {'<= 1.02':>14s}"
           f"   (pairs: {', '.join(f'{r:.3f}' for r in perf_ratios)})")
     return 0

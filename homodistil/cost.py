@@ -74,7 +74,7 @@ from homodistil.pruning.arch import Arch
 from homodistil.pruning.schedule import cubic_sparsity
 
 GIB = 1024**3
-SHRINK_HOST_BYTES_PER_PARAM = 12  # fp32 weight + Adam m + v, gathered by engine/zero.py at a shrink
+SHRINK_HOST_BYTES_PER_PARAM = 12  # fp32 weight + Adam m + v: what a shrink carries of each parameter (engine/zero.py)
 
 
 class PlanError(ConfigError):
@@ -285,6 +285,47 @@ def peak_tflops(gpu: str, bf16: bool) -> float:
 
 
 # --------------------------------------------------------------------------------------------
+# Shrink and importance: per rank, under the streamed shrink and rank-local importance
+# --------------------------------------------------------------------------------------------
+def teacher_shapes(cfg: Config) -> tuple[dict[str, tuple[int, ...]], set[str]]:
+    """(every parameter's shape, the names importance scores: those a prunable group slices) of the
+    teacher's LM, built on the meta device (no memory, no weights)."""
+    import torch  # noqa: PLC0415
+
+    config, adapter = teacher_hf_config(cfg)
+    with torch.device("meta"):
+        model = adapter.build(config, config)
+    return ({n: tuple(p.shape) for n, p in model.named_parameters()},
+            {s.param for g in adapter.groups(config) for s in g.slices})
+
+
+def importance_traffic(shapes: dict[str, tuple[int, ...]]) -> tuple[float, float]:
+    """(bytes, bytes) per rank per importance step: one all-reduce of the score vectors (a row and
+    a column fp32 score per row and column of each scored (N, K) parameter; (N,) counts as (N, 1)),
+    and the full gather it replaces (each scored parameter's full fp32 weight once and its full
+    gradient twice — the finiteness check, then the scores — on every rank)."""
+    vectors = sum(shape[0] + (shape[1] if len(shape) > 1 else 1) for shape in shapes.values())
+    numel = sum(_numel(shape) for shape in shapes.values())
+    return 4.0 * vectors, 3 * 4.0 * numel
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def shrink_host_bytes(psi: int, largest_param: int, world: int) -> tuple[float, float]:
+    """(streamed, full gather) host bytes per rank at a shrink of ``psi`` trainable parameters:
+    this rank's share of the fp32 weights and Adam moments (12 bytes per parameter / world) plus
+    one parameter's three full tensors; the full gather held all of it on every rank. ``psi`` is
+    the size before the shrink (the first shrink keeps nearly everything)."""
+    b = SHRINK_HOST_BYTES_PER_PARAM
+    return b * psi / world + b * largest_param, float(b * psi)
+
+
+# --------------------------------------------------------------------------------------------
 # Memory
 # --------------------------------------------------------------------------------------------
 def zero_model_states(psi: int, stage: int, world: int, bf16: bool) -> dict[str, float]:
@@ -351,6 +392,8 @@ class Plan:
     comm_s: float
     overhead_s: float
     max_micro_batch: int
+    shrink_host: tuple[float, float]  # host bytes per rank at a shrink: (streamed, the old full gather)
+    importance_traffic: tuple[float, float]  # bytes per rank per importance step: (score all-reduce, full gather)
 
     @property
     def world(self) -> int:
@@ -472,6 +515,9 @@ def make_plan(cfg: Config, gpu: str, nodes: int, gpus_per_node: int = 8, mfu: fl
     comm_s = steps * _comm_seconds(cfg, (psi_start + psi_end) / 2, tp.total, g, nodes, world)
     overhead_s = STARTUP_SECONDS + SHRINK_SECONDS * shrinks
 
+    shapes, scored = teacher_shapes(cfg)
+    shrink_host = shrink_host_bytes(psi_start, max(_numel(shape) for shape in shapes.values()), world)
+    traffic = importance_traffic({n: shape for n, shape in shapes.items() if n in scored})
     largest = 0
     b = 1
     while b <= 65536:
@@ -479,4 +525,4 @@ def make_plan(cfg: Config, gpu: str, nodes: int, gpus_per_node: int = 8, mfu: fl
             break
         largest, b = b, b * 2
     return Plan(g, nodes, gpus_per_node, t, final, tp, count_params(final), projections, memory, global_batch,
-                tokens_per_step * steps, flops, mfu, compute_s, comm_s, overhead_s, largest)
+                tokens_per_step * steps, flops, mfu, compute_s, comm_s, overhead_s, largest, shrink_host, traffic)

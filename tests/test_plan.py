@@ -307,3 +307,28 @@ def test_llama_recipe_has_the_minitron_shape_and_fits():
     assert plan.student_params.total == exact  # 4.51B
     assert plan.fits and cfg.model.teacher_zero3 and cfg.loss.alpha_attention == 0
     assert plan.memory["logits and softmaxes"] > 2 * GIB  # causal: every position is scored
+
+
+def test_shrink_host_memory_and_importance_traffic_per_rank():
+    """Streamed shrink: 12 bytes per parameter / world + one parameter's 3 full fp32 tensors; the score
+    all-reduce: 4 bytes per row and column of each scored parameter, against 3 full fp32 tensors."""
+    from homodistil.cost import importance_traffic, shrink_host_bytes
+
+    assert shrink_host_bytes(1000, 100, 4) == (12 * 250 + 12 * 100, 12 * 1000)
+    assert importance_traffic({"w": (6, 5), "b": (6,), "e": (10, 3)}) == (4 * ((6 + 5) + (6 + 1) + (10 + 3)),
+                                                                          3 * 4 * (30 + 6 + 30))
+
+
+def test_plan_prints_the_streamed_shrink_and_the_score_all_reduce():
+    """configs/tiny.yaml (BERT, hidden 64, vocab 30522: the word embeddings are the largest parameter)
+    on 1 node x 8 GPUs: the printed figures are the functions' values for this model."""
+    from homodistil.cost import make_plan
+
+    cfg = load_config(REPO / "configs" / "tiny.yaml", [])
+    plan = make_plan(cfg, "a100-80gb", 1)
+    psi = plan.teacher_params.total + plan.projections
+    assert plan.shrink_host == (12 * psi / 8 + 12 * 30522 * 64, 12.0 * psi)
+    text = format_plan(cfg, "a100-80gb", 1)
+    assert f"{plan.shrink_host[0] / 2**30:.2f} GiB of host memory per rank" in text
+    assert f"score vectors per step: {plan.importance_traffic[0] / 2**20:.2f} MiB per rank" in text
+    assert plan.importance_traffic[0] < plan.importance_traffic[1] / 100

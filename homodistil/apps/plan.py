@@ -8,8 +8,7 @@ import sys
 from pathlib import Path
 
 from homodistil.config import Config, ConfigError, load_config
-from homodistil.cost import (DEFAULT_MFU, GIB, GPUS, SHRINK_HOST_BYTES_PER_PARAM, Plan, PlanError, backbone_params,
-                             make_plan)
+from homodistil.cost import DEFAULT_MFU, GIB, GPUS, Plan, PlanError, backbone_params, make_plan
 
 
 # --------------------------------------------------------------------------------------------
@@ -61,9 +60,13 @@ def describe(plan: Plan, cfg: Config) -> str:
         f"          estimated run time {plan.hours:.1f} h "
         f"({plan.hours * 3600 / cfg.trainer.max_steps:.2f} s/step; {plan.hours * plan.world:.0f} GPU-hours)",
     ]
-    host = SHRINK_HOST_BYTES_PER_PARAM * (plan.teacher_params.total + plan.projections) * plan.gpus_per_node
-    lines.append(f"host      each in-place shrink holds the student's full fp32 state (weights, Adam m and v) "
-                 f"on every rank: {_gib(host).strip()} of host memory per node")
+    streamed, full = plan.shrink_host
+    lines.append(f"host      an in-place shrink streams the student's fp32 state (weights, Adam m and v) one parameter "
+                 f"at a time: {_gib(streamed).strip()} of host memory per rank ({_gib(streamed * plan.gpus_per_node).strip()} "
+                 f"per node; a full gather on every rank would need {_gib(full).strip()} per rank)")
+    reduced, gathered = plan.importance_traffic
+    lines.append(f"importance one all-reduce of the score vectors per step: {reduced / 2**20:.2f} MiB per rank "
+                 f"(gathering full weights and gradients would move {_gib(gathered).strip()})")
     if not plan.fits:
         lines.append("WARNING: " + _advice(plan, cfg))
     elif plan.total_memory > 0.9 * g.memory_gib * GIB:

@@ -5,7 +5,6 @@ rebuild on shrink, checkpoints and logging live in the helpers around it.
 """
 from __future__ import annotations
 
-import gc
 import json
 import signal
 import threading
@@ -28,7 +27,7 @@ from homodistil.pruning.masked import apply_masks, make_maskable
 from homodistil.cost import arch_from_hf_config
 from homodistil.pruning.pruner import Pruner
 
-from . import checkpoint, faults, numerics
+from . import checkpoint, faults, hostmem, numerics
 from .dist import device, init_distributed
 from .export import export_dense
 from .fragments import fragment, fragment_range, gather_fragments
@@ -40,7 +39,7 @@ from .prepare import cache_dir as prepare_cache_dir
 from .prepare import fingerprint
 from .monitor import Monitor
 from .perf import Perf, timed
-from .zero import MOMENTS, gather, restore, restore_torch_linear
+from .zero import gather, own_pieces, restore, restore_torch_linear, stream_pieces
 
 
 def _check_writable(path: Path) -> None:
@@ -88,6 +87,7 @@ class Recipe:
         self.heldout = (HeldoutProbe(self.data, self.teacher, self.adapter.head, self.cfg.evaluate.heldout_blocks,
                                      self.cfg.micro_batch_size, self.device) if self.cfg.trainer.eval_every else None)
         self.step = 0
+        self.shrink_host_peaks: list[list[tuple[int, int]]] = []  # per shrink and rank (_shrink)
         self.bad_steps = 0  # consecutive steps skipped for a non-finite loss or gradient
         removed = checkpoint.remove_incomplete(self.ckpt_root) if self.rank == 0 else []
         if tag:
@@ -412,8 +412,7 @@ class Recipe:
 
         Returns (student, sliced params, (groups before, kept indices per group)) so that the caller can slice
         other per-parameter state alike; the pruner's own state is sliced here."""
-        old_groups = self.groups
-        kept = {g.kind: int(self.pruner.masks[g.name].view(g.blocks, -1)[0].sum()) for g in old_groups}
+        old_groups, kept = self.groups, self._mask_widths()
         student, self.groups = self._build_student(kept)
         keep = self.pruner.shrink(self.groups)
         params = shrink_tensors(params, old_groups, keep)
@@ -422,6 +421,10 @@ class Recipe:
                 prm.copy_(params[name])
         self.kept = kept
         return student, params, (old_groups, keep)
+
+    def _mask_widths(self) -> dict[str, int]:
+        """The units per block each kind keeps under the current masks (the widths to shrink to)."""
+        return {g.kind: int(self.pruner.masks[g.name].view(g.blocks, -1)[0].sum()) for g in self.groups}
 
     @timed("importance")
     def _observe(self) -> None:
@@ -483,24 +486,35 @@ class Recipe:
 
     @timed("shrink")
     def _shrink(self) -> None:
-        """Remove masked units: gather full state, slice it, rebuild the engine, restore (docs/design.md §4)."""
+        """Remove masked units (docs/design.md §4): stream each parameter's fp32 value and Adam moments,
+        cut to the kept units, keeping this rank's piece of each; rebuild the engine at the kept widths;
+        write the pieces back. No rank holds more than one full parameter beyond its own share."""
         started = time.perf_counter()
-        params, moments, adam_step = gather(self.engine)
-        student, params, (old_groups, keep) = self._slice_student(params)
-        sliced = {k: shrink_tensors({n: m[k] for n, m in moments.items()}, old_groups, keep) for k in MOMENTS}
-        moments = {n: {k: sliced[k][n] for k in MOMENTS} for n in params}
+        before = hostmem.start_peak()
+        old_groups, kept = self.groups, self._mask_widths()
+        config = student_config(self.adapter, self.tcfg, kept, self.cfg.model)
+        keep = self.pruner.shrink(student_groups(self.adapter, config, len(self.hidden_pairs)))  # the pruner's own state
+        pieces, adam_step = stream_pieces(self.engine, lambda name, t: shrink_tensors({name: t}, old_groups, keep)[name])
+        streamed = hostmem.peak_since(before)
         global_steps, global_samples = self.engine.global_steps, self.engine.global_samples
         scheduler_state = self.engine.lr_scheduler.state_dict()
         self.engine.destroy()
         faults.point("shrink", self.step)
         del self.engine
-        gc.collect()
+        hostmem.release()  # the old engine's memory goes back before the new one is built
+        student, self.groups = self._build_student(kept)
+        self.kept = kept
         self.engine = self._init_engine(student)
-        restore(self.engine, params, moments, adam_step)
+        restore(self.engine, pieces, adam_step)
         self.pruner.reshard(gather_fragments, self._fragment_ranges())
         self._set_schedule(global_steps, global_samples, scheduler_state)
+        peaks = [None] * self.world  # per rank: (streaming the state, the whole shrink), bytes above the start
+        dist.all_gather_object(peaks, (streamed, hostmem.peak_since(before)))
+        self.shrink_host_peaks.append(peaks)
         self.monitor.note(f"step {self.step}: shrunk to {self.kept} ({self._param_count() / 1e6:.2f}M parameters) "
-                          f"in {time.perf_counter() - started:.2f}s")
+                          f"in {time.perf_counter() - started:.2f}s; peak extra host memory per rank (MiB): "
+                          f"streaming the state {', '.join(f'{a / 2**20:.1f}' for a, _ in peaks)}, "
+                          f"whole shrink {', '.join(f'{b / 2**20:.1f}' for _, b in peaks)}")
 
     def _fragment_ranges(self) -> dict[str, tuple[int, int]]:
         """This rank's fragment (start, numel) of every scored parameter of the engine."""
@@ -596,7 +610,7 @@ class Recipe:
         else:
             params, moments, adam_step, counters = resized
             names = [name for name, _ in self.engine.module.named_parameters()]
-            restore(self.engine, {n: params[n] for n in names}, {n: moments[n] for n in names}, adam_step)
+            restore(self.engine, {n: own_pieces({"param": params[n], **moments[n]}) for n in names}, adam_step)
             self.engine.skipped_steps = counters["skipped_steps"]
             self._set_schedule(counters["global_steps"], counters["global_samples"], counters["lr_scheduler"])
         pruner_state, rank_state = checkpoint.load_run_state(self.ckpt_root, tag, self.rank)

@@ -1,30 +1,37 @@
-"""Full tensors out of, and back into, a DeepSpeed engine at ZeRO stage 0-3.
+"""Parameters and Adam state out of, and back into, a DeepSpeed engine at ZeRO stage 0-3.
 
 ZeRO flattens and partitions parameters and optimizer state, so a shape change needs a
-rebuilt engine (docs/design.md §4): read everything as full fp32 tensors, slice, build a smaller
-engine, write the sliced state back. Reads are collectives at ZeRO-3: every rank calls
-these functions, for the same parameters, in the same order.
+rebuilt engine (docs/design.md §4). A shrink streams the state one parameter at a time
+(:func:`stream_pieces`): the full fp32 value and both Adam moments of one parameter, sliced,
+of which each rank keeps only its *piece* — flat elements ``[r·part, (r+1)·part)``,
+``part = ceil(numel / ws)``, zero-padded, on the host — so no rank ever holds more than one
+full parameter and its own share of the rest. The smaller engine is built, and
+:func:`restore` writes the pieces back, again one parameter at a time. Reads and writes are
+collectives: every rank calls these functions, for the same parameters, in the same order.
+
+The pieces are cut as ZeRO-3 cuts its partitions, so at ZeRO-3 each rank writes its piece into
+its own partition with no communication. ZeRO-1/2 partition the flat buffer of a whole parameter
+group, whose cuts fall anywhere inside a parameter, and stage 0 keeps everything whole: there
+:func:`restore` all-gathers one parameter from the pieces and writes it with the full setters.
 
 Restoring Adam's moments uses DeepSpeed internals (pinned: deepspeed==0.19.8, see
 CPU-FACTS): after ``deepspeed.initialize`` the optimizer has no state yet, so state is created
 for each flat fp32 partition, linked to the parameters' fragments
 (``_lazy_init_hp_params_optimizer_state`` at stages 1/2 and for the bf16 optimizer), then
-filled with ``safe_set_full_optimizer_state``.
-
-ZeRO-3 pads: a tensor of n elements is held as ``ceil(n / ws)`` elements per rank, the last
-rank's piece padded. DeepSpeed's full-tensor setter (``set_full_hp_param``) narrows the unpadded
-value and fails whenever ``ws`` does not divide ``n``, so ZeRO-3 writes go through
-:func:`local_partition` and DeepSpeed's per-rank setters instead.
+filled with ``safe_set_full_optimizer_state`` (ZeRO-1/2) or ``safe_set_local_*`` (ZeRO-3).
+DeepSpeed's full-tensor ZeRO-3 setter (``set_full_hp_param``) narrows the unpadded value and
+fails whenever ``ws`` does not divide ``n``: one more reason to write pieces at ZeRO-3.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_grad, safe_get_full_optimizer_state,
+from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state,
                              safe_set_full_fp32_param, safe_set_full_optimizer_state, safe_set_local_fp32_param,
                              safe_set_local_optimizer_state)
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
+STATE = ("param", *MOMENTS)  # what a shrink carries of each parameter: its fp32 value and Adam moments
 
 
 def _base_optimizer(engine):
@@ -42,12 +49,6 @@ def full_param(param) -> torch.Tensor:
     return (param.detach() if value is None else value).float().clone()
 
 
-def full_grad(param) -> torch.Tensor | None:
-    """The full rank-averaged gradient; valid between backward and step at the boundary."""
-    grad = safe_get_full_grad(param)
-    return None if grad is None else grad.float()
-
-
 def full_moments(engine, param) -> dict[str, torch.Tensor]:
     if _is_partitioned(param):
         return {k: safe_get_full_optimizer_state(param, k).float().clone() for k in MOMENTS}
@@ -57,7 +58,7 @@ def full_moments(engine, param) -> dict[str, torch.Tensor]:
 
 
 def local_partition(full: torch.Tensor, rank: int, part: int) -> torch.Tensor:
-    """Rank ``rank``'s ZeRO-3 piece of ``full``: flat elements ``[rank·part, (rank+1)·part)``,
+    """Rank ``rank``'s piece of ``full``: flat elements ``[rank·part, (rank+1)·part)``,
     zero-padded to ``part`` (= ceil(numel / ws)) where the tensor ends inside or before it."""
     flat = full.flatten()
     start = min(rank * part, flat.numel())
@@ -65,25 +66,16 @@ def local_partition(full: torch.Tensor, rank: int, part: int) -> torch.Tensor:
     return torch.cat([piece, piece.new_zeros(part - piece.numel())])  # (part,)
 
 
-def _set_zero3(param, value: torch.Tensor, key: str | None = None) -> None:
-    """Write this rank's padded piece of the full ``value`` into a ZeRO-3 parameter's fp32
-    master (``key`` None) or its optimizer state ``key``."""
-    piece = local_partition(value, dist.get_rank(group=param.ds_process_group), param.partition_numel())
-    if key is None:
-        safe_set_local_fp32_param(param, piece)
-    else:
-        safe_set_local_optimizer_state(param, piece, key)
+def own_piece(full: torch.Tensor) -> torch.Tensor:
+    """This rank's piece (:func:`local_partition`) of a full tensor, on the host."""
+    world = dist.get_world_size()
+    return local_partition(full, dist.get_rank(), -(-full.numel() // world)).cpu()
 
 
-def set_full(param, value: torch.Tensor, key: str | None = None) -> None:
-    """Write a full fp32 value (``key`` None) or optimizer state into a partitioned parameter."""
-    value = value.to(param.device)
-    if hasattr(param, "ds_id"):
-        _set_zero3(param, value, key)
-    elif key is None:
-        safe_set_full_fp32_param(param, value)
-    else:
-        safe_set_full_optimizer_state(param, value, key)
+def own_pieces(full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """This rank's pieces of one parameter's full tensors (keys :data:`STATE`: the fp32 value and
+    the Adam moments)."""
+    return {k: own_piece(v) for k, v in full.items()}
 
 
 def optimizer_step_count(engine) -> int:
@@ -105,13 +97,18 @@ def _link_optimizer_state(engine) -> None:
         engine.optimizer._lazy_init_hp_params_optimizer_state()
 
 
-def gather(engine) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]], int]:
-    """(params, moments, adam_step), full fp32 in host memory, identical on every rank.
+def _full_fp32(engine, param, key: str) -> torch.Tensor:
+    """One full fp32 tensor of :data:`STATE` (the caller only reads it: no copy where DeepSpeed's
+    getters already return a new tensor)."""
+    if not _is_partitioned(param):
+        return full_param(param) if key == "param" else full_moments(engine, param)[key]
+    value = safe_get_full_fp32_param(param) if key == "param" else safe_get_full_optimizer_state(param, key)
+    return value.float()
 
-    Host memory, not the accelerator's: 12 bytes per parameter (weight, Adam m and v) would not
-    fit next to the model on a GPU for a multi-billion-parameter student (``homodistil plan``
-    reports the host memory a shrink needs per node).
-    """
+
+def gather(engine) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]], int]:
+    """(params, moments, adam_step), full fp32 in host memory, identical on every rank: the whole
+    model on every rank, for the export (and the tests' references), never during training."""
     params, moments = {}, {}
     _link_optimizer_state(engine)
     for name, p in engine.module.named_parameters():
@@ -120,12 +117,36 @@ def gather(engine) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.T
     return params, moments, optimizer_step_count(engine)
 
 
-def restore(engine, params: dict[str, torch.Tensor], moments: dict[str, dict[str, torch.Tensor]], adam_step: int) -> None:
-    """Write full fp32 params and Adam moments into a freshly initialised engine."""
+def stream_pieces(engine, cut) -> tuple[dict[str, dict[str, torch.Tensor]], int]:
+    """(pieces, adam_step): for every parameter, this rank's pieces of ``cut(name, tensor)`` applied
+    to its full fp32 value and both Adam moments (keys :data:`STATE`), read one parameter at a time.
+
+    Holds at once, beyond the engine: one full tensor (DeepSpeed's gather buffer and its result) and
+    its cut copy, on the engine's device, and this rank's pieces of everything cut so far (host
+    memory: 12 bytes per kept parameter / world size).
+    """
+    _link_optimizer_state(engine)
+    pieces = {}
+    for name, p in engine.module.named_parameters():
+        pieces[name] = {k: own_piece(cut(name, _full_fp32(engine, p, k))) for k in STATE}
+    return pieces, optimizer_step_count(engine)
+
+
+def _unshard(piece: torch.Tensor, numel: int, device: torch.device) -> torch.Tensor:
+    """The full flat tensor (numel,) from every rank's piece (an all-gather; NCCL needs the device)."""
+    piece = piece.to(device)
+    parts = [torch.empty_like(piece) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, piece)
+    return torch.cat(parts)[:numel]
+
+
+def restore(engine, pieces: dict[str, dict[str, torch.Tensor]], adam_step: int) -> None:
+    """Write this rank's pieces (:func:`stream_pieces`, :func:`own_pieces`) of every parameter's fp32
+    value and Adam moments into a freshly initialised engine, one parameter at a time (the module's
+    weights too: it was built with throw-away initial values)."""
     named = dict(engine.module.named_parameters())
-    assert set(named) == set(params), sorted(set(named) ^ set(params))
+    assert set(named) == set(pieces), sorted(set(named) ^ set(pieces))
     base = _base_optimizer(engine)
-    partitioned = any(_is_partitioned(p) for p in named.values())
     # The flat fp32 partitions the parameters' fragments point into: stage 3 lends them to the
     # torch optimizer only inside step(), so its param_groups cannot be used to find them.
     flats = next((getattr(engine.optimizer, attr) for attr in (
@@ -140,17 +161,40 @@ def restore(engine, params: dict[str, torch.Tensor], moments: dict[str, dict[str
         step = torch.tensor(float(adam_step), dtype=torch.float32, device=flat.device if on_device else "cpu")
         base.state[flat] = {"step": step,
                             **{k: torch.zeros_like(flat, dtype=torch.float32) for k in MOMENTS}}
-    if partitioned:
-        _link_optimizer_state(engine)
+    _link_optimizer_state(engine)
+    with torch.no_grad():
         for name, p in named.items():
-            assert params[name].numel() == (p.ds_numel if hasattr(p, "ds_id") else p.numel()), name
-            set_full(p, params[name])
-            for k in MOMENTS:
-                set_full(p, moments[name][k], k)
-    else:
-        for name, p in named.items():
-            assert p.shape == params[name].shape, (name, tuple(p.shape), tuple(params[name].shape))
-            base.state[p].update({k: moments[name][k].to(p.device, p.dtype) for k in MOMENTS})
+            if hasattr(p, "ds_id"):
+                _write_zero3_pieces(p, pieces.pop(name))
+            else:
+                _write_full(base, p, pieces.pop(name))
+
+
+def _write_zero3_pieces(param, pieces: dict[str, torch.Tensor]) -> None:
+    """ZeRO-3: the pieces are this rank's partitions (padded alike): the module's (``ds_tensor``),
+    the fp32 master's and the moments'."""
+    assert pieces["param"].numel() == param.partition_numel(), (pieces["param"].numel(), param.partition_numel())
+    value = pieces["param"].to(param.ds_tensor.device)
+    param.ds_tensor.copy_(value)
+    safe_set_local_fp32_param(param, value)
+    for k in MOMENTS:
+        safe_set_local_optimizer_state(param, pieces[k].to(param.ds_tensor.device), k)
+
+
+def _write_full(base, param, pieces: dict[str, torch.Tensor]) -> None:
+    """ZeRO 0-2: one full tensor at a time, all-gathered from the pieces, into the module's
+    (replicated) weight, then the rank's fragments of the fp32 master and moments (ZeRO-1/2, the
+    bf16 optimizer) or the torch optimizer's whole state (stage 0)."""
+    for k in STATE:
+        full = _unshard(pieces[k], param.numel(), param.device).view(param.shape)
+        if k == "param":
+            param.copy_(full)
+            if _is_partitioned(param):
+                safe_set_full_fp32_param(param, full)
+        elif _is_partitioned(param):
+            safe_set_full_optimizer_state(param, full, k)
+        else:
+            base.state[param][k] = full.to(param.dtype)
 
 
 def restore_torch_linear() -> None:
