@@ -13,7 +13,6 @@ records to ``OUT`` with ``torch.save``.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from recipe_runs import run_inprocess  # noqa: E402
+from recipe_runs import run_inprocess, run_specs  # noqa: E402
 
 
 def _full(prm, with_grad: bool):
@@ -88,11 +87,5 @@ def record(overrides: list[str]) -> dict:
     return out
 
 
-def main(specs: str, out: str) -> None:
-    records = [record(overrides) for overrides in json.loads(Path(specs).read_text())]
-    if int(os.environ.get("RANK", "0")) == 0:
-        torch.save(records, out)
-
-
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    run_specs(record, *sys.argv[1:])

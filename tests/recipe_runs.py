@@ -36,3 +36,13 @@ def run_torchrun(overrides: list[str], nproc: int = 2, timeout: int = 600) -> su
 def losses(out_dir) -> list[float]:
     rows = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
     return [r["loss/total"] for r in rows]
+
+
+def run_specs(record, specs: str, out: str) -> None:
+    """A torchrun driver's body: ``record(overrides)`` for every run of the JSON list ``specs``, in
+    order on every rank (the runs are collective); rank 0 saves the records to ``out``."""
+    import torch
+
+    records = [record(overrides) for overrides in json.loads(Path(specs).read_text())]
+    if int(os.environ.get("RANK", "0")) == 0:
+        torch.save(records, out)

@@ -14,7 +14,6 @@ launch checks many runs; rank 0 writes the records to ``OUT`` with ``torch.save`
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -26,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from recipe_runs import losses, run_inprocess  # noqa: E402
+from recipe_runs import losses, run_inprocess, run_specs  # noqa: E402
 
 
 def _outputs(recipe, batch) -> list[torch.Tensor]:
@@ -66,11 +65,5 @@ def record(overrides: list[str]) -> dict:
     return {"losses": losses(out_dir), "live": live, "shrinks": shrinks, "params": params}
 
 
-def main(specs: str, out: str) -> None:
-    records = [record(overrides) for overrides in json.loads(Path(specs).read_text())]
-    if int(os.environ.get("RANK", "0")) == 0:
-        torch.save(records, out)
-
-
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    run_specs(record, *sys.argv[1:])
