@@ -7,7 +7,8 @@ the pieces of a cut that keeps some rows and some columns of every weight (one w
 with every parameter read whole, and with ``zero.CHUNK_BYTES`` at 400 bytes, so every weight is read
 in chunks of 2 to 6 rows. The reference is this rank's piece of ``shrink_tensors``' cut of the full
 gathered tensors. Records, per config: whether every piece of both streams is bit-equal to the
-reference, and how many pieces were read in chunks.
+reference, and how many pieces were read in chunks. A ``{"memory": stage}`` spec records instead
+the peak resident memory of streaming a 64 MiB embedding whole and in 4 MiB chunks (:func:`memory`).
 
 Run as ``python tests/chunked_shrink_runs.py SPECS OUT`` under torchrun; rank 0 writes the records
 to ``OUT`` with ``torch.save``.
@@ -29,33 +30,31 @@ HIDDEN, FFN, VOCAB = 15, 37, 101
 
 
 class Net(nn.Module):
-    def __init__(self):
+    def __init__(self, vocab: int = VOCAB, hidden: int = HIDDEN, ffn: int = FFN):
         super().__init__()
-        self.emb = nn.Embedding(VOCAB, HIDDEN)  # weight (vocab, hidden)
-        self.up = nn.Linear(HIDDEN, FFN)  # weight (ffn, hidden)
-        self.down = nn.Linear(FFN, HIDDEN)  # weight (hidden, ffn)
+        self.emb = nn.Embedding(vocab, hidden)  # weight (vocab, hidden)
+        self.up = nn.Linear(hidden, ffn)  # weight (ffn, hidden)
+        self.down = nn.Linear(ffn, hidden)  # weight (hidden, ffn)
 
     def forward(self, ids):  # (B, T) -> scalar
         return self.down(torch.relu(self.up(self.emb(ids)))).pow(2).mean()
 
 
-def _groups_and_keep():
+def _groups(hidden: int = HIDDEN, ffn: int = FFN):
     from homodistil.pruning.groups import Group, Slice
 
-    groups = [
-        Group("hidden", "hidden", HIDDEN, (Slice("emb.weight", 1), Slice("up.weight", 1), Slice("down.weight", 0),
+    return [
+        Group("hidden", "hidden", hidden, (Slice("emb.weight", 1), Slice("up.weight", 1), Slice("down.weight", 0),
                                            Slice("down.bias", 0)), ()),
-        Group("ffn", "ffn", FFN, (Slice("up.weight", 0), Slice("up.bias", 0), Slice("down.weight", 1)), ()),
+        Group("ffn", "ffn", ffn, (Slice("up.weight", 0), Slice("up.bias", 0), Slice("down.weight", 1)), ()),
     ]
-    keep = {"hidden": torch.tensor([0, 3, 4, 9, 14]), "ffn": torch.tensor([5])}  # ascending, as Pruner.keep_indices
-    return groups, keep
 
 
-def _engine(stage: int, bf16: bool):
+def _engine(stage: int, bf16: bool, model: nn.Module | None = None):
     import deepspeed
 
     torch.manual_seed(0)  # the same initial weights on every rank
-    model = Net()
+    model = model or Net()
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
     config = {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": stage}, "bf16": {"enabled": bf16},
               "steps_per_print": 2**31}
@@ -72,7 +71,7 @@ def record(stage: int, bf16: bool) -> dict:
     from homodistil.pruning.groups import shrink_tensors
 
     engine = _engine(stage, bf16)
-    groups, keep = _groups_and_keep()
+    groups, keep = _groups(), {"hidden": torch.tensor([0, 3, 4, 9, 14]), "ffn": torch.tensor([5])}  # ascending
     params, moments, _ = zero.gather(engine)
     cut = shrink_tensors(params, groups, keep)
     cut_moments = {k: shrink_tensors({n: m[k] for n, m in moments.items()}, groups, keep) for k in zero.MOMENTS}
@@ -105,11 +104,37 @@ def record(stage: int, bf16: bool) -> dict:
             "chunked_pieces": chunked, "nonzero_moments": all(bool(m["exp_avg"].any()) for m in moments.values())}
 
 
+def memory(stage: int) -> dict:
+    """Peak resident bytes above the start of ``stream_pieces``, read whole and in 4 MiB chunks: a
+    (65536, 256) embedding (64 MiB in fp32, the largest parameter) cut to 64 of its 256 columns."""
+    from homodistil.engine import hostmem, zero
+
+    vocab, hidden = 65536, 256
+    engine = _engine(stage, False, Net(vocab, hidden, 8))
+    groups, keep = _groups(hidden, 8), {"hidden": torch.arange(0, hidden, 4), "ffn": torch.arange(8)}
+    peaks = {}
+    try:
+        for how, chunk in (("whole", zero.SHRINK_CHUNK_BYTES), ("chunked", 4 * 2**20)):
+            zero.CHUNK_BYTES = chunk
+            base = hostmem.start_peak()
+            pieces, _ = zero.stream_pieces(engine, groups, keep)
+            peaks[how] = hostmem.peak_since(base)
+            del pieces
+    finally:
+        zero.CHUNK_BYTES = zero.SHRINK_CHUNK_BYTES
+        engine.destroy()
+        zero.restore_torch_linear()
+    width = hidden // 4
+    kept = vocab * width + (8 * width + 8) + (width * 8 + width)  # the embedding, up and down with their biases
+    return {"stage": stage, "memory": peaks, "share": 12 * kept / torch.distributed.get_world_size()}
+
+
 def main(specs: str, out: str) -> None:
     from homodistil.engine.dist import init_distributed
 
     init_distributed()
-    records = [record(s["stage"], s["bf16"]) for s in json.loads(Path(specs).read_text())]
+    records = [memory(s["memory"]) if "memory" in s else record(s["stage"], s["bf16"])
+               for s in json.loads(Path(specs).read_text())]
     if torch.distributed.get_rank() == 0:
         torch.save(records, out)
 

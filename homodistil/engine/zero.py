@@ -205,7 +205,7 @@ def chunked_piece(engine, param, key: str, dims: dict[int, tuple[int, torch.Tens
     ``own_piece(cut(full))`` without any rank holding ``full`` (a collective: every rank, same order)."""
     rows, cols = _full_shape(param)
     for dim, size in enumerate((rows, cols)):
-        assert dim not in dims or dims[dim][0] == size, f"dim {dim} of {key} has {size} units, its group {dims[dim][0]}"
+        assert dim not in dims or dims[dim][0] == size, f"dim {dim} has {size} units, its group {dims[dim][0]}"
     kept_rows = dims[0][1] if 0 in dims else torch.arange(rows)  # (rows',) ascending
     kept_cols = dims[1][1].to(engine.device) if 1 in dims else None  # (cols',) or all
     assert bool((kept_rows.diff() > 0).all()), "kept rows must ascend: the cut rows of a chunk are consecutive"
