@@ -75,6 +75,7 @@ from homodistil.pruning.schedule import cubic_sparsity
 
 GIB = 1024**3
 SHRINK_HOST_BYTES_PER_PARAM = 12  # fp32 weight + Adam m + v: what a shrink carries of each parameter (engine/zero.py)
+SHRINK_CHUNK_BYTES = 64 * 2**20  # a shrink reads a 2-D parameter above this fp32 size in row chunks of at most this size
 
 
 class PlanError(ConfigError):
@@ -316,13 +317,19 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def shrink_host_bytes(psi: int, largest_param: int, world: int) -> tuple[float, float]:
-    """(streamed, full gather) host bytes per rank at a shrink of ``psi`` trainable parameters:
-    this rank's share of the fp32 weights and Adam moments (12 bytes per parameter / world) plus
-    one parameter's three full tensors; the full gather held all of it on every rank. ``psi`` is
-    the size before the shrink (the first shrink keeps nearly everything)."""
-    b = SHRINK_HOST_BYTES_PER_PARAM
-    return b * psi / world + b * largest_param, float(b * psi)
+def shrink_host_bytes(psi: int, shapes, world: int) -> tuple[float, float]:
+    """(streamed, full gather) host bytes per rank at a shrink of ``psi`` trainable parameters of
+    ``shapes``: this rank's share of the fp32 weights and Adam moments (12 bytes per parameter /
+    world) plus what one parameter costs while it is read, the larger of: the largest small
+    parameter's three full tensors, and, if a 2-D parameter is above ``SHRINK_CHUNK_BYTES``, three
+    chunks (the chunk, its kept rows, its kept rows and columns); one parameter is read at a time.
+    The full gather held all of it on every rank. ``psi`` is the size before the shrink (the first
+    shrink keeps nearly everything)."""
+    b, chunk = SHRINK_HOST_BYTES_PER_PARAM, SHRINK_CHUNK_BYTES
+    numels = [(_numel(shape), len(shape)) for shape in shapes]
+    chunked = [n for n, ndim in numels if ndim == 2 and 4 * n > chunk]
+    small = max((n for n, ndim in numels if not (ndim == 2 and 4 * n > chunk)), default=0)
+    return b * psi / world + max(b * small, 3 * chunk if chunked else 0), float(b * psi)
 
 
 # --------------------------------------------------------------------------------------------
@@ -516,7 +523,7 @@ def make_plan(cfg: Config, gpu: str, nodes: int, gpus_per_node: int = 8, mfu: fl
     overhead_s = STARTUP_SECONDS + SHRINK_SECONDS * shrinks
 
     shapes, scored = teacher_shapes(cfg)
-    shrink_host = shrink_host_bytes(psi_start, max(_numel(shape) for shape in shapes.values()), world)
+    shrink_host = shrink_host_bytes(psi_start, shapes.values(), world)
     traffic = importance_traffic({n: shape for n, shape in shapes.items() if n in scored})
     largest = 0
     b = 1

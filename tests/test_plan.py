@@ -310,11 +310,16 @@ def test_llama_recipe_has_the_minitron_shape_and_fits():
 
 
 def test_shrink_host_memory_and_importance_traffic_per_rank():
-    """Streamed shrink: 12 bytes per parameter / world + one parameter's 3 full fp32 tensors; the score
+    """Streamed shrink: 12 bytes per parameter / world + the larger of the largest small parameter's 3
+    full fp32 tensors and, with a 2-D parameter above 64 MiB in fp32, 3 row chunks of 64 MiB; the score
     all-reduce: 4 bytes per row and column of each scored parameter, against 3 full fp32 tensors."""
     from homodistil.cost import importance_traffic, shrink_host_bytes
 
-    assert shrink_host_bytes(1000, 100, 4) == (12 * 250 + 12 * 100, 12 * 1000)
+    assert shrink_host_bytes(1000, [(100,), (5, 20)], 4) == (12 * 250 + 12 * 100, 12 * 1000)
+    small, embedding = (1024, 4096), (128256, 4096)  # 16 MiB and 2004 MiB in fp32
+    assert shrink_host_bytes(1000, [small, (4096,)], 4) == (12 * 250 + 12 * 1024 * 4096, 12 * 1000)
+    assert shrink_host_bytes(1000, [small, embedding], 4) == (12 * 250 + 3 * 64 * 2**20, 12 * 1000)
+    assert shrink_host_bytes(1000, [(2**20, 4, 8)], 4) == (12 * 250 + 12 * 2**25, 12 * 1000)  # only 2-D ones are chunked
     assert importance_traffic({"w": (6, 5), "b": (6,), "e": (10, 3)}) == (4 * ((6 + 5) + (6 + 1) + (10 + 3)),
                                                                           3 * 4 * (30 + 6 + 30))
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from homodistil.config import Config, ConfigError, load_config
-from homodistil.cost import DEFAULT_MFU, GIB, GPUS, Plan, PlanError, backbone_params, make_plan
+from homodistil.cost import DEFAULT_MFU, GIB, GPUS, SHRINK_CHUNK_BYTES, Plan, PlanError, backbone_params, make_plan
 
 
 # --------------------------------------------------------------------------------------------
@@ -62,7 +62,7 @@ def describe(plan: Plan, cfg: Config) -> str:
     ]
     streamed, full = plan.shrink_host
     lines.append(f"host      an in-place shrink streams the student's fp32 state (weights, Adam m and v) one parameter "
-                 f"at a time: {_gib(streamed).strip()} of host memory per rank ({_gib(streamed * plan.gpus_per_node).strip()} "
+                 f"at a time, weights above {SHRINK_CHUNK_BYTES // 2**20} MiB in row chunks: {_gib(streamed).strip()} of host memory per rank ({_gib(streamed * plan.gpus_per_node).strip()} "
                  f"per node; a full gather on every rank would need {_gib(full).strip()} per rank)")
     reduced, gathered = plan.importance_traffic
     lines.append(f"importance one all-reduce of the score vectors per step: {reduced / 2**20:.2f} MiB per rank "

@@ -488,13 +488,14 @@ class Recipe:
     def _shrink(self) -> None:
         """Remove masked units (docs/design.md §4): stream each parameter's fp32 value and Adam moments,
         cut to the kept units, keeping this rank's piece of each; rebuild the engine at the kept widths;
-        write the pieces back. No rank holds more than one full parameter beyond its own share."""
+        write the pieces back. No rank holds more than one small parameter or one row chunk of a large one
+        beyond its own share."""
         started = time.perf_counter()
         before = hostmem.start_peak()
         old_groups, kept = self.groups, self._mask_widths()
         config = student_config(self.adapter, self.tcfg, kept, self.cfg.model)
         keep = self.pruner.shrink(student_groups(self.adapter, config, len(self.hidden_pairs)))  # the pruner's own state
-        pieces, adam_step = stream_pieces(self.engine, lambda name, t: shrink_tensors({name: t}, old_groups, keep)[name])
+        pieces, adam_step = stream_pieces(self.engine, old_groups, keep)
         streamed = hostmem.peak_since(before)
         global_steps, global_samples = self.engine.global_steps, self.engine.global_samples
         scheduler_state = self.engine.lr_scheduler.state_dict()

@@ -2,10 +2,13 @@
 
 ZeRO flattens and partitions parameters and optimizer state, so a shape change needs a
 rebuilt engine (docs/design.md §4). A shrink streams the state one parameter at a time
-(:func:`stream_pieces`): the full fp32 value and both Adam moments of one parameter, sliced,
-of which each rank keeps only its *piece* — flat elements ``[r·part, (r+1)·part)``,
-``part = ceil(numel / ws)``, zero-padded, on the host — so no rank ever holds more than one
-full parameter and its own share of the rest. The smaller engine is built, and
+(:func:`stream_pieces`): the fp32 value and both Adam moments of one parameter, cut to the kept
+units, of which each rank keeps only its *piece* — flat elements ``[r·part, (r+1)·part)``,
+``part = ceil(numel / ws)``, zero-padded, on the host. A small parameter is read whole; a large
+2-D one (above :data:`CHUNK_BYTES` in fp32: the embeddings, the LM head, wide projections) in
+chunks of old rows of at most :data:`CHUNK_BYTES`, each assembled from the ranks' own fragments
+by one all-reduce, so no rank ever holds a whole large tensor, only its own share of the kept
+state, one chunk and one small parameter. The smaller engine is built, and
 :func:`restore` writes the pieces back, again one parameter at a time. Reads and writes are
 collectives: every rank calls these functions, for the same parameters, in the same order.
 
@@ -26,12 +29,17 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state,
-                             safe_set_full_fp32_param, safe_set_full_optimizer_state, safe_set_local_fp32_param,
-                             safe_set_local_optimizer_state)
+from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state, safe_get_local_fp32_param,
+                             safe_get_local_optimizer_state, safe_set_full_fp32_param, safe_set_full_optimizer_state,
+                             safe_set_local_fp32_param, safe_set_local_optimizer_state)
+
+from homodistil.cost import SHRINK_CHUNK_BYTES
+from homodistil.engine.fragments import fragment_range
+from homodistil.pruning.groups import Group, kept_indices, slice_tensor
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 STATE = ("param", *MOMENTS)  # what a shrink carries of each parameter: its fp32 value and Adam moments
+CHUNK_BYTES = SHRINK_CHUNK_BYTES  # a 2-D parameter above this fp32 size is streamed in row chunks of at most this size
 
 
 def _base_optimizer(engine):
@@ -117,19 +125,108 @@ def gather(engine) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.T
     return params, moments, optimizer_step_count(engine)
 
 
-def stream_pieces(engine, cut) -> tuple[dict[str, dict[str, torch.Tensor]], int]:
-    """(pieces, adam_step): for every parameter, this rank's pieces of ``cut(name, tensor)`` applied
-    to its full fp32 value and both Adam moments (keys :data:`STATE`), read one parameter at a time.
+def stream_pieces(engine, groups: list[Group], keep: dict[str, torch.Tensor]
+                  ) -> tuple[dict[str, dict[str, torch.Tensor]], int]:
+    """(pieces, adam_step): for every parameter, this rank's pieces of its fp32 value and both Adam
+    moments (keys :data:`STATE`) cut to the units ``keep`` of ``groups`` (``shrink_tensors``' cut),
+    read one parameter at a time.
 
-    Holds at once, beyond the engine: one full tensor (DeepSpeed's gather buffer and its result) and
-    its cut copy, on the engine's device, and this rank's pieces of everything cut so far (host
-    memory: 12 bytes per kept parameter / world size).
+    Holds at once, beyond the engine: this rank's pieces of everything cut so far (host memory: 12
+    bytes per kept parameter / world size) and either one small parameter's full tensor (DeepSpeed's
+    gather buffer and its result) and its cut copy, or one row chunk of a large one (at most
+    :data:`CHUNK_BYTES`) and its cut copies, on the engine's device.
     """
     _link_optimizer_state(engine)
+    named = dict(engine.module.named_parameters())
+    cuts: dict[str, dict[int, tuple[int, torch.Tensor]]] = {}  # name -> {dim: (units, kept indices)}
+    for (name, dim), cut in kept_indices(groups, keep, named).items():
+        cuts.setdefault(name, {})[dim] = cut
     pieces = {}
-    for name, p in engine.module.named_parameters():
-        pieces[name] = {k: own_piece(cut(name, _full_fp32(engine, p, k))) for k in STATE}
+    for name, p in named.items():
+        shape, dims = _full_shape(p), cuts.get(name, {})
+        if len(shape) == 2 and 4 * shape[0] * shape[1] > CHUNK_BYTES:
+            pieces[name] = {k: chunked_piece(engine, p, k, dims) for k in STATE}
+        else:
+            pieces[name] = {k: own_piece(_cut(_full_fp32(engine, p, k), dims, name)) for k in STATE}
     return pieces, optimizer_step_count(engine)
+
+
+def _full_shape(param) -> tuple[int, ...]:
+    return tuple(param.ds_shape) if hasattr(param, "ds_id") else tuple(param.shape)
+
+
+def _cut(full: torch.Tensor, dims: dict[int, tuple[int, torch.Tensor]], name: str) -> torch.Tensor:
+    """``full`` with only the kept indices along each pruned dim (``dims`` from ``kept_indices``)."""
+    for dim, (units, idx) in dims.items():
+        full = slice_tensor(full, dim, idx, units, name)
+    return full
+
+
+def _local_fragment(engine, param, key: str) -> tuple[int, torch.Tensor]:
+    """(start, values (n,)) of this rank's fragment of one :data:`STATE` tensor of ``param``, flat
+    elements ``[start, start + n)`` (engine/fragments.py's ranges; disjoint across ranks, covering)."""
+    start, numel = fragment_range(param, dist.get_rank(), dist.get_world_size())
+    if hasattr(param, "ds_id"):  # ZeRO-3: the local partition, padding dropped
+        local = safe_get_local_fp32_param(param) if key == "param" else safe_get_local_optimizer_state(param, key)
+        return start, local.view(-1)[:numel]
+    if hasattr(param, "_hp_mapping"):  # ZeRO-1/2, the bf16 optimizer: the fp32 fragment this rank's optimizer owns
+        mapping = param._hp_mapping
+        if mapping is None:
+            return start, torch.zeros(0)
+        return start, (mapping.get_hp_fragment() if key == "param" else mapping.get_optim_state_fragment(key)).view(-1)
+    # plain stage 0: the module and torch's optimizer state are replicated; split as ZeRO-3 splits
+    value = param.detach() if key == "param" else _base_optimizer(engine).state.get(param, {}).get(key)
+    if value is None:  # no optimizer step yet: Adam's moments are zero
+        return start, torch.zeros(numel)
+    return start, value.float().view(-1)[start:start + numel]
+
+
+def _copy_overlap(dst: torch.Tensor, dst_start: int, src: torch.Tensor, src_start: int) -> None:
+    """Copy into flat ``dst`` (elements ``[dst_start, …)`` of some tensor) the elements of flat ``src``
+    (``[src_start, …)`` of the same tensor) that both hold."""
+    lo, hi = max(dst_start, src_start), min(dst_start + dst.numel(), src_start + src.numel())
+    if lo < hi:
+        dst[lo - dst_start:hi - dst_start] = src[lo - src_start:hi - src_start].to(dst.device)
+
+
+def _gather_rows(engine, start: int, local: torch.Tensor, r0: int, r1: int, cols: int) -> torch.Tensor:
+    """Rows ``[r0, r1)`` (r1 - r0, cols) of the full tensor whose flat fragment ``[start, …)`` this rank
+    holds (a collective). Every rank writes its overlap into a chunk of −0.0 and one all-reduce sums
+    them: the fragments are disjoint, and x + (−0.0) = x for every x, so the sum is bit-exact."""
+    chunk = torch.full(((r1 - r0) * cols,), -0.0, dtype=torch.float32, device=engine.device)
+    _copy_overlap(chunk, r0 * cols, local, start)
+    dist.all_reduce(chunk)
+    return chunk.view(r1 - r0, cols)
+
+
+def chunked_piece(engine, param, key: str, dims: dict[int, tuple[int, torch.Tensor]]) -> torch.Tensor:
+    """This rank's piece (part,) of one 2-D :data:`STATE` tensor (rows, cols) cut to ``dims`` (kept
+    rows × kept columns), read in chunks of old rows of at most :data:`CHUNK_BYTES`: equal to
+    ``own_piece(cut(full))`` without any rank holding ``full`` (a collective: every rank, same order)."""
+    rows, cols = _full_shape(param)
+    for dim, size in enumerate((rows, cols)):
+        assert dim not in dims or dims[dim][0] == size, f"dim {dim} has {size} units, its group {dims[dim][0]}"
+    kept_rows = dims[0][1] if 0 in dims else torch.arange(rows)  # (rows',) ascending
+    kept_cols = dims[1][1].to(engine.device) if 1 in dims else None  # (cols',) or all
+    assert bool((kept_rows.diff() > 0).all()), "kept rows must ascend: the cut rows of a chunk are consecutive"
+    new_cols = cols if kept_cols is None else kept_cols.numel()
+    world, rank = dist.get_world_size(), dist.get_rank()
+    part = -(-kept_rows.numel() * new_cols // world)
+    piece = torch.zeros(part)  # (part,) host: flat [rank·part, (rank+1)·part) of the cut tensor, zero-padded
+    start, local = _local_fragment(engine, param, key)
+    step = max(1, CHUNK_BYTES // (4 * cols))  # old rows per chunk
+    written = 0  # kept rows before the chunk: its cut rows are new rows [written, written + k)
+    for r0 in range(0, rows, step):
+        r1 = min(r0 + step, rows)
+        in_chunk = kept_rows[(kept_rows >= r0) & (kept_rows < r1)] - r0  # (k,), the same on every rank
+        if not in_chunk.numel():
+            continue
+        cut = _gather_rows(engine, start, local, r0, r1, cols).index_select(0, in_chunk.to(engine.device))  # (k, cols)
+        if kept_cols is not None:
+            cut = cut.index_select(1, kept_cols)  # (k, cols')
+        _copy_overlap(piece, rank * part, cut.reshape(-1), written * new_cols)
+        written += in_chunk.numel()
+    return piece
 
 
 def _unshard(piece: torch.Tensor, numel: int, device: torch.device) -> torch.Tensor:

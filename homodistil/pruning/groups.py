@@ -129,10 +129,20 @@ def shrink_tensors(tensors: dict[str, torch.Tensor], groups: list[Group],
     parts keeps, in each segment, the kept units of the group that owns it.
     """
     out = dict(tensors)
-    for (param, dim), parts in _owners(groups, tensors).items():
+    for (param, dim), (units, idx) in kept_indices(groups, keep, tensors).items():
+        out[param] = slice_tensor(out[param], dim, idx, units, param)
+    return out
+
+
+def kept_indices(groups: list[Group], keep: dict[str, torch.Tensor],
+                 names) -> dict[tuple[str, int], tuple[int, torch.Tensor]]:
+    """``(param, dim) -> (units the dim has, kept indices (kept,), ascending where every group's
+    ``keep`` is)`` for every pruned dim of the params in ``names``: the cut of :func:`shrink_tensors`,
+    one index selection per pruned dim (a 2-D weight: kept rows × kept columns)."""
+    out = {}
+    for (param, dim), parts in _owners(groups, names).items():
         size = parts[0].size
-        idx = torch.cat([p * size + keep[g.name].cpu() for p, g in enumerate(parts)])
-        out[param] = slice_tensor(out[param], dim, idx, size * len(parts), param)
+        out[(param, dim)] = (size * len(parts), torch.cat([p * size + keep[g.name].cpu() for p, g in enumerate(parts)]))
     return out
 
 
