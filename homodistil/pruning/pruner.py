@@ -127,7 +127,7 @@ class Pruner:
         if units is not None:
             weight = weight * live_fragment(units, self.shapes[name], start, numel).to(weight.device)
         if self.metric == "platon":
-            self.pending[name] = ((weight.float() * grad.float()).abs(),)  # I, fp32 (numel,)
+            self.pending[name] = (torch.mul(weight.float(), grad.float()).abs_(),)  # I, fp32 (numel,)
         else:
             self.pending[name] = self._partial(name, weight, grad, self.metric, {})
 
@@ -178,7 +178,8 @@ class Pruner:
                         continue
                     ipt = state["window"]
                 ema = {"ema": state["ema"], "unc": state["unc"]}  # the kernel with w = I, g = 1: |w·g| = I
-                pending[name] = self._partial(name, ipt, torch.ones_like(ipt), "platon", ema)
+                ones = torch.ones((), dtype=ipt.dtype, device=ipt.device).expand(ipt.shape)  # stride 0: no buffer
+                pending[name] = self._partial(name, ipt, ones, "platon", ema)
                 if self.windowed:
                     state["window"].zero_()
             if self.windowed:
