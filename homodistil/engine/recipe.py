@@ -509,11 +509,16 @@ class Recipe:
         restore(self.engine, pieces, adam_step)
         self.pruner.reshard(gather_fragments, self._fragment_ranges())
         self._set_schedule(global_steps, global_samples, scheduler_state)
-        peaks = [None] * self.world  # per rank: (streaming the state, the whole shrink), bytes above the start
-        dist.all_gather_object(peaks, (streamed, hostmem.peak_since(before)))
+        self._note_shrink(time.perf_counter() - started, streamed, hostmem.peak_since(before))
+
+    def _note_shrink(self, seconds: float, streamed: int, whole: int) -> None:
+        """Log a finished shrink: the new widths and size, its time, and every rank's peak extra host memory
+        (bytes above the shrink's start: streaming the state, and the whole shrink with the rebuild)."""
+        peaks = [None] * self.world
+        dist.all_gather_object(peaks, (streamed, whole))
         self.shrink_host_peaks.append(peaks)
         self.monitor.note(f"step {self.step}: shrunk to {self.kept} ({self._param_count() / 1e6:.2f}M parameters) "
-                          f"in {time.perf_counter() - started:.2f}s; peak extra host memory per rank (MiB): "
+                          f"in {seconds:.2f}s; peak extra host memory per rank (MiB): "
                           f"streaming the state {', '.join(f'{a / 2**20:.1f}' for a, _ in peaks)}, "
                           f"whole shrink {', '.join(f'{b / 2**20:.1f}' for _, b in peaks)}")
 
