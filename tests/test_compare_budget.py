@@ -125,6 +125,8 @@ def test_sweep_plan_seeds_per_budget_and_ablations():
         (60, "homodistil", 0), (60, "oneshot", 0), (1000, "homodistil", 0), (1000, "oneshot", 0), (60, "tf0.8", 0),
         (60, "homodistil", 1), (60, "oneshot", 1), (1000, "homodistil", 1), (1000, "oneshot", 1), (60, "tf0.8", 1),
         (60, "homodistil", 2), (60, "oneshot", 2), (60, "tf0.8", 2)]
+    plan, _ = _plan("--variants", "oneshot", "--budgets", "60,500")  # a study without ablation rows
+    assert [(r.budget, r.seed) for r in plan] == [(60, 0), (500, 0), (60, 1), (500, 1), (60, 2), (500, 2)]
     with pytest.raises(ConfigError, match="must be one of --budgets"):
         _plan("--budgets", "60", "--ablations", "tf0.8", "--ablation-budget", "500")
     with pytest.raises(ConfigError, match="unknown"):

@@ -262,7 +262,7 @@ def sweep_plan(args) -> tuple[list[Run], dict[int | None, list[int]]]:
     plan = []
     for seed in dict.fromkeys([*seeds, *(k for ks in at.values() for k in ks)]):  # --seeds' order first
         plan += [Run(b, size, v, seed) for b in budgets if seed in at[b] for v in variants for size in sizes]
-        if seed in at[ablation_budget]:
+        if ablations and seed in at[ablation_budget]:
             plan += [Run(ablation_budget, size, a, seed) for a in ablations for size in sizes
                      if Run(ablation_budget, size, a, seed) not in plan]
     return plan, at
