@@ -7,9 +7,10 @@ from collections import Counter
 import pytest
 import yaml
 
-from homodistil.apps.compare import build_parser, compare_main, run_dir, sweep_plan
+from homodistil.apps.compare import build_parser, compare_main, run_dir, swapped_units, sweep_plan
 from homodistil.apps.compare_page import STUDY, write_page
 from homodistil.config import ConfigError
+from homodistil.engine.export import KEPT_UNITS
 from homodistil.eval.tasks import load_task
 from homodistil.pruning.schedule import largest_mask_interval
 
@@ -66,6 +67,26 @@ def test_results_hold_the_study_and_the_majority_floor(study):
     acc = sum(y == top for y in labels) / len(labels)
     f1 = 2 * acc / (1 + acc) if top == 1 else 0.0  # all predicted positive: precision = acc, recall = 1
     assert results["floor"]["rt-polarity"] == pytest.approx(100 * (acc + f1) / 2)
+
+
+def test_units_swapped_against_a_from_the_exports(study, tmp_path):
+    root, _ = study
+    results = json.loads((root / "runs" / "results.json").read_text())
+    swapped = {(r["budget"], r["variant"]): r["swapped"] for r in results["runs"]}
+    assert swapped[(8, "homodistil")] is None and swapped[(6, "homodistil")] is None
+    kept = json.loads((run_dir(root / "runs", SIZE, "homodistil", SEED, 8) / "export" / KEPT_UNITS).read_text())
+    for row in ("oneshot", "platon-window"):
+        assert swapped[(8, row)]["kept"] == sum(map(len, kept.values())) and swapped[(8, row)]["units"] >= 0
+    # exact counts on hand-made exports: (a) keeps {0,1,2,3} and {7}, the row {0,1,5,6} and {7}
+    for variant, units in (("homodistil", {"ffn": [0, 1, 2, 3], "hidden": [7]}),
+                           ("oneshot", {"ffn": [0, 1, 5, 6], "hidden": [7]})):
+        path = run_dir(tmp_path, 0.5, variant, 0, 60) / "export" / KEPT_UNITS
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps(units))
+    assert swapped_units(tmp_path, {"size": 0.5, "variant": "oneshot", "seed": 0, "budget": 60}) == \
+        {"units": 2, "kept": 5}
+    assert swapped_units(tmp_path, {"size": 0.5, "variant": "oneshot", "seed": 1, "budget": 60}) is None
+    assert "units swapped vs (a)" in STUDY.search((root / "docs" / "results.md").read_text()).group(0)
 
 
 def test_page_sections_and_resume(study):

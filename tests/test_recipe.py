@@ -16,7 +16,9 @@ from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
 from homodistil.cli import main
 from homodistil.engine import checkpoint
-from homodistil.engine.export import _full_state
+from homodistil.engine.export import KEPT_UNITS, _full_state
+from homodistil.engine.models import student_groups
+from homodistil.pruning.groups import shrink_tensors
 from homodistil.engine.models import teacher_outputs
 
 from conftest import tiny_overrides
@@ -123,6 +125,10 @@ def test_resume_is_exact_across_a_shrink(tmp_path, streaming):
     assert full.keys() == again.keys()
     for name in full:
         assert torch.equal(full[name], again[name]), name
+    origins = [checkpoint.load_run_state(root, "step00000008", 0)[0]["origin"]
+               for root in (tmp_path / "full" / "checkpoints", resumed)]
+    assert origins[0].keys() == origins[1].keys()
+    assert all(torch.equal(origins[0][g], origins[1][g]) for g in origins[0])
     assert losses(tmp_path / "full")[4:] == losses(tmp_path / "resumed")
     # held-out rows: each evaluated step once (0, 2, 4 from before the stop; 6, 8 after), same figures
     full_rows, resumed_rows = ((tmp_path / run / "heldout.jsonl").read_text() for run in ("full", "resumed"))
@@ -170,6 +176,25 @@ def test_final_export_at_the_end_of_a_run(tmp_path):
     model = AutoModelForMaskedLM.from_pretrained(tmp_path / "run" / "export")
     assert (model.config.hidden_size, model.config.intermediate_size) == (16, 32)
     assert (tmp_path / "run" / "export" / "tokenizer.json").exists()
+
+
+def test_kept_units_name_the_teacher_units_the_student_kept(tmp_path):
+    """kept_units.json through three shrinks is the exact cut of the teacher: a learning rate of 1e-30 moves no
+    weight (every nonzero fp32 weight's ulp is far larger; zeros move by ~1e-30), so the student's tensors must
+    equal the teacher's sliced to the listed units."""
+    recipe = run_inprocess(tiny_overrides(tmp_path / "run") + STEPS + [
+        "trainer.export=true", "pruning.shrink_interval=1", "pruning.t_f=3", "optimizer.lr=1e-30"])
+    units = json.loads((tmp_path / "run" / "export" / KEPT_UNITS).read_text())
+    groups = student_groups(recipe.adapter, recipe.tcfg, len(recipe.hidden_pairs))
+    assert len(recipe.shrink_host_peaks) >= 3
+    assert {g.name: recipe.kept[g.kind] * g.blocks for g in groups} == {n: len(kept) for n, kept in units.items()}
+    assert any(kept != list(range(len(kept))) for kept in units.values())  # not merely the first units
+    teacher = {f"lm.{n}": p.detach() for n, p in recipe.teacher.named_parameters()}
+    expected = shrink_tensors(teacher, groups, {name: torch.tensor(kept) for name, kept in units.items()})
+    student = dict(recipe.engine.module.named_parameters())
+    for name, want in expected.items():
+        torch.testing.assert_close(student[name].detach(), want, atol=1e-25, rtol=0)
+    recipe.close()
 
 
 def test_teacher_partitioned_with_zero3_matches_replicated(tmp_path):

@@ -371,10 +371,27 @@ def _report_done(result: dict, started: float) -> None:
           f"({took / 60:.1f} min; {elapsed})", flush=True)
 
 
+def swapped_units(root: Path, run: dict) -> dict[str, int] | None:
+    """Of the teacher units (a) HomoDistil kept at the run's budget, size and seed, how many the run pruned (it
+    kept as many others instead): ``{"units", "kept"}`` from both exports' ``kept_units.json``; None where either
+    is missing (a run made before the file existed, or (a) not finished)."""
+    from homodistil.apps.compare_page import REFERENCE  # noqa: PLC0415
+    from homodistil.engine.export import KEPT_UNITS  # noqa: PLC0415
+
+    paths = [run_dir(root, run["size"], v, run["seed"], run.get("budget")) / "export" / KEPT_UNITS
+             for v in (REFERENCE, run["variant"])]
+    if run["variant"] == REFERENCE or not all(p.exists() for p in paths):
+        return None
+    a, other = (json.loads(p.read_text()) for p in paths)
+    return {"units": sum(len(set(a[g]) - set(other[g])) for g in a), "kept": sum(len(a[g]) for g in a)}
+
+
 def collect(root: Path, args, base, plan: list[Run], argv: list[str]) -> dict:
     """The finished runs of ``plan``, the teacher's scores and the majority-class floor -> ``ROOT/results.json``."""
     paths = [run_dir(root, r.size, r.variant, r.seed, r.budget) / "result.json" for r in plan]
     runs = [json.loads(path.read_text()) for path in paths if path.exists()]
+    for run in runs:
+        run["swapped"] = swapped_units(root, run)
     teacher = teacher_eval(args.config, args.overrides, root) if runs else None
     variants = args.variants.split(",")
     ablations = [a for a in (args.ablations or "").split(",") if a]

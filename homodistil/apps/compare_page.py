@@ -303,6 +303,12 @@ def diff_cell(m: float, s: float | None, digits: int, mark: bool = False) -> str
     return f"**{text}**" if mark and s is not None and abs(m) > s else text
 
 
+def swapped_cell(runs: dict[int, dict]) -> str:
+    """``x% ± s (n)``: the share of (a)'s kept units the runs pruned instead (``run["swapped"]``), over seeds."""
+    shares = [100 * r["swapped"]["units"] / r["swapped"]["kept"] for r in runs.values() if r.get("swapped")]
+    return f"{fmt(*mean_std(shares), 1)}% ({len(shares)})" if shares else "–"
+
+
 def by_budget(runs: list[dict]) -> dict[tuple[int, float, str], dict[int, dict]]:
     """(budget, size, variant) -> seed -> run."""
     cells: dict[tuple[int, float, str], dict[int, dict]] = {}
@@ -379,7 +385,8 @@ def study_block(results: dict, figs: Path) -> str:
     if results.get("ablations"):
         lines += [f"### Ablations at T = {abl_t}", ""]
         lines += [f"- **{name}** — {desc}" for name, desc in results["ablations"].items()]
-        head = ["row", "sparsity", "KL ↓", "MLM ↓", "− (a) KL", "− (b) KL", "− (a) MLM", "− (b) MLM", "seeds"]
+        head = ["row", "sparsity", "KL ↓", "MLM ↓", "− (a) KL", "− (b) KL", "− (a) MLM", "− (b) MLM",
+                "units swapped vs (a)", "seeds"]
         lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for name in [REFERENCE, BASELINE, *results["ablations"]]:
             for size in sizes:
@@ -389,9 +396,11 @@ def study_block(results: dict, figs: Path) -> str:
                        fmt(*mean_std([metrics(r)["mlm"] for r in row_runs.values()]), 3)]
                 row += [diff_cell(*paired_runs(row_runs, other, key)[:2], 3, mark=True) if other is not row_runs
                         else "0" for key in ("kl", "mlm") for other in (ref, base)]
-                lines.append("| " + " | ".join(row) + f" | {len(row_runs)} |")
+                lines.append("| " + " | ".join(row) + f" | {swapped_cell(row_runs)} | {len(row_runs)} |")
         lines += ["", "− (a) / − (b): the row minus (a) HomoDistil / (b) one-shot at the same T, paired by seed "
-                  "(< 0: the row is ahead); bold where the difference exceeds its spread.", ""]
+                  "(< 0: the row is ahead); bold where the difference exceeds its spread. Units swapped: of the "
+                  "teacher units (a) kept, the share this row pruned (keeping as many others), from both runs' "
+                  "`export/kept_units.json`; mean ± std over the seeds that have both (n), – where none has.", ""]
     lines += ["### Downstream", ""]
     e = results["base"]["evaluate"]
     cap = lambda n: "whole split" if n is None else f"at most {n}"  # noqa: E731

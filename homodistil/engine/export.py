@@ -1,6 +1,7 @@
 """Export the student as a dense Hugging Face model directory (no projections, no custom code)."""
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -14,14 +15,17 @@ from . import checkpoint
 from .models import auto_lm_class, student_groups
 
 log = logging.getLogger("homodistil.export")
+KEPT_UNITS = "kept_units.json"  # beside the model: per pruning group, the teacher's indices of the kept units
 
 
 class ExportError(ValueError):
     """The checkpoint cannot be exported (printed as one line)."""
 
 
-def export_dense(params: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], meta: dict, out_dir: str | Path):
-    """Shrink ``params`` (the student's full fp32 tensors, ``lm.*``/``proj.*``) to ``masks`` and save.
+def export_dense(params: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], meta: dict, out_dir: str | Path,
+                 origin: dict[str, torch.Tensor] | None = None):
+    """Shrink ``params`` (the student's full fp32 tensors, ``lm.*``/``proj.*``) to ``masks`` and save; with
+    ``origin`` (per group, each current unit's index in the teacher), also which teacher units were kept.
 
     Returns the exported model (in eval mode) for callers that want to check it.
     """
@@ -47,6 +51,9 @@ def export_dense(params: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
+    if origin is not None:
+        units = {name: origin[name][m].tolist() for name, m in masks.items()}
+        (out_dir / KEPT_UNITS).write_text(json.dumps(units) + "\n")
     if meta.get("tokenizer"):
         AutoTokenizer.from_pretrained(meta["tokenizer"]).save_pretrained(out_dir)
     log.info("exported %s (%.2fM parameters) to %s", type(model).__name__,
@@ -94,4 +101,4 @@ def export_checkpoint(path: str | Path, out_dir: str | Path):
     pruner_state, _ = checkpoint.load_run_state(root, tag, 0)
     state = _full_state(root, tag)
     params = {k: v.float() for k, v in state.items() if k.startswith(("lm.", "proj."))}
-    return export_dense(params, pruner_state["masks"], meta, out_dir)
+    return export_dense(params, pruner_state["masks"], meta, out_dir, pruner_state.get("origin"))

@@ -178,9 +178,12 @@ class Recipe:
         p = self.cfg.pruning
         # what the logged target sparsity follows
         self.schedule = "oneshot" if self.cfg.model.init == "scratch" else p.schedule
-        return Pruner(self.groups, lambda s: self.adapter.kept(self.tcfg, s), metric=p.metric,
-                      s_final=p.sparsity.model_dump(), t_i=p.t_i, t_f=p.t_f, beta1=p.beta1, beta2=p.beta2,
-                      schedule=self.schedule, platon_window=p.platon_window)
+        pruner = Pruner(self.groups, lambda s: self.adapter.kept(self.tcfg, s), metric=p.metric,
+                        s_final=p.sparsity.model_dump(), t_i=p.t_i, t_f=p.t_f, beta1=p.beta1, beta2=p.beta2,
+                        schedule=self.schedule, platon_window=p.platon_window)
+        if self.cfg.model.init == "scratch":
+            pruner.origin = None  # a scratch student's units are none of the teacher's: no kept_units.json
+        return pruner
 
     def _setup_monitoring(self, tag: str | None, removed: list[str], armed: list, damaged: list[str]) -> None:
         """Progress bar, TensorBoard, metrics files and perf timers; the run's opening lines."""
@@ -632,7 +635,7 @@ class Recipe:
     def export(self, out_dir: Path) -> None:
         params, _, _ = gather(self.engine)
         if self.rank == 0:
-            export_dense(params, self.pruner.masks, self._meta(), out_dir)
+            export_dense(params, self.pruner.masks, self._meta(), out_dir, self.pruner.origin)
             self.monitor.note(f"exported the student to {out_dir}")
         dist.barrier()
 

@@ -72,6 +72,9 @@ class Pruner:
         self.params = sorted({s.param for g in groups for s in g.slices})
         self.masks = {g.name: torch.ones(g.size, dtype=torch.bool) for g in groups}
         self.scores = {g.name: torch.zeros(g.size) for g in groups}  # fp32 (size,)
+        # each unit's index in the starting (teacher-width) model, (size,) int64 (the export's kept_units.json);
+        # None after resuming a checkpoint that predates it
+        self.origin: dict[str, torch.Tensor] | None = {g.name: torch.arange(g.size) for g in groups}
         self.observed = 0  # observations folded into ``scores`` since the last mask update
         self.window_steps = 0  # windowed PLATON: steps in the current window's running mean
         self.partitioned = False  # state holds this rank's fragments only (measured with a reduction)
@@ -261,6 +264,8 @@ class Pruner:
                     self.state.setdefault(name, {})[key] = sliced.reshape(-1)
                     self.shapes[name], self.fragments[name] = tuple(sliced.shape), (0, sliced.numel())
         self.scores = {g: self.scores[g][idx] for g, idx in keep.items()}
+        if self.origin is not None:
+            self.origin = {g: self.origin[g][idx] for g, idx in keep.items()}
         self.groups = new_groups
         by_name = {g.name: g for g in new_groups}
         for name, idx in keep.items():
@@ -295,7 +300,7 @@ class Pruner:
     def state_dict(self) -> dict:
         """What every rank holds alike (rank 0 saves it)."""
         return {"masks": self.masks, "scores": self.scores, "observed": self.observed,
-                "window_steps": self.window_steps, "partitioned": self.partitioned}
+                "window_steps": self.window_steps, "partitioned": self.partitioned, "origin": self.origin}
 
     def local_state_dict(self) -> dict:
         """This rank's importance state, on the CPU, with the fragments it covers (each rank saves its own)."""
@@ -312,6 +317,8 @@ class Pruner:
         self.observed = sd["observed"]
         self.window_steps = sd.get("window_steps", 0)  # absent in checkpoints from before platon_window
         self.partitioned = sd.get("partitioned", False)
+        origin = sd.get("origin")  # absent in older checkpoints
+        self.origin = {n: o.clone() for n, o in origin.items()} if origin is not None else None
 
     def load_local_state(self, saved, ranges: dict[str, tuple[int, int]], device: torch.device | str) -> None:
         """This rank's importance state from every rank's saved :meth:`local_state_dict` (``saved``: an
