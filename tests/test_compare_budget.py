@@ -75,7 +75,7 @@ def test_budget_row_has_the_mean_kl_over_the_run(study):
     mean_kl = {r["variant"]: sum(h["kl"] for h in r["heldout"]) / len(r["heldout"])
                for r in results["runs"] if r["budget"] == 8 and r["variant"] in ("homodistil", "oneshot")}
     row = next(line for line in (root / "docs" / "results.md").read_text().splitlines() if line.startswith("| 8 | 0.5 |"))
-    assert row.split(" | ")[-2] == f"{mean_kl['homodistil'] - mean_kl['oneshot']:+.3f}"
+    assert row.split(" | ")[-3] == f"{mean_kl['homodistil'] - mean_kl['oneshot']:+.3f}"
 
 
 def test_units_swapped_against_a_from_the_exports(study, tmp_path):
@@ -95,7 +95,9 @@ def test_units_swapped_against_a_from_the_exports(study, tmp_path):
     assert swapped_units(tmp_path, {"size": 0.5, "variant": "oneshot", "seed": 0, "budget": 60}) == \
         {"units": 2, "kept": 5}
     assert swapped_units(tmp_path, {"size": 0.5, "variant": "oneshot", "seed": 1, "budget": 60}) is None
-    assert "units swapped vs (a)" in STUDY.search((root / "docs" / "results.md").read_text()).group(0)
+    block = STUDY.search((root / "docs" / "results.md").read_text()).group(0)
+    share = 100 * swapped[(8, "oneshot")]["units"] / swapped[(8, "oneshot")]["kept"]
+    assert "units swapped vs (a)" in block and f" | {share:.1f}% (1) | 1 |" in block
 
 
 def test_page_sections_and_resume(study):
