@@ -356,7 +356,8 @@ def study_block(results: dict, figs: Path) -> str:
              "a mask every step adds more, every step), ~10 held-out evaluations; the rest as the base config "
              f"`{results['config']}`. Differences are paired by seed: mean ± std of the per-seed differences.", ""]
     head = ["T", "sparsity", "t_f", "mask every", "largest update", "(a) KL ↓", "(b) KL ↓", "(a) − (b) KL",
-            "(a) MLM ↓", "(b) MLM ↓", "(a) − (b) MLM", "(a) − (b) mean KL", "units (b) swapped", "seeds"]
+            "(a) MLM ↓", "(b) MLM ↓", "(a) − (b) MLM", "(a) − (b) masked acc", "(a) − (b) mean KL", "units (b) swapped",
+            "seeds"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     from homodistil.pruning.schedule import update_drops  # noqa: PLC0415
 
@@ -372,11 +373,12 @@ def study_block(results: dict, figs: Path) -> str:
                 row += [fmt(*mean_std([metrics(r)[key] for r in a.values()]), 3),
                         fmt(*mean_std([metrics(r)[key] for r in b.values()]), 3),
                         diff_cell(*paired_runs(a, b, key)[:2], 3, mark=True)]
-            row += [diff_cell(*paired_runs(a, b, "kl_avg")[:2], 3, mark=True), swapped_cell(b)]
+            row += [diff_cell(*paired_runs(a, b, "acc")[:2], 2, mark=True),
+                    diff_cell(*paired_runs(a, b, "kl_avg")[:2], 3, mark=True), swapped_cell(b)]
             lines.append("| " + " | ".join(row) + f" | {min(len(a), len(b))} |")
     lines += ["", "Bold: the difference exceeds its spread over seeds. Largest update: the most sparsity one mask "
               "update adds (a fraction of each width; a head of 32 units loses at least 1/32 per update that "
-              "touches it). Mean KL: held-out KL averaged over the run's evaluations, step 0 included (how "
+              "touches it). Masked acc: held-out masked-token accuracy, in points (> 0: (a) ahead). Mean KL: held-out KL averaged over the run's evaluations, step 0 included (how "
               "close each student stays to the teacher on the way). Units (b) swapped: of the teacher units (a) "
               "kept, the share (b) pruned instead (see the ablation table).", ""]
     if any(n for t in budgets for size in sizes
