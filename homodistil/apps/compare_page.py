@@ -378,8 +378,8 @@ def study_block(results: dict, figs: Path) -> str:
             lines.append("| " + " | ".join(row) + f" | {min(len(a), len(b))} |")
     lines += ["", "Bold: the difference exceeds its spread over seeds. Largest update: the most sparsity one mask "
               "update adds (a fraction of each width; a head of 32 units loses at least 1/32 per update that "
-              "touches it). Masked acc: held-out masked-token accuracy, in points (> 0: (a) ahead). Mean KL: held-out KL averaged over the run's evaluations, step 0 included (how "
-              "close each student stays to the teacher on the way). Units (b) swapped: of the teacher units (a) "
+              "touches it). Masked acc: held-out masked-token accuracy, in points (> 0: (a) ahead). Mean KL: "
+              "held-out KL averaged over the run's evaluations, step 0 included (how close each student stays to the teacher on the way). Units (b) swapped: of the teacher units (a) "
               "kept, the share (b) pruned instead (see the ablation table).", ""]
     if any(n for t in budgets for size in sizes
            for *_, n in [paired_runs(cells.get((t, size, REFERENCE), {}), cells.get((t, size, BASELINE), {}), "kl")]):

@@ -73,7 +73,7 @@ class Pruner:
         self.masks = {g.name: torch.ones(g.size, dtype=torch.bool) for g in groups}
         self.scores = {g.name: torch.zeros(g.size) for g in groups}  # fp32 (size,)
         # each unit's index in the starting (teacher-width) model, (size,) int64 (the export's kept_units.json);
-        # None after resuming a checkpoint that predates it
+        # None for a scratch student (the recipe clears it) or after resuming a checkpoint that predates it
         self.origin: dict[str, torch.Tensor] | None = {g.name: torch.arange(g.size) for g in groups}
         self.observed = 0  # observations folded into ``scores`` since the last mask update
         self.window_steps = 0  # windowed PLATON: steps in the current window's running mean
