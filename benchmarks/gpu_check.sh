@@ -92,14 +92,14 @@ want b && part b_kernels 85 python3 benchmarks/kernels.py --tokens 8192 --sparsi
     --logdir "$RES/b_tb"
 
 # c. the demo config, random-init teacher of the demo's shape (MiniLM: 6 x 384, 12 heads,
-#    FFN 1536), King James Bible, bf16, ZeRO-2, 200 steps (t_f 240 -> 160: within the run;
-#    shrinks at steps 60, 120 and 160)
+#    FFN 1536), King James Bible, bf16, ZeRO-2, 200 steps (the demo's schedule: t_f 150, a mask
+#    update every step, a shrink every 7 steps)
 want c && part c_demo 100 python3 benchmarks/gpu_run.py configs/demo.yaml "${TOKENIZER[@]}" \
     model.teacher=tiny model.tiny.family=bert model.tiny.hidden_size=384 \
     model.tiny.num_hidden_layers=6 model.tiny.num_attention_heads=12 \
     model.tiny.intermediate_size=1536 data.source=kjv \
     deepspeed.bf16.enabled=true deepspeed.zero_optimization.stage=2 \
-    trainer.max_steps=200 pruning.t_f=160 trainer.save_every=0 trainer.export=false trainer.progress=false \
+    trainer.max_steps=200 trainer.save_every=0 trainer.export=false trainer.progress=false \
     trainer.log_every=20 "trainer.output_dir=$RES/c_demo/run" --out "$RES/c_demo"
 
 # d. scale smoke test: Llama-3.2-1B shape, half FFN and hidden, bf16, ZeRO-2, seq 2048

@@ -118,3 +118,15 @@ def test_study_keys_parse():
     whole = EvalSettings.from_config(cfg.evaluate)
     assert (whole.max_train, whole.max_eval) == (0, 0)  # 0: no cap (eval.tasks._cap)
     assert EvalSettings.from_config(defaults.evaluate).max_train == 1000
+
+
+def test_demo_runs_the_budget_studys_schedule():
+    """configs/demo.yaml is the study's (a) at T = max_steps: t_f = T/2, no mask update above 2% of a width."""
+    from homodistil.apps.compare import budget_schedule  # noqa: PLC0415
+
+    cfg = load_config(REPO / "configs" / "demo.yaml")
+    p = cfg.pruning
+    assert p.sparsity.ffn == p.sparsity.attention == p.sparsity.hidden
+    want = budget_schedule(cfg.trainer.max_steps, 0.5, p.t_i, p.sparsity.ffn, 0.02)
+    assert (p.t_f, p.mask_interval, p.shrink_interval) == (want["t_f"], want["mask_interval"], want["shrink_interval"])
+    assert (p.t_f, p.mask_interval) == (150, 1)

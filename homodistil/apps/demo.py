@@ -18,10 +18,11 @@ def demo_main(config: str | None, overrides: list[str]) -> int:
     recipe = distill(cfg)
     out, e = recipe.out, cfg.evaluate
     student = str(out / "export")
-    print("measuring held-out MLM loss and teacher-student KL ...", flush=True)
+    print("measuring held-out MLM loss, masked-token accuracy and teacher-student KL ...", flush=True)
     heldout = heldout_metrics({"student": student}, recipe.teacher_dir, recipe.data, max_blocks=e.heldout_blocks,
                               objective=recipe.objective)
-    extra = {name: {"held-out MLM loss": v["mlm_loss"], "KL(T||model)": v["kl_to_teacher"]}
+    extra = {name: {"held-out MLM loss": v["mlm_loss"], "masked acc %": 100 * v["masked_accuracy"],
+                    "KL(T||model)": v["kl_to_teacher"]}
              for name, v in heldout.items()}
     evaluate_main({"student": student}, e.tasks, out / "eval", teacher=recipe.teacher_dir,
                   extra_metrics=lambda name, _dir: extra.get(name, {}), print_table=False,
