@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from homodistil.apps.compare import build_parser, compare_main, run_dir, swapped_units, sweep_plan
-from homodistil.apps.compare_page import STUDY, write_page
+from homodistil.apps.compare_page import STUDY, finetune_minutes, write_page
 from homodistil.config import ConfigError
 from homodistil.engine.export import KEPT_UNITS
 from homodistil.eval.tasks import load_task
@@ -142,6 +142,7 @@ def test_finetuning_only_where_asked_and_later_without_distilling_again(study):
         assert set(result(variant, 6)["finetune"]) == {"rt-polarity"}
         assert result(variant, 8)["finetune"] == tuned8[variant]  # not fine-tuned again
     assert "fine-tuning (the runs at T = 6, 8," in (root / "docs" / "results.md").read_text()
+    assert "model-minutes over 5 runs and the teacher" in (root / "docs" / "results.md").read_text()
     with pytest.raises(ConfigError, match="--finetune-budgets 7"):
         compare_main([*argv[:argv.index("--finetune-budgets")], "--finetune-budgets", "7"])
 
@@ -167,3 +168,11 @@ def test_sweep_plan_seeds_per_budget_and_ablations():
         _plan("--ablations", "nope")
     with pytest.raises(ConfigError, match="expected T=SEEDS"):
         _plan("--budgets", "60", "--budget-seeds", "500=0")
+
+
+def test_finetune_minutes_add_the_measured_times():
+    runs = [{"finetune_s": 60.0}, {"finetune_s": 120.0}, {}]  # the third was not fine-tuned
+    assert finetune_minutes(runs, {"finetune_s": 180.0}) == \
+        "; fine-tuning 6 model-minutes over 2 runs and the teacher (the teacher's 3)"
+    assert finetune_minutes(runs, None) == "; fine-tuning 3 model-minutes over 2 runs"
+    assert finetune_minutes([{}], {}) == ""

@@ -453,13 +453,24 @@ def study_block(results: dict, figs: Path) -> str:
                  f"{FINETUNE_S_PER_STEP} s, the teacher's size)."
                  if ft_steps else "fine-tuning not yet sized (no finished run)."), "",
               f"{results['jobs']} run(s) at a time"
-              + (f"; {sum(wall) / 60:.0f} run-minutes over {len(runs)} finished runs." if wall else "; no run "
-                 "finished yet."), "<!-- /study -->"]
+              + (f"; {sum(wall) / 60:.0f} run-minutes over {len(runs)} finished runs" if wall else "; no run "
+                 "finished yet") + finetune_minutes(runs, teacher) + ".", "<!-- /study -->"]
     return "\n".join(lines)
 
 
 TRAIN_S_PER_STEP = 1.5  # s per distillation step per run, 2 runs at a time (docs: a T = 1000 pair took ~25 min)
-FINETUNE_S_PER_STEP = 2.9  # s per fine-tuning step (batch 32 × 64 tokens) of the MiniLM teacher on 1 thread, measured
+FINETUNE_S_PER_STEP = 1.7  # s per fine-tuning step (batch 32 × 64 tokens) of the MiniLM teacher on 1 thread, 2 jobs
+# on the 2-core machine: its rt-polarity fine-tuning, 894 steps in 1540 s (runs/budget/teacher/eval/finetune)
+
+
+def finetune_minutes(runs: list[dict], teacher: dict | None) -> str:
+    """The measured fine-tuning time (``finetune_s`` of each result.json), as a clause of the compute line."""
+    took = [r["finetune_s"] for r in runs if "finetune_s" in r]
+    t = (teacher or {}).get("finetune_s")
+    if not took and t is None:
+        return ""
+    return (f"; fine-tuning {(sum(took) + (t or 0)) / 60:.0f} model-minutes over {len(took)} runs"
+            + (f" and the teacher (the teacher's {t / 60:.0f})" if t is not None else ""))
 
 
 def _finetune_steps(e: dict, train_sizes: dict[str, int]) -> int:
