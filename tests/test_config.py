@@ -130,3 +130,20 @@ def test_demo_runs_the_budget_studys_schedule():
     want = budget_schedule(cfg.trainer.max_steps, 0.5, p.t_i, p.sparsity.ffn, 0.02)
     assert (p.t_f, p.mask_interval, p.shrink_interval) == (want["t_f"], want["mask_interval"], want["shrink_interval"])
     assert (p.t_f, p.mask_interval) == (150, 1)
+
+
+@pytest.mark.parametrize("command", ["demo", "compare"])
+def test_missing_evaluation_data_stops_before_any_training(tmp_path, monkeypatch, capsys, command):
+    """A missing download (VADER ratings, rt-polarity's data) is one line at start, not a failure after the run."""
+    monkeypatch.setenv("HOMODISTIL_DATA", str(tmp_path / "empty"))
+    monkeypatch.delenv("HOMODISTIL_VADER", raising=False)
+    out = tmp_path / "run"
+    tiny = str(REPO / "configs" / "tiny.yaml")
+    argv = ({"demo": [tiny, f"trainer.output_dir={out}"],
+             "compare": [tiny, "--sizes", "0.5", "--seeds", "0", "--out", str(out), "--page", str(tmp_path / "p.md")]}
+            [command])
+    assert main([command, *argv, "evaluate.tasks=[rt-polarity,tweets-3class]"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("homodistil: error: evaluation data missing"), err
+    assert f"rt-polarity: VADER ratings not found in {tmp_path / 'empty'}" in err and "tweets-3class" not in err
+    assert not out.exists()

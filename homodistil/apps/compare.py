@@ -282,6 +282,10 @@ def compare_main(argv: list[str]) -> int:
 
     root = Path(args.out)
     base = load_config(args.config, args.overrides)  # fails early on a bad config
+    if not args.page_only:  # and on missing evaluation data, before the first run
+        from homodistil.eval.tasks import require_tasks  # noqa: PLC0415
+
+        require_tasks([*base.evaluate.tasks, *(base.evaluate.finetune_tasks or [])])
     if not base.trainer.eval_every:
         raise ConfigError("compare needs trainer.eval_every > 0 (the held-out KL curve)")
     plan, _ = sweep_plan(args)

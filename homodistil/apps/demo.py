@@ -10,11 +10,13 @@ from homodistil.data.corpora import EMBEDDED, corpus_licences
 from homodistil.engine.recipe import distill
 from homodistil.eval.heldout import heldout_metrics
 from homodistil.eval.report import EvalSettings, evaluate_main
+from homodistil.eval.tasks import require_tasks
 
 
 def demo_main(config: str | None, overrides: list[str]) -> int:
     started = time.perf_counter()
     cfg = load_config(config, overrides)
+    require_tasks(cfg.evaluate.tasks)  # a missing download fails now, not after the distillation
     recipe = distill(cfg)
     out, e = recipe.out, cfg.evaluate
     student = str(out / "export")

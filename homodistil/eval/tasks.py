@@ -148,6 +148,14 @@ def resolve_tasks(specs: Sequence[str] | str | None, only_available: bool = Fals
     return out
 
 
+def require_tasks(names: Sequence[str]) -> None:
+    """Raise :class:`DataError` naming every task of ``names`` whose offline data is missing, with its fix: run
+    before hours of distillation whose evaluation would need it."""
+    missing = [f"{n}: {fix}" for n in resolve_tasks(list(names)) if (fix := task_available(n))]
+    if missing:
+        raise DataError("evaluation data missing (fix it before training): " + "; ".join(missing))
+
+
 def task_available(name: str) -> str | None:
     """``None`` when the task's offline data is installed, else the one-line fix (GLUE and
     SQuAD come from the hub or a local path, so they always answer ``None`` here)."""
