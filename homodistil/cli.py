@@ -156,5 +156,19 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def run() -> None:
+    """The console script and ``python -m homodistil.cli``: :func:`main`, then the process group
+    torn down before the interpreter exits (``main`` itself leaves it: callers in one process,
+    as the tests, run it many times over one group)."""
+    try:
+        code = main()
+    finally:
+        if "torch" in sys.modules:  # `homodistil --help` and the config checks never import it
+            from homodistil.engine.dist import shutdown_distributed  # noqa: PLC0415
+
+            shutdown_distributed()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -25,6 +28,7 @@ from conftest import tiny_overrides
 from recipe_runs import losses, run_inprocess, run_torchrun
 
 STEPS = ["trainer.max_steps=6", "pruning.t_f=4"]
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 def _outputs(recipe, batch):
@@ -233,3 +237,19 @@ def test_setup_errors_are_one_line(tmp_path, capsys, override, expected):
     code = main(["distill", "configs/tiny.yaml", *tiny_overrides(tmp_path / "x"), override])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err and expected in err, err
+
+
+def test_the_command_line_destroys_its_process_group_before_the_interpreter_exits(tmp_path):
+    """`homodistil` / `python -m homodistil.cli` tear the process group down themselves: left to
+    interpreter exit, gloo's threads can abort a run that succeeded (dist.shutdown_distributed)."""
+    probe = ("import atexit, sys, torch.distributed as dist\n"
+             "atexit.register(lambda: print('process group at exit:', dist.is_initialized()))\n"
+             "from homodistil.cli import run\n"
+             "run()\n")
+    argv = ["distill", "configs/tiny.yaml", *tiny_overrides(tmp_path), *STEPS]
+    # an in-process run before this test set these for pytest's own process group: a fresh one here
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    proc = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=300,
+                          env={**env, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "process group at exit: False" in proc.stdout, proc.stdout[-2000:]
