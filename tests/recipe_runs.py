@@ -29,8 +29,17 @@ def run_torchrun(overrides: list[str], nproc: int = 2, timeout: int = 600) -> su
            "--master_port", str(_free_port()),
            "-m", "homodistil.cli", "distill", str(REPO / "configs" / "tiny.yaml"), *overrides]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0, _last_step(overrides) + proc.stderr[-4000:]
     return proc
+
+
+def _last_step(overrides: list[str]) -> str:
+    """Where a failed run got to: a crash after its last step is not one inside training."""
+    out = next((Path(o.split("=", 1)[1]) for o in overrides if o.startswith("trainer.output_dir=")), None)
+    if out is None or not (out / "metrics.jsonl").exists():
+        return "no step logged\n"
+    rows = (out / "metrics.jsonl").read_text().splitlines()
+    return f"last step logged: {json.loads(rows[-1])['step'] if rows else None}\n"
 
 
 def losses(out_dir) -> list[float]:
