@@ -242,7 +242,7 @@ def test_setup_errors_are_one_line(tmp_path, capsys, override, expected):
 def test_the_command_line_destroys_its_process_group_before_the_interpreter_exits(tmp_path):
     """`homodistil` / `python -m homodistil.cli` tear the process group down themselves: left to
     interpreter exit, gloo's threads can abort a run that succeeded (dist.shutdown_distributed)."""
-    probe = ("import atexit, sys, torch.distributed as dist\n"
+    probe = ("import atexit, torch.distributed as dist\n"
              "atexit.register(lambda: print('process group at exit:', dist.is_initialized()))\n"
              "from homodistil.cli import run\n"
              "run()\n")
