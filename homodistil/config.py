@@ -59,7 +59,13 @@ class TinyTeacherConfig(_Strict):
 class PrepareConfig(_Strict):
     """Continued MLM training that gives a head-less teacher (a sentence encoder) an MLM head."""
 
-    steps: int = Field(150, ge=0, description="Training steps (0: keep the randomly initialised head).")
+    steps: int = Field(150, ge=0, description="Training steps (0: keep the randomly initialised head); with "
+                       "'plateau_every', the most steps.")
+    plateau_every: int = Field(
+        0, ge=0, description="Stop at a plateau: score the held-out MLM loss every this many steps and stop at the "
+        "first score that improves on the previous one by less than 'plateau_delta' (0: train exactly 'steps').")
+    plateau_delta: float = Field(0.01, gt=0.0, description="Nats per masked token; see 'plateau_every'.")
+    plateau_blocks: int = Field(256, gt=0, description="Held-out blocks scored at each plateau check.")
     lr: float = Field(3e-4, gt=0.0)
     batch_size: int = Field(32, gt=0)
     seed: int = Field(0, description="Seed of the preparation's own (forked) RNG.")

@@ -101,6 +101,8 @@ def test_heldout_curve_ends_at_the_exported_students_figures(sweep):
     assert result["final"]["kl"] == pytest.approx(ref["s"]["kl_to_teacher"], rel=1e-4, abs=1e-7)
     assert result["final"]["mlm_loss"] == pytest.approx(ref["s"]["mlm_loss"], rel=1e-5)
     assert result["final"]["teacher_mlm_loss"] == pytest.approx(ref["teacher"]["mlm_loss"], rel=1e-5)
+    masked = sum(int((b["labels"] != -100).sum()) for b in data.heldout_batches(16, 8))  # every evaluation's count
+    assert {r["scored_tokens"] for r in result["heldout"]} == {masked} == {ref["s"]["scored_tokens"]}
 
 
 def _scratch(out_dir):

@@ -107,21 +107,22 @@ def test_page_sections_and_resume(study):
     page = root / "docs" / "results.md"
     text = page.read_text()
     block = STUDY.search(text).group(0)
-    for row in ("| 6 | 0.5 | 3 |", "| 8 | 0.5 | 4 |", "| platon-window | 0.5 |", "| 8 | 0.5 | (a) − (b) |",
+    for row in ("| 6 | 0.5 | (a) | 3 |", "| 8 | 0.5 | (a) | 4 |", "| platon-window | 0.5 |", "| 8 | 0.5 | (a) − (b) |",
                 "| – | 0 | **teacher** |", "| – | – | majority class |", "### Ablations at T = 8"):
         assert row in block, row
-    assert (root / "docs" / "results" / "budget_gap.png").stat().st_size > 5000
+    assert (root / "docs" / "results" / "budget_gap_runs.png").stat().st_size > 5000  # named after the root
     done = {p: p.stat().st_mtime_ns for p in (root / "runs").glob("T*/*/*/seed*/result.json")}
     assert len(done) == 5
     page.write_text("# kept title\n\nintro\n\n## Other section\n\nkept\n")
     assert compare_main([*argv, "--page-only"]) == 0  # nothing runs; the block goes in before the first section
     assert done == {p: p.stat().st_mtime_ns for p in done}
     text = page.read_text()
-    assert text.startswith("# kept title\n\nintro\n\n<!-- study -->") and text.endswith("## Other section\n\nkept\n")
-    assert compare_main(argv) == 0 and page.read_text().count("<!-- study -->") == 1  # replaced, not added
+    marker = f"<!-- study {root / 'runs'} -->"
+    assert text.startswith(f"# kept title\n\nintro\n\n{marker}") and text.endswith("## Other section\n\nkept\n")
+    assert compare_main(argv) == 0 and page.read_text().count(marker) == 1  # replaced, not added
     # the main page's writer keeps the block
     write_page(json.loads((root / "runs" / "results.json").read_text()), page)
-    assert page.read_text().count("<!-- study -->") == 1 and "## Headline" in page.read_text()
+    assert page.read_text().count(marker) == 1 and "## Headline" in page.read_text()
 
 
 def test_finetuning_only_where_asked_and_later_without_distilling_again(study):
@@ -168,6 +169,15 @@ def test_sweep_plan_seeds_per_budget_and_ablations():
         _plan("--ablations", "nope")
     with pytest.raises(ConfigError, match="expected T=SEEDS"):
         _plan("--budgets", "60", "--budget-seeds", "500=0")
+
+
+def test_finetune_budgets_none_tunes_no_run():
+    from homodistil.apps.compare import finetune_budgets  # noqa: PLC0415
+
+    args = build_parser().parse_intermixed_args(["c.yaml", "--budgets", "60,500", "--finetune-budgets", "none"])
+    assert finetune_budgets(args, sweep_plan(args)[0]) == set()
+    args = build_parser().parse_intermixed_args(["c.yaml", "--budgets", "60,500", "--finetune-budgets", "500"])
+    assert finetune_budgets(args, sweep_plan(args)[0]) == {500}
 
 
 def test_finetune_minutes_add_the_measured_times():

@@ -47,6 +47,24 @@ def test_prepare_gives_a_headless_teacher_a_trained_head(headless, tmp_path):
     assert acc == pytest.approx(info["heldout_masked_accuracy"]) and loss == pytest.approx(info["heldout_mlm_loss"])
 
 
+@pytest.mark.parametrize("delta, steps, checks", [(100.0, 4, 2), (1e-9, 8, 3)])
+def test_preparation_stops_at_the_first_check_that_improves_by_less_than_delta(headless, tmp_path, delta, steps,
+                                                                               checks):
+    """Checks every 2 steps of at most 8: a delta no improvement reaches stops at the second check (step 4); one that
+    every improvement passes trains all 8 steps (checks at 2, 4, 6); each check is the held-out loss at that step."""
+    tok = AutoTokenizer.from_pretrained(headless)
+    data = BlockBatches(build_blocks("kjv", tok, 32, max_documents=20), tok, mlm_probability=0.15, seed=0,
+                        heldout_fraction=0.1)
+    cfg = PrepareConfig(steps=8, lr=1e-3, batch_size=8, plateau_every=2, plateau_delta=delta, plateau_blocks=4)
+    info = prep.prepare_teacher(headless, tmp_path / "prepared", data, cfg, "cls", tok, progress=False)
+    assert info["steps"] == steps and info["max_steps"] == 8
+    assert [s for s, _ in info["plateau"]] == [2 * (i + 1) for i in range(checks)]
+    if steps < 8:  # the model published is the one scored at the stopping check
+        model = AutoModelForMaskedLM.from_pretrained(tmp_path / "prepared")
+        assert prep.masked_accuracy(model, "cls", data, 8, limit=4)[1] == pytest.approx(info["plateau"][-1][1],
+                                                                                         rel=1e-5)
+
+
 def test_recipe_prepares_once_and_reuses_the_cache(headless, tmp_path, monkeypatch):
     args = [f"model.teacher={headless}", "model.prepare.steps=2", "model.prepare.batch_size=4",
             f"model.prepare.cache_dir={tmp_path / 'cache'}", "trainer.max_steps=2", "pruning.t_f=2"]
@@ -61,6 +79,25 @@ def test_recipe_prepares_once_and_reuses_the_cache(headless, tmp_path, monkeypat
     second = run_inprocess(tiny_overrides(tmp_path / "b") + args, train=False)
     second.close()
     assert second.teacher_dir == first.teacher_dir
+
+
+def test_compare_readies_the_teacher_once_before_its_workers(headless, tmp_path, monkeypatch):
+    """``compare --jobs 2`` prepares the teacher in one process first; the runs then find it in the cache."""
+    from homodistil.apps.compare import _ready_teacher_once  # noqa: PLC0415
+
+    args = [f"model.teacher={headless}", "model.prepare.steps=2", "model.prepare.batch_size=4",
+            f"model.prepare.cache_dir={tmp_path / 'cache'}", "trainer.max_steps=2", "pruning.t_f=2"]
+    _ready_teacher_once(None, tiny_overrides(tmp_path / "first") + args)
+    (prepared,) = (tmp_path / "cache").iterdir()
+    assert prep.missing_head(str(prepared)) == []
+
+    def refuse(*a, **k):
+        raise AssertionError("the prepared teacher should come from the cache")
+
+    monkeypatch.setattr("homodistil.engine.recipe.prepare_teacher", refuse)
+    run = run_inprocess(tiny_overrides(tmp_path / "run") + args, train=False)
+    run.close()
+    assert run.teacher_dir == str(prepared)
 
 
 def test_heldout_metrics_kl_is_zero_for_the_teacher_itself(tmp_path):

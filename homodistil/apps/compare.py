@@ -39,17 +39,25 @@ VARIANTS: dict[str, Variant] = {
                          "(d) HomoDistil with magnitude instead of sensitivity importance"),
     "no-kl": Variant(["loss.alpha_pred=0"], "(e) HomoDistil without the prediction KL term"),
 }
-# the ablation rows of the budget study (issue 13): each is (a) or (b) with one setting changed, by config key
+# the rows of the budget studies beside (a) and (b) (issues 13 and 24): each is (a) or (b) with one setting changed
 ABLATIONS: dict[str, Variant] = {
     "platon": Variant(["pruning.metric=platon"], "(a) with PLATON importance (both EMAs updated every step)"),
+    "sensitivity": Variant(["pruning.metric=sensitivity"],
+                           "(a) with sensitivity importance (|w·g| averaged since the last mask update)"),
     "platon-window": Variant(
         ["pruning.metric=platon", "pruning.platon_window={mask_interval}"],
         "(a) with PLATON as its reference implementation does it: |w·g| averaged over each mask interval, "
         "the EMAs updated once per interval"),
     "tf0.8": Variant([], "(a) with t_f = 0.8·T: 20% of the run at the final width instead of 50%", tf_ratio=0.8),
+    "tf0.25": Variant([], "(a) with t_f = 0.25·T: 75% of the run at the final width", tf_ratio=0.25),
+    "tf0.1": Variant([], "(a) with t_f = 0.1·T: 90% of the run at the final width (nearly one-shot, but "
+                         "reached gradually)", tf_ratio=0.1),
     "lr-floor": Variant(["optimizer.min_lr_ratio=0.5"], "(a) with the LR decaying to half its peak, not to 0"),
     "oneshot-lr-floor": Variant(["pruning.schedule=oneshot", "optimizer.min_lr_ratio=0.5"],
                                 "(b) with the same LR floor"),
+    "alm0": Variant(["loss.alpha_lm=0"], "(a) distillation only (α_lm = 0): the data can no longer pull the "
+                    "student past the teacher"),
+    "oneshot-alm0": Variant(["pruning.schedule=oneshot", "loss.alpha_lm=0"], "(b) distillation only (α_lm = 0)"),
     "score-after": Variant(["pruning.score_after={t_i}"],
                            "(a) with no scoring before t_i (no early scores from the MLM term alone)"),
 }
@@ -140,11 +148,30 @@ def run_one(config: str | None, overrides: list[str], meta: dict) -> dict:
         train_s = time.perf_counter() - started
         scores = probe_export(str(out / "export"), cfg, out / "eval")
     curve = _rows(out / "heldout.jsonl")
-    result = {**meta, "overrides": overrides, "teacher_dir": recipe.teacher_dir, "train_s": train_s,
+    result = {**meta, "overrides": overrides, "settings": run_settings(cfg), "teacher_dir": recipe.teacher_dir,
+              "teacher": teacher_identity(cfg, recipe.teacher_dir), "train_s": train_s,
               "wall_s": time.perf_counter() - started, "threads": _threads(), "heldout": curve, "final": curve[-1],
               **scores, "finetune": {}}
     (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
+
+
+def run_settings(cfg) -> dict:
+    """What defines a run's training, beside its teacher: the trainer, pruning and loss sections, resolved."""
+    return {key: json.loads(getattr(cfg, key).model_dump_json()) for key in ("trainer", "pruning", "loss")}
+
+
+def teacher_identity(cfg, teacher_dir: str | None) -> dict:
+    """Which teacher a run distilled: its source and, for a prepared one, the preparation (steps, lr, batch) and
+    its held-out figures, from the prepared folder's record."""
+    from homodistil.engine.models import teacher_source  # noqa: PLC0415
+    from homodistil.engine.prepare import PREP_FILE  # noqa: PLC0415
+
+    out = {"source": teacher_source(cfg.model), "dir": teacher_dir}
+    record = Path(teacher_dir) / PREP_FILE if teacher_dir else None
+    if record is not None and record.is_file():
+        out["prepare"] = json.loads(record.read_text())
+    return out
 
 
 def finetune_one(config: str | None, overrides: list[str], result_path: Path) -> dict:
@@ -307,6 +334,8 @@ def compare_main(argv: list[str]) -> int:
           f"{args.jobs} at a time; then fine-tuning of {which} and the teacher", flush=True)
     started = time.perf_counter()
     if not args.page_only:
+        if todo and args.jobs > 1:
+            _ready_teacher_once(*todo[0][:2])
         with _pool(args.jobs) as submit:
             for fut in [submit(run_one, *job) for job in todo]:
                 _report_done(fut.result(), started)
@@ -324,6 +353,21 @@ def compare_main(argv: list[str]) -> int:
     page = (write_study if args.budgets else write_page)(results, Path(args.page))
     print(f"results: {root / 'results.json'}; page: {page}", flush=True)
     return 0
+
+
+def _ready_teacher_once(config: str | None, overrides: list[str]) -> None:
+    """Prepare the sweep's teacher (a head-less encoder gets its MLM head; cached) before the workers start, in a
+    process of its own with every core: workers started on a cold cache would each prepare the same teacher."""
+    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+        path = pool.submit(_ready_teacher, config, overrides).result()
+    print(f"compare: teacher ready ({path or 'built on the spot'})", flush=True)
+
+
+def _ready_teacher(config: str | None, overrides: list[str]) -> str | None:
+    from homodistil.config import load_config  # noqa: PLC0415
+    from homodistil.engine.recipe import ready_teacher  # noqa: PLC0415
+
+    return ready_teacher(load_config(config, overrides))
 
 
 class _Later:
@@ -356,6 +400,8 @@ def finetune_budgets(args, plan: list[Run]) -> set[int] | None:
 
     if not args.budgets or args.finetune_budgets is None:
         return None
+    if args.finetune_budgets.strip().lower() == "none":
+        return set()
     tuned = set(_numbers(args.finetune_budgets, int, "--finetune-budgets"))
     if tuned - {r.budget for r in plan}:
         raise ConfigError(f"--finetune-budgets {args.finetune_budgets}: each must be one of --budgets "
@@ -476,7 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--ablations", help=f"comma-separated rows run at --ablation-budget, of: {', '.join(ROWS)}")
     study.add_argument("--ablation-budget", type=int, help="the budget T of the ablation rows (one of --budgets)")
     study.add_argument("--finetune-budgets", metavar="T[,T...]",
-                       help="fine-tune only the runs at these budgets (default: every run); the others get the "
+                       help="fine-tune only the runs at these budgets ('none': no run; default: every run); the "
+                            "others get the "
                             "probes. Fine-tuning runs after every distillation of the sweep; a run an earlier sweep "
                             "only probed is fine-tuned from its export, not distilled again")
     return p

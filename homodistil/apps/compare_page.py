@@ -1,4 +1,5 @@
-"""The results page of ``homodistil compare``: tables (mean ± std over seeds), the headline, plots.
+"""The results page of ``homodistil compare``: tables (mean ± std over seeds; differences between two rows paired by
+seed, with a 95% confidence interval), the headline, plots.
 
 Reads only ``ROOT/results.json`` (``homodistil.apps.compare.collect``), so the page can be
 rewritten at any time (``homodistil compare CONFIG ... --page-only``). Plots go to a folder
@@ -62,13 +63,19 @@ def by_cell(runs: list[dict]) -> dict[tuple[float, str], dict[int, dict]]:
     return cells
 
 
-def paired(cells, size: float, a: str, b: str, key: str) -> tuple[float, float | None, int]:
-    """Mean and std over seeds of ``key(a) - key(b)``, on the seeds both finished (same data per seed)."""
-    ra, rb = cells.get((size, a), {}), cells.get((size, b), {})
-    diffs = [metrics(ra[s])[key] - metrics(rb[s])[key] for s in sorted(set(ra) & set(rb))
-             if metrics(ra[s]).get(key) is not None and metrics(rb[s]).get(key) is not None]
+def mean_ci95(diffs: list[float]) -> tuple[float, float | None, int]:
+    """(mean, half-width of its 95% confidence interval, n) of paired differences: Student's t with n − 1 degrees of
+    freedom (None below 2 values). With 2 or 3 seeds the interval is wide (t = 12.7 and 4.3): that is the point."""
+    from scipy.stats import t as student_t  # noqa: PLC0415
+
     m, s = mean_std(diffs)
-    return m, s, len(diffs)
+    n = len([d for d in diffs if d is not None])
+    return m, (None if s is None else float(student_t.ppf(0.975, n - 1)) * s / math.sqrt(n)), n
+
+
+def paired(cells, size: float, a: str, b: str, key: str) -> tuple[float, float | None, int]:
+    """:func:`mean_ci95` of ``key(a) - key(b)`` over the seeds both finished (same data per seed)."""
+    return paired_runs(cells.get((size, a), {}), cells.get((size, b), {}), key)
 
 
 # ------------------------------------------------------------------------------------- plots
@@ -157,11 +164,9 @@ def headline(cells, sizes: list[float]) -> list[str]:
                 continue
             row, n = [], 0
             for key in keys:
-                m, s, n_key = paired(cells, size, REFERENCE, alt, key)
+                m, half, n_key = paired(cells, size, REFERENCE, alt, key)
                 n = max(n, n_key)
-                digits = 3 if key in LOSSES else 1
-                spread = f" ± {s:.{digits}f}" if s is not None else ""
-                row.append("–" if math.isnan(m) else f"{m:+.{digits}f}{spread}")
+                row.append(diff_cell(m, half, 3 if key in LOSSES else 1, mark=True))
             lines.append(f"| {size:g} | {alt} | " + " | ".join(row) + f" | {n} |")
     return lines
 
@@ -202,7 +207,8 @@ def write_page(results: dict, page: Path) -> Path:
         lines += [f"**Partial sweep**: {planned - len(runs)} runs did not finish; every figure below is over the "
                   "runs that did (the `seeds` column says how many).", ""]
     lines += ["## Headline: (a) HomoDistil minus (b) one-shot and (c) from scratch", "",
-              "Paired by seed (each seed: same batches, same held-out blocks), mean ± std over seeds. "
+              "Paired by seed (each seed: same batches, same held-out blocks): mean ± the half-width of its 95% "
+              "confidence interval over seeds (t-distribution); bold where the interval excludes 0. "
               "KL and MLM loss: lower is better, so a negative difference favours (a); scores: higher is better.",
               "", *headline(cells, sizes), ""]
     lines += ["## What was run", ""]
@@ -274,33 +280,79 @@ def write_page(results: dict, page: Path) -> Path:
         kept = READING.search(old)
         if kept:
             text = text.replace(PLACEHOLDER, kept.group(0))
-        study = STUDY.search(old)  # the budget study's sections (write_study) stay where they were
-        if study:
+        studies = [m.group(0) for m in STUDY.finditer(old)]  # the budget studies' sections (write_study) stay
+        if studies:
             first = text.find("\n## ")
-            text = text[:first + 1] + study.group(0) + "\n\n" + text[first + 1:]
+            text = text[:first + 1] + "\n\n".join(studies) + "\n\n" + text[first + 1:]
     page.write_text(text)
     return page
 
 
 # ------------------------------------------------------------------------------------- budget study
-STUDY = re.compile(r"<!-- study -->.*?<!-- /study -->", re.S)
+STUDY = re.compile(r"<!-- study( [^>]*?)? -->.*?<!-- /study\1 -->", re.S)  # one per results root
+LEGACY_ROOT = "runs/budget"  # the first study's block was written without its root
 BASELINE = "oneshot"  # the study's question: does (a) beat (b) at some budget?
 
 
+def study_pattern(root: str) -> re.Pattern:
+    """The page block of the study whose results live under ``root``."""
+    named = rf"<!-- study {re.escape(root)} -->.*?<!-- /study {re.escape(root)} -->"
+    return re.compile(named + (r"|<!-- study -->.*?<!-- /study -->" if root == LEGACY_ROOT else ""), re.S)
+
+
+def teacher_label(results: dict) -> str:
+    """The teacher a study distilled, in words: a prepared encoder says how many steps trained its MLM head (the
+    first study's 300-step head was a teacher its students outgrew)."""
+    model = results["base"]["model"]
+    steps = {r["teacher"]["prepare"]["steps"] for r in results["runs"] if (r.get("teacher") or {}).get("prepare")}
+    if not steps and model["teacher"] == "minilm":  # runs made before result.json recorded the teacher
+        steps = {model["prepare"]["steps"]}
+    return (f"`{model['teacher']}` teacher, {'/'.join(map(str, sorted(steps)))}-step MLM head" if steps
+            else f"`{model['teacher']}` teacher")
+
+
+def teacher_loss(runs: list[dict]) -> float:
+    """The teacher's final held-out loss, as the runs recorded it (the same blocks for every run of a study)."""
+    return statistics.fmean(r["final"]["teacher_mlm_loss"] for r in runs) if runs else math.nan
+
+
+def outgrew(a: dict[int, dict], b: dict[int, dict]) -> bool:
+    """A student ends at or below the teacher's held-out loss (mean over seeds): the teacher is no longer the better
+    model, and staying close to it — what HomoDistil buys — is worth nothing there."""
+    t = teacher_loss([*a.values(), *b.values()])
+    return any(seeds and statistics.fmean(metrics(r)["mlm"] for r in seeds.values()) <= t for seeds in (a, b))
+
+
+def verdict(cells, budgets: list[int], sizes: list[float], rows: list[str]) -> list[str]:
+    """One line per (T, sparsity, row) where the teacher stays ahead and ≥ 2 seeds finished: which of the row and
+    (b) ends closer to the teacher (final held-out KL), with the paired 95% interval."""
+    lines = []
+    for t in budgets:
+        for size in sizes:
+            b = cells.get((t, size, BASELINE), {})
+            for row in rows:
+                a = cells.get((t, size, row), {})
+                m, half, n = paired_runs(a, b, "kl")
+                if n < 2 or half is None or outgrew(a, b):
+                    continue
+                who = ("**one-shot ahead**" if m - half > 0 else "**the row ahead**" if m + half < 0
+                       else "no difference shown (the interval spans 0)")
+                lines.append(f"- T = {t}, sparsity {size:g}, {row} − (b): KL {m:+.3f} "
+                             f"[{m - half:+.3f}, {m + half:+.3f}], {n} seeds: {who}")
+    return lines or ["- none yet: no row has ≥ 2 seeds of both students with the teacher still ahead"]
+
 def paired_runs(a: dict[int, dict], b: dict[int, dict], key: str) -> tuple[float, float | None, int]:
-    """Mean and std over the seeds both finished of ``key(a) - key(b)`` (seed -> run dicts)."""
-    diffs = [metrics(a[s])[key] - metrics(b[s])[key] for s in sorted(set(a) & set(b))
-             if metrics(a[s]).get(key) is not None and metrics(b[s]).get(key) is not None]
-    m, s = mean_std(diffs)
-    return m, s, len(diffs)
+    """:func:`mean_ci95` of ``key(a) - key(b)`` over the seeds both finished (seed -> run dicts)."""
+    return mean_ci95([metrics(a[s])[key] - metrics(b[s])[key] for s in sorted(set(a) & set(b))
+                      if metrics(a[s]).get(key) is not None and metrics(b[s]).get(key) is not None])
 
 
-def diff_cell(m: float, s: float | None, digits: int, mark: bool = False) -> str:
-    """``+m ± s``; bold when ``mark`` and |m| exceeds the spread s (paired std over seeds)."""
+def diff_cell(m: float, half: float | None, digits: int, mark: bool = False) -> str:
+    """``+m ± h``, h the half-width of the paired 95% interval; bold when ``mark`` and the interval excludes 0."""
     if math.isnan(m):
         return "–"
-    text = f"{m:+.{digits}f}" + (f" ± {s:.{digits}f}" if s is not None else "")
-    return f"**{text}**" if mark and s is not None and abs(m) > s else text
+    text = f"{m:+.{digits}f}" + (f" ± {half:.{digits}f}" if half is not None else "")
+    return f"**{text}**" if mark and half is not None and abs(m) > half else text
 
 
 def swapped_cell(runs: dict[int, dict]) -> str:
@@ -318,8 +370,8 @@ def by_budget(runs: list[dict]) -> dict[tuple[int, float, str], dict[int, dict]]
 
 
 def plot_budget_gap(cells, sizes: list[float], budgets: list[int], path: Path) -> Path:
-    """(a) − (b) against T for final held-out KL and MLM loss: mean over seeds, error bar = std of the paired
-    differences; below 0, (a) is ahead."""
+    """(a) − (b) against T for final held-out KL and MLM loss: mean over seeds, error bar = the paired 95% interval;
+    below 0, (a) is ahead."""
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, key in zip(axes, ("kl", "mlm")):
@@ -347,43 +399,63 @@ def study_block(results: dict, figs: Path) -> str:
                                                 {float(s) for s in results["sizes"].split(",")}, reverse=True)
     schedules, abl_t = results["schedules"], results.get("ablation_budget")
     score_keys = _ordered({k for r in runs for k in metrics(r)} - {*LOSSES, "acc"})
-    lines = ["<!-- study -->", "## Budget study: (a) HomoDistil against (b) one-shot as the budget grows", "",
+    root = results["root"]
+    rows = [REFERENCE, *(v for v in results["variants"] if v not in (REFERENCE, BASELINE))]
+    scored = {r["final"].get("scored_tokens") for r in runs}
+    tokens = (f"{min(scored)} scored tokens per evaluation" if None not in scored and scored else
+              f"{results['base']['evaluate']['heldout_blocks']} held-out blocks per evaluation (the scored-token "
+              "count was not recorded)")
+    lines = [f"<!-- study {root} -->",
+             f"## Budget study, {teacher_label(results)}: (a) HomoDistil against (b) one-shot as the budget grows", "",
              f"_Generated by `homodistil.apps.compare_page` from `{results['root']}/results.json`: {len(runs)} of "
              f"{results['planned']} planned runs finished._", "",
              f"Every run: total steps T, t_f = {results['tf_ratio']:g}·T, t_i = "
              f"{results['base']['pruning']['t_i']}, masks as rarely as keeps every update within "
              f"{100 * results['max_drop']:g}% of each width (`pruning.schedule.largest_mask_interval`; where even "
              "a mask every step adds more, every step), ~10 held-out evaluations; the rest as the base config "
-             f"`{results['config']}`. Differences are paired by seed: mean ± std of the per-seed differences.", ""]
-    head = ["T", "sparsity", "t_f", "mask every", "largest update", "(a) KL ↓", "(b) KL ↓", "(a) − (b) KL",
-            "(a) MLM ↓", "(b) MLM ↓", "(a) − (b) MLM", "(a) − (b) masked acc", "(a) − (b) mean KL", "units (b) swapped",
-            "seeds"]
+             f"`{results['config']}`. Held-out figures: {tokens}. Differences are paired by seed: mean ± the "
+             "half-width of the 95% confidence interval of the per-seed differences (t-distribution).", ""]
+    head = ["T", "sparsity", "row", "t_f", "mask every", "largest update", "teacher MLM", "(a) KL ↓", "(b) KL ↓",
+            "(a) − (b) KL", "(a) MLM ↓", "(b) MLM ↓", "(a) − (b) MLM", "(a) − (b) masked acc", "(a) − (b) mean KL",
+            "units (b) swapped", "seeds"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     from homodistil.pruning.schedule import update_drops  # noqa: PLC0415
 
     for t in budgets:
         for size in sizes:
-            a, b = cells.get((t, size, REFERENCE), {}), cells.get((t, size, BASELINE), {})
-            sch = schedules.get(f"{t}/{REFERENCE}/{size:g}")
-            if sch is None:
-                continue
-            drop = max(update_drops(sch["t_i"], sch["t_f"], size, sch["mask_interval"]))
-            row = [str(t), f"{size:g}", str(sch["t_f"]), str(sch["mask_interval"]), f"{100 * drop:.1f}%"]
-            for key in ("kl", "mlm"):
-                row += [fmt(*mean_std([metrics(r)[key] for r in a.values()]), 3),
-                        fmt(*mean_std([metrics(r)[key] for r in b.values()]), 3),
-                        diff_cell(*paired_runs(a, b, key)[:2], 3, mark=True)]
-            row += [diff_cell(*paired_runs(a, b, "acc")[:2], 2, mark=True),
-                    diff_cell(*paired_runs(a, b, "kl_avg")[:2], 3, mark=True), swapped_cell(b)]
-            lines.append("| " + " | ".join(row) + f" | {min(len(a), len(b))} |")
-    lines += ["", "Bold: the difference exceeds its spread over seeds. Largest update: the most sparsity one mask "
+            b = cells.get((t, size, BASELINE), {})
+            for name in rows:
+                a, sch = cells.get((t, size, name), {}), schedules.get(f"{t}/{name}/{size:g}")
+                if sch is None:
+                    continue
+                drop = max(update_drops(sch["t_i"], sch["t_f"], size, sch["mask_interval"]))
+                both = [*a.values(), *b.values()]
+                t_mlm = (f"{teacher_loss(both):.3f}" + (" **outgrown**" if outgrew(a, b) else "")) if both else "–"
+                row = [str(t), f"{size:g}", name if name != REFERENCE else "(a)", str(sch["t_f"]),
+                       str(sch["mask_interval"]), f"{100 * drop:.1f}%", t_mlm]
+                for key in ("kl", "mlm"):
+                    row += [fmt(*mean_std([metrics(r)[key] for r in a.values()]), 3),
+                            fmt(*mean_std([metrics(r)[key] for r in b.values()]), 3),
+                            diff_cell(*paired_runs(a, b, key)[:2], 3, mark=True)]
+                row += [diff_cell(*paired_runs(a, b, "acc")[:2], 2, mark=True),
+                        diff_cell(*paired_runs(a, b, "kl_avg")[:2], 3, mark=True), swapped_cell(b)]
+                lines.append("| " + " | ".join(row) + f" | {min(len(a), len(b))} |")
+    lines += ["", "Row: (a) HomoDistil, or the named variant of it, against (b) one-shot at the same T; its columns "
+              "headed (a) are that row's. Teacher MLM: the teacher's held-out MLM loss on the same blocks; "
+              "**outgrown** where a student ends at or below it (mean over seeds): there the MLM term has pulled "
+              "the students past a weaker teacher, staying close to it is worth nothing, and the row does not "
+              "count for the verdict. "
+              "Bold: the paired 95% interval excludes 0. Largest update: the most sparsity one mask "
               "update adds (a fraction of each width; a head of 32 units loses at least 1/32 per update that "
               "touches it). Masked acc: held-out masked-token accuracy, in points (> 0: (a) ahead). Mean KL: "
               "held-out KL averaged over the run's evaluations, step 0 included (how close each student stays to the teacher on the way). Units (b) swapped: of the teacher units (a) "
               "kept, the share (b) pruned instead (see the ablation table).", ""]
+    lines += ["**Verdict** (final held-out KL; only rows with the teacher still ahead and ≥ 2 seeds):", "",
+              *verdict(cells, budgets, sizes, rows), ""]
     if any(n for t in budgets for size in sizes
            for *_, n in [paired_runs(cells.get((t, size, REFERENCE), {}), cells.get((t, size, BASELINE), {}), "kl")]):
-        path = plot_budget_gap(cells, sizes, budgets, figs / "budget_gap.png")
+        name = "budget_gap.png" if root == LEGACY_ROOT else f"budget_gap_{Path(root).name}.png"
+        path = plot_budget_gap(cells, sizes, budgets, figs / name)
         lines += [f"![(a) − (b) against the budget]({figs.name}/{path.name})", ""]
     else:
         lines += ["_No plot yet: no budget has both (a) and (b) finished._", ""]
@@ -403,7 +475,7 @@ def study_block(results: dict, figs: Path) -> str:
                         else "0" for key in ("kl", "mlm") for other in (ref, base)]
                 lines.append("| " + " | ".join(row) + f" | {swapped_cell(row_runs)} | {len(row_runs)} |")
         lines += ["", "− (a) / − (b): the row minus (a) HomoDistil / (b) one-shot at the same T, paired by seed "
-                  "(< 0: the row is ahead); bold where the difference exceeds its spread. Units swapped: of the "
+                  "(< 0: the row is ahead), ± the paired 95% interval; bold where it excludes 0. Units swapped: of the "
                   "teacher units (a) kept, the share this row pruned (keeping as many others), from both runs' "
                   "`export/kept_units.json`; mean ± std over the seeds that have both (n), – where none has.", ""]
     lines += ["### Downstream", ""]
@@ -416,7 +488,7 @@ def study_block(results: dict, figs: Path) -> str:
               "training "
               f"examples {cap(e['max_train'])}, validation {cap(e['max_eval'])}, max length {e['max_length']}. "
               "The teacher is evaluated under the same settings; the floor is always answering the training "
-              "split's most common label. (a) − (b): paired by seed, bold where it exceeds its spread.", ""]
+              "split's most common label. (a) − (b): paired by seed, ± the 95% interval, bold where it excludes 0.", ""]
     head = ["T", "sparsity", "row", *(k + " ↑" for k in score_keys), "seeds"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     if teacher:
@@ -454,7 +526,7 @@ def study_block(results: dict, figs: Path) -> str:
                  if ft_steps else "fine-tuning not yet sized (no finished run)."), "",
               f"{results['jobs']} run(s) at a time"
               + (f"; {sum(wall) / 60:.0f} run-minutes over {len(runs)} finished runs" if wall else "; no run "
-                 "finished yet") + finetune_minutes(runs, teacher) + ".", "<!-- /study -->"]
+                 "finished yet") + finetune_minutes(runs, teacher) + ".", f"<!-- /study {root} -->"]
     return "\n".join(lines)
 
 
@@ -491,10 +563,33 @@ def write_study(results: dict, page: Path) -> Path:
         page.write_text("# HomoDistil against its alternatives\n\n" + block + "\n")
         return page
     text = page.read_text()
-    if STUDY.search(text):
-        text = STUDY.sub(lambda _: block, text)
+    mine, other = study_pattern(results["root"]).search(text), STUDY.search(text)
+    if mine:
+        text = text[:mine.start()] + block + text[mine.end():]
+    elif other:  # a newer study goes above the older ones
+        text = text[:other.start()] + block + "\n\n" + text[other.start():]
     else:
         first = text.find("\n## ")
         text = text[:first + 1] + block + "\n\n" + text[first + 1:] if first >= 0 else text + "\n" + block + "\n"
     page.write_text(text)
     return page
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m homodistil.apps.compare_page RESULTS_JSON [PAGE]``: rewrite a study's (or a sweep's) sections of
+    the page from its committed ``results.json`` alone, without its run directories."""
+    import argparse  # noqa: PLC0415
+    import json  # noqa: PLC0415
+
+    p = argparse.ArgumentParser(prog="python -m homodistil.apps.compare_page", description=main.__doc__)
+    p.add_argument("results", help="a sweep's results.json (homodistil compare writes ROOT/results.json)")
+    p.add_argument("page", nargs="?", default="docs/results.md")
+    args = p.parse_args(argv)
+    results = json.loads(Path(args.results).read_text())
+    page = (write_study if results.get("budgets") else write_page)(results, Path(args.page))
+    print(f"page: {page}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

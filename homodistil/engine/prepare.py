@@ -115,6 +115,16 @@ def prepare_teacher(source: str, out: Path, data: BlockBatches, cfg: PrepareConf
     return info
 
 
+def _plateaued(model, head: str, data: BlockBatches, cfg: PrepareConfig, curve: list, step: int) -> bool:
+    """Score the held-out MLM loss after ``step`` steps (appended to ``curve``); True once it improved on the
+    previous score by less than ``cfg.plateau_delta`` nats: the teacher has stopped getting better on this data."""
+    loss = masked_accuracy(model, head, data, cfg.batch_size, limit=cfg.plateau_blocks)[1]
+    model.train()
+    curve.append((step, loss))
+    log.info("teacher preparation: held-out MLM loss %.4f after %d steps", loss, step)
+    return len(curve) > 1 and curve[-2][1] - loss < cfg.plateau_delta
+
+
 def _train_head(source: str, data: BlockBatches, cfg: PrepareConfig, head: str, progress: bool):
     """(info, model): continued MLM training of ``source`` with a new head, on the caller's RNG."""
     model = AutoModelForMaskedLM.from_pretrained(source, dtype=torch.float32)
@@ -128,7 +138,11 @@ def _train_head(source: str, data: BlockBatches, cfg: PrepareConfig, head: str, 
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / cfg.steps))))
     bar = tqdm(range(cfg.steps), desc="preparing teacher (MLM head)", unit="step", disable=not progress)
+    curve: list[tuple[int, float]] = []  # (steps trained, held-out MLM loss) at each plateau check
     for step in bar:
+        if cfg.plateau_every and step and step % cfg.plateau_every == 0 and _plateaued(model, head, data, cfg, curve,
+                                                                                        step):
+            break
         batch = data.batch(step, 0, grad_accum=1, micro_batch=cfg.batch_size, rank=0, world=1)
         logits, labels = _masked_logits(model, head, batch)
         loss = F.cross_entropy(logits.float(), labels)
@@ -138,8 +152,12 @@ def _train_head(source: str, data: BlockBatches, cfg: PrepareConfig, head: str, 
         sched.step()
         opt.zero_grad(set_to_none=True)
         bar.set_postfix(loss=f"{loss.item():.3f}")
+    else:
+        step = cfg.steps
+    bar.close()
     acc_after, loss_after = masked_accuracy(model, head, data, cfg.batch_size)
-    info = {"source": source, "steps": cfg.steps, "lr": cfg.lr, "batch_size": cfg.batch_size,
+    info = {"source": source, "steps": step, "max_steps": cfg.steps, "plateau": curve, "lr": cfg.lr,
+            "batch_size": cfg.batch_size,
             "heldout_masked_accuracy_before": acc_before, "heldout_masked_accuracy": acc_after,
             "heldout_mlm_loss_before": loss_before, "heldout_mlm_loss": loss_after}
     return info, model

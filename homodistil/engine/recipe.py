@@ -217,7 +217,7 @@ class Recipe:
         if self.rank == 0 and not (out / PREP_FILE).exists():
             head = get_adapter(teacher_config(source).model_type).head
             info = prepare_teacher(source, out, self.data, m.prepare, head, self.tokenizer, self.cfg.trainer.progress)
-            print(f"prepared the teacher's MLM head ({m.prepare.steps} steps): held-out masked-token accuracy "
+            print(f"prepared the teacher's MLM head ({info['steps']} steps): held-out masked-token accuracy "
                   f"{100 * info['heldout_masked_accuracy_before']:.1f}% -> {100 * info['heldout_masked_accuracy']:.1f}%; "
                   f"cached in {out}", flush=True)
         dist.barrier()
@@ -670,3 +670,13 @@ def distill(cfg: Config) -> Recipe:
     finally:
         recipe.close()
     return recipe
+
+
+def ready_teacher(cfg: Config) -> str | None:
+    """Only the set-up that prepares (and caches) the teacher, and its path: ``compare`` calls it once, in a process
+    of its own, before its workers start, so that they do not each prepare the same teacher at the same time."""
+    recipe = Recipe(cfg)
+    recipe._setup_process()
+    recipe._setup_tokenizer_and_targets()
+    recipe.data = recipe._load_data()
+    return recipe._teacher_path()

@@ -14,7 +14,7 @@ from homodistil.lm.probe import HeldoutProbe
 
 def heldout_metrics(model_dirs: dict[str, str], teacher_dir: str, data, *, batch_size: int = 16,
                     max_blocks: int = 128, objective: str = "mlm") -> dict[str, dict[str, float]]:
-    """Per model: ``mlm_loss`` and ``masked_accuracy`` at the scored tokens of ``data``'s
+    """Per model: ``mlm_loss``, ``masked_accuracy`` and their count ``scored_tokens`` at the scored tokens of ``data``'s
     held-out blocks (masked tokens for MLM, next tokens for a causal LM; ``data`` from
     ``homodistil.data.batches.from_config``, the run's own), and ``kl_to_teacher`` =
     KL(p_teacher ‖ p_model) there (nats per token, τ = 1) — the training-time
@@ -25,5 +25,6 @@ def heldout_metrics(model_dirs: dict[str, str], teacher_dir: str, data, *, batch
     results = {}
     for name, path in {"teacher": teacher_dir, **model_dirs}.items():
         got = probe(teacher if path == teacher_dir else auto.from_pretrained(path).eval())
-        results[name] = {"mlm_loss": got["mlm_loss"], "kl_to_teacher": got["kl"], "masked_accuracy": got["masked_accuracy"]}
+        results[name] = {"mlm_loss": got["mlm_loss"], "kl_to_teacher": got["kl"], "masked_accuracy": got["masked_accuracy"],
+                         "scored_tokens": got["scored_tokens"]}
     return results

@@ -16,7 +16,9 @@ from .forward import scored_forward
 
 
 class HeldoutProbe:
-    """``probe(student_lm) -> {"kl", "mlm_loss", "masked_accuracy", "teacher_mlm_loss"}``, nats per masked token."""
+    """``probe(student_lm) -> {"kl", "mlm_loss", "masked_accuracy", "teacher_mlm_loss", "teacher_masked_accuracy",
+    "scored_tokens"}``: nats per scored token (masked tokens for MLM, next tokens for a causal LM), and how many
+    tokens were scored (a difference of a few hundredths of a nat needs thousands of them to be seen)."""
 
     def __init__(self, data, teacher, head: str, max_blocks: int, batch_size: int, device: torch.device):
         self.head, self.device = head, device
@@ -27,6 +29,8 @@ class HeldoutProbe:
         self.teacher_logp = [self._logp(module, b) for b in self.batches]  # each (M_b, V), M_b masked tokens
         self.count = sum(int((b["labels"] != -100).sum()) for b in self.batches)
         self.teacher_mlm_loss = sum(float(F.nll_loss(t, b["labels"][b["labels"] != -100], reduction="sum"))
+                                    for t, b in zip(self.teacher_logp, self.batches)) / self.count
+        self.teacher_accuracy = sum(float((t.argmax(-1) == b["labels"][b["labels"] != -100]).sum())
                                     for t, b in zip(self.teacher_logp, self.batches)) / self.count
 
     @torch.no_grad()
@@ -47,4 +51,5 @@ class HeldoutProbe:
             correct += float((logp.argmax(-1) == labels).sum())
         lm.train(was_training)
         return {"kl": kl / self.count, "mlm_loss": loss / self.count, "masked_accuracy": correct / self.count,
-                "teacher_mlm_loss": self.teacher_mlm_loss}
+                "teacher_mlm_loss": self.teacher_mlm_loss, "teacher_masked_accuracy": self.teacher_accuracy,
+                "scored_tokens": self.count}
