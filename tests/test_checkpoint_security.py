@@ -3,13 +3,15 @@
 One real checkpoint (the tiny run, 2 steps at ZeRO-2, so it has an optimizer shard too) is built
 once and copied per case. A file replaced by a pickle that creates a marker file when unpickled,
 its manifest entry forged to match (an attacker can), stops resuming and exporting with one line
-naming it and exit code 2; the marker is never created. ``latest`` or a manifest naming a path
-outside the checkpoint never leads a command there.
+naming it and exit code 2; the marker is never created (evaluate, which reads exported models,
+never unpickles their weights). ``latest`` or a manifest naming a path outside the checkpoint
+never leads a command there; checkpoints and the token cache are owner-only.
 """
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import stat
 from pathlib import Path
@@ -105,6 +107,34 @@ def test_a_planted_pickle_is_refused_before_it_runs(run, tmp_path, capsys, name,
                                  "checkpoint holds only tensors and plain data (nothing in it was run)"), err
     assert not marker.exists()
     assert not (tmp_path / "exported").exists()
+
+
+def test_a_planted_plain_pickle_is_refused_before_it_runs(run, tmp_path, capsys):
+    """torch also reads its old format, a bare pickle: the check refuses it (it cannot be memory-mapped)."""
+    marker = tmp_path / "marker"
+    path = run / "checkpoints" / TAG / "mp_rank_00_model_states.pt"
+    path.write_bytes(pickle.dumps(Payload(marker)))
+    capsys.readouterr()
+    assert main(["export", str(run), str(tmp_path / "exported")]) == 2
+    assert one_error_line(capsys.readouterr().err) == (
+        f"homodistil: error: refused to load {path}: not a torch.save archive (nothing in it was run)")
+    assert not marker.exists()
+
+
+def test_evaluate_never_unpickles_a_models_weights(built, tmp_path, capsys):
+    """``homodistil evaluate`` reads exported models, not checkpoints: one whose weights were swapped
+    for a pickled ``pytorch_model.bin`` is refused before transformers would open it."""
+    model = tmp_path / "exported"
+    assert main(["export", str(built), str(model)]) == 0
+    (model / "model.safetensors").unlink()
+    marker = tmp_path / "marker"
+    torch.save(Payload(marker), model / "pytorch_model.bin")
+    capsys.readouterr()
+    code = main(["evaluate", str(model), "--quick", "--tasks", "rt-polarity", "--out", str(tmp_path / "eval")])
+    assert code == 2 and one_error_line(capsys.readouterr().err) == (
+        f"homodistil: error: model 'exported': {model} holds no *.safetensors weights (pickled weights such as "
+        "pytorch_model.bin are not opened: re-save with save_pretrained(safe_serialization=True))")
+    assert not marker.exists()
 
 
 def test_latest_naming_a_directory_outside_the_checkpoints_is_ignored(run, tmp_path, capsys):

@@ -42,6 +42,7 @@ import pickle
 import random
 import re
 import shutil
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -135,8 +136,11 @@ def check_loadable(directory: Path) -> None:
     """Unpickle every ``*.pt`` file of checkpoint ``directory`` with :func:`safe_load` before anything
     else opens one: DeepSpeed's ``load_checkpoint`` and ``zero_to_fp32`` unpickle with
     ``weights_only=False``. Memory-mapped, so this reads each file's pickle, not its tensors; a
-    file in torch's old (non-zip) format cannot be mapped and is refused (we never write one)."""
+    file in torch's old (non-zip) format cannot be mapped and is refused (neither we nor DeepSpeed
+    write one)."""
     for path in sorted(directory.glob("*.pt")):
+        if not zipfile.is_zipfile(path):
+            raise CheckpointError(f"refused to load {path}: not a torch.save archive (nothing in it was run)")
         safe_load(path, map_location="cpu", mmap=True)
 
 
@@ -153,8 +157,11 @@ def read_latest(root: Path) -> tuple[str | None, str | None]:
     latest = root / LATEST
     if not latest.is_file():
         return None, None
-    with latest.open("rb") as f:
-        text = f.read(64).decode("utf-8", "replace").strip()
+    try:
+        with latest.open("rb") as f:
+            text = f.read(64).decode("utf-8", "replace").strip()
+    except OSError as err:
+        return None, f"ignored {latest}: unreadable ({err.strerror})"
     if TAG.fullmatch(text):
         return text, None
     return None, f"ignored {latest}: it holds {text!r}, not a checkpoint tag (stepNNNNNNNN)"
