@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForMaskedLM, AutoTokenizer, BertConfig, BertModel
 
+from homodistil.cli import main
 from homodistil.config import PrepareConfig
 from homodistil.data.batches import BlockBatches, build_blocks
 from homodistil.engine import prepare as prep
@@ -98,6 +102,34 @@ def test_compare_readies_the_teacher_once_before_its_workers(headless, tmp_path,
     run = run_inprocess(tiny_overrides(tmp_path / "run") + args, train=False)
     run.close()
     assert run.teacher_dir == str(prepared)
+
+
+def test_a_changed_prepared_teacher_is_refused_in_one_line(headless, tmp_path, capsys):
+    """The cache entry is owner-only and its marker records each file's SHA-256 when it is published:
+    a weights file changed afterwards (one byte, same size) stops the next run before it is used."""
+    args = ["configs/tiny.yaml", f"model.teacher={headless}", "model.prepare.steps=2", "model.prepare.batch_size=4",
+            f"model.prepare.cache_dir={tmp_path / 'cache'}", "trainer.max_steps=2", "pruning.t_f=2"]
+    umask = os.umask(0o022)  # only our own modes can make the entry private
+    try:
+        first = run_inprocess(tiny_overrides(tmp_path / "a") + args[1:], train=False)
+    finally:
+        os.umask(umask)
+    first.close()
+    out = Path(first.teacher_dir)
+    recorded = json.loads((out / prep.PREP_FILE).read_text())["sha256"]
+    assert recorded == prep.file_digests(out) and "model.safetensors" in recorded
+    assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in (out.parent, out)} == \
+        {out.parent.name: "0o700", out.name: "0o700"}
+    weights = bytearray((out / "model.safetensors").read_bytes())
+    weights[-1] ^= 0x01
+    (out / "model.safetensors").write_bytes(bytes(weights))
+    capsys.readouterr()
+    assert main(["distill", *args, *tiny_overrides(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if line.startswith("homodistil: error:")] == [
+        f"homodistil: error: prepared teacher {out}: model.safetensors is changed since it was prepared "
+        f"(SHA-256 mismatch): delete {out} to prepare the teacher again"] and "Traceback" not in err, err
+    assert not (tmp_path / "b" / "metrics.jsonl").exists()
 
 
 def test_heldout_metrics_kl_is_zero_for_the_teacher_itself(tmp_path):

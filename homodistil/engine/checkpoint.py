@@ -23,14 +23,26 @@ every file's size and CRC-32 against it (the ranks share the files out); a damag
 (a truncated shard, flipped bits on a shared file system) is renamed aside to
 ``stepNNNNNNNN.damaged``, reported in one line naming the file, and the run resumes from the
 previous complete checkpoint. A checkpoint written before manifests existed is not checked.
+
+Opening a checkpoint runs no code from it. Every file is unpickled with ``weights_only=True``
+(:func:`safe_load`: tensors, plain data and the few types of :func:`_allowed_globals`), and
+DeepSpeed's own readers, which unpickle with ``weights_only=False``, only see a checkpoint whose
+every ``*.pt`` file passed that first (:func:`check_loadable`); anything else stops the command
+with one line naming the file. Nothing read from a checkpoint becomes a path outside it:
+``latest`` must hold a tag (``stepNNNNNNNN``; anything else is ignored, reported in one line) and
+a manifest naming a file elsewhere (``/``, ``\\``, ``..``) is a damaged checkpoint, its named
+files never opened. Checkpoint directories are created owner-only (:mod:`.private`), so no one
+else can read them or swap a file between the check and DeepSpeed's read.
 """
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -40,6 +52,7 @@ import torch.distributed as dist
 
 from . import faults
 from .dist import device
+from .private import private_dir
 
 LATEST, COMPLETE, META, PRUNER, MANIFEST = "latest", "COMPLETE", "meta.json", "pruner.pt", "MANIFEST.json"
 TAG = re.compile(r"^step\d{8}$")  # a checkpoint directory (one renamed aside no longer matches)
@@ -47,7 +60,7 @@ CHUNK = 2**22  # bytes read at a time when checksumming
 
 
 class CheckpointError(OSError):
-    """A checkpoint cannot be written (no space, an I/O error): printed as one line."""
+    """A checkpoint cannot be written (no space, an I/O error) or read safely: printed as one line."""
 
 
 def _fsync(directory: Path) -> None:
@@ -81,19 +94,84 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def _allowed_globals() -> list:
+    """The only non-tensor types our checkpoints hold, for ``weights_only`` loading: numpy's RNG state
+    in ``rank*.pt`` (a uint32 array) and, in DeepSpeed's optimizer shards, its loss scaler (the
+    dynamic one in fp16 runs), ZeRO stage and fragment address. Building any of them runs no code
+    the file chooses: a class is created empty and its fields filled in, an enum looked up by value."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler  # noqa: PLC0415
+    from deepspeed.runtime.zero.config import ZeroStageEnum  # noqa: PLC0415
+    from deepspeed.utils.tensor_fragment import fragment_address  # noqa: PLC0415
+
+    return [np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType,
+            LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+
+
+def _refusal(err: Exception) -> str:
+    """Why torch refused to unpickle a file, in a few words (its message spans a dozen lines)."""
+    text = str(err).strip()
+    if found := UNSAFE_GLOBAL.search(text):
+        return f"it asks to call {found.group(1)}, and a checkpoint holds only tensors and plain data"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    detail = next((line for line in lines if line.startswith("WeightsUnpickler error:")), lines[0] if lines else "")
+    return f"{type(err).__name__}: {detail[:120]}"
+
+
+def safe_load(path: Path, map_location=None, mmap: bool = False):
+    """``torch.load`` that can build only tensors, plain data and :func:`_allowed_globals`: a file
+    asking for anything else (a pickled call such as ``os.system``) is refused before any of it
+    runs, and a file torch cannot read at all (truncated, not a torch file) the same way, as one
+    line naming it (:class:`CheckpointError`). ``mmap``: map the tensors instead of reading them."""
+    try:
+        with torch.serialization.safe_globals(_allowed_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
+        raise CheckpointError(f"refused to load {path}: {_refusal(err)} (nothing in it was run)") from None
+
+
+def check_loadable(directory: Path) -> None:
+    """Unpickle every ``*.pt`` file of checkpoint ``directory`` with :func:`safe_load` before anything
+    else opens one: DeepSpeed's ``load_checkpoint`` and ``zero_to_fp32`` unpickle with
+    ``weights_only=False``. Memory-mapped, so this reads each file's pickle, not its tensors; a
+    file in torch's old (non-zip) format cannot be mapped and is refused (neither we nor DeepSpeed
+    write one)."""
+    for path in sorted(directory.glob("*.pt")):
+        if not zipfile.is_zipfile(path):
+            raise CheckpointError(f"refused to load {path}: not a torch.save archive (nothing in it was run)")
+        safe_load(path, map_location="cpu", mmap=True)
+
+
 def complete_tags(root: Path) -> list[str]:
     if not root.is_dir():
         return []
     return sorted(p.name for p in root.iterdir() if TAG.match(p.name) and (p / COMPLETE).exists())
 
 
-def find_latest(root: Path) -> str | None:
-    """The newest complete checkpoint's tag (``latest`` if it is complete, else the last complete one)."""
+def read_latest(root: Path) -> tuple[str | None, str | None]:
+    """(the tag ``latest`` names, or None; why it was ignored, as one line, or None). Its text
+    becomes a path only when it is a tag: ``../../elsewhere`` must not lead a resume to rename or
+    read a directory outside ``root``. At most 64 bytes are read; the line quotes what was found."""
     latest = root / LATEST
-    if latest.exists():
-        tag = latest.read_text().strip()
-        if (root / tag / COMPLETE).exists():
-            return tag
+    if not latest.is_file():
+        return None, None
+    try:
+        with latest.open("rb") as f:
+            text = f.read(64).decode("utf-8", "replace").strip()
+    except OSError as err:
+        return None, f"ignored {latest}: unreadable ({err.strerror})"
+    if TAG.fullmatch(text):
+        return text, None
+    return None, f"ignored {latest}: it holds {text!r}, not a checkpoint tag (stepNNNNNNNN)"
+
+
+def find_latest(root: Path) -> str | None:
+    """The newest complete checkpoint's tag (``latest`` if it is a complete tag, else the last complete one)."""
+    tag, _ = read_latest(root)
+    if tag is not None and (root / tag / COMPLETE).exists():
+        return tag
     tags = complete_tags(root)
     return tags[-1] if tags else None
 
@@ -167,6 +245,17 @@ def write_manifest(directory: Path) -> None:
         (directory / MANIFEST).write_text(json.dumps({"files": files}, indent=1, sort_keys=True))
 
 
+def _inside(name: object) -> bool:
+    """Whether a manifest's file name can only name a file of its own checkpoint directory."""
+    return isinstance(name, str) and name != "" and not any(s in name for s in ("/", "\\", "..", "\0"))
+
+
+def _well_formed(files: object) -> bool:
+    return isinstance(files, dict) and all(
+        isinstance(e, dict) and isinstance(e.get("bytes"), int) and isinstance(e.get("crc32"), int)
+        for e in files.values())
+
+
 def _damage(directory: Path, name: str, expected: dict) -> str | None:
     """Why file ``name`` does not match its manifest entry, or None."""
     path = directory / name
@@ -187,8 +276,12 @@ def verify(directory: Path) -> str | None:
         return None  # written before checkpoints had manifests
     try:
         files = json.loads(manifest.read_text())["files"]
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError, TypeError) as err:
         return f"{manifest}: unreadable ({err})"
+    if not _well_formed(files):
+        return f"{manifest}: unreadable (not a table of file sizes and checksums)"
+    if outside := sorted(repr(name) for name in files if not _inside(name)):
+        return f"{manifest}: names {outside[0]}, not a file of this checkpoint"
     found = _shared_out(sorted(files), lambda name: _damage(directory, name, files[name]))
     return next((found[name] for name in sorted(found) if found[name]), None)
 
@@ -208,7 +301,8 @@ def find_resumable(root: Path) -> tuple[str | None, list[str]]:
     Each damaged one met on the way is renamed aside by rank 0 (never deleted) and reported:
     returns (tag or None, one line per damaged checkpoint).
     """
-    reports = []
+    _, ignored = read_latest(root)
+    reports = [ignored] if ignored else []
     while (tag := find_latest(root)) is not None:
         problem = verify(root / tag)
         if problem is None:
@@ -240,6 +334,8 @@ def save(engine, root: Path, step: int, meta: dict, pruner_state: dict, importan
     if _any(problem is not None):
         raise CheckpointError(f"cannot save {root / tag}: {problem or 'no space on another rank'}; "
                               f"free some space and resume (latest is {previous or 'none'})")
+    private_dir(root)
+    private_dir(root / tag)  # before DeepSpeed writes into it (after rank 0 removed incomplete ones)
     engine.save_checkpoint(str(root), tag=tag, save_latest=False)
     error = None
     try:  # our own files: a failure on one rank is agreed on below instead of hanging the others
@@ -280,8 +376,7 @@ def load_run_state(root: Path, tag: str, rank: int) -> tuple[dict, dict | None]:
     """(pruner state, this rank's {"rng", "data"}); None for a rank the checkpoint does not have
     (it was saved at a smaller world size: that rank keeps its own seeded RNG stream)."""
     rank_file = root / tag / f"rank{rank}.pt"
-    return (torch.load(root / tag / PRUNER, weights_only=False),
-            torch.load(rank_file, weights_only=False) if rank_file.exists() else None)
+    return safe_load(root / tag / PRUNER), safe_load(rank_file) if rank_file.exists() else None
 
 
 def importance_states(root: Path, tag: str):
@@ -289,9 +384,9 @@ def importance_states(root: Path, tag: str):
     time; a checkpoint from before per-rank state holds whole tensors in ``pruner.pt``."""
     files = sorted((root / tag).glob("rank*.pt"))
     for path in files:
-        state = torch.load(path, weights_only=False).get("importance")
+        state = safe_load(path).get("importance")
         if state is None:
-            legacy = torch.load(root / tag / PRUNER, weights_only=False).get("state", {})
+            legacy = safe_load(root / tag / PRUNER).get("state", {})
             yield {"state": {n: {k: t.reshape(-1) for k, t in st.items()} for n, st in legacy.items() if st},
                    "shapes": {n: tuple(next(iter(st.values())).shape) for n, st in legacy.items() if st},
                    "fragments": {n: (0, next(iter(st.values())).numel()) for n, st in legacy.items() if st}}
@@ -308,12 +403,13 @@ def world_free_state(directory: Path) -> tuple[dict, dict, int, dict]:
     ``skipped_steps`` and the LR scheduler's state. Adam's moments sit in flat partitions laid
     out exactly like the fp32 master weights, so DeepSpeed's own ``zero_to_fp32`` reassembly of
     the weights reassembles them too. Every rank reads every shard (host memory: 12 bytes per
-    parameter, as a shrink's gather).
+    parameter, as a shrink's gather). ``zero_to_fp32`` unpickles the model states itself: the
+    caller has passed ``directory`` through :func:`check_loadable`.
     """
     from deepspeed.utils import zero_to_fp32 as z  # noqa: PLC0415
 
     model_states = z.parse_model_states(z.get_model_state_files(str(directory)))
-    optim = [torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+    optim = [safe_load(Path(f), map_location="cpu")["optimizer_state_dict"]
              for f in z.get_optim_files(str(directory))]
     stage, world = int(optim[0]["zero_stage"]), len(optim)
     flat_key, inner = ("fp32_flat_groups", "optimizer_state_dict") if stage == 3 else \
@@ -331,6 +427,6 @@ def world_free_state(directory: Path) -> tuple[dict, dict, int, dict]:
                  for k in ("exp_avg", "exp_avg_sq")}
     moments = {name: {k: by_moment[k][name] for k in by_moment} for name in params if name in by_moment["exp_avg"]}
     adam_step = int(next(iter(states[0].values()))["step"])
-    engine_file = torch.load(z.get_model_state_files(str(directory))[0], map_location="cpu", weights_only=False)
+    engine_file = safe_load(Path(z.get_model_state_files(str(directory))[0]), map_location="cpu")
     counters = {k: engine_file[k] for k in ("global_steps", "global_samples", "skipped_steps", "lr_scheduler")}
     return params, moments, adam_step, counters

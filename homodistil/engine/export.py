@@ -64,6 +64,9 @@ def export_dense(params: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]
 def _resolve(path: Path) -> tuple[Path, str]:
     """(checkpoints root, tag) from a run dir, a checkpoints dir or a tag dir."""
     for root in (path / "checkpoints", path):
+        _, ignored = checkpoint.read_latest(root)
+        if ignored:
+            log.warning(ignored)
         tag = checkpoint.find_latest(root)
         if tag:
             return root, tag
@@ -81,7 +84,7 @@ def _full_state(root: Path, tag: str) -> dict[str, torch.Tensor]:
     files = sorted((root / tag).glob("mp_rank_*_model_states.pt"))
     if not files:
         raise ExportError(f"{root / tag}: no DeepSpeed model states file")
-    return _untie(torch.load(files[0], map_location="cpu", weights_only=False)["module"])
+    return _untie(checkpoint.safe_load(files[0], map_location="cpu")["module"])
 
 
 def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -97,6 +100,7 @@ def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def export_checkpoint(path: str | Path, out_dir: str | Path):
     root, tag = _resolve(Path(path))
+    checkpoint.check_loadable(root / tag)  # before zero_to_fp32, which unpickles with weights_only=False
     meta = checkpoint.read_meta(root, tag)
     pruner_state, _ = checkpoint.load_run_state(root, tag, 0)
     state = _full_state(root, tag)

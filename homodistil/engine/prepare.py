@@ -5,6 +5,10 @@ teacher's MLM distribution (the prediction KL), so the head is created (decoder 
 word embeddings, as in BERT) and the *whole* model is trained by continued MLM on the run's
 text (loss on the masked positions only). The result is cached by everything that defines it,
 so a second run reuses it. A teacher that already has a head is returned as it is.
+
+The cache entry is owner-only (``tempfile.mkdtemp`` makes it 0700, the rename keeps it) and its
+marker records the SHA-256 of every file published beside it: a run checks them before using the
+teacher, and a changed, added or missing file stops it with one line (:func:`verify_prepared`).
 """
 from __future__ import annotations
 
@@ -23,6 +27,9 @@ from transformers import AutoModelForMaskedLM
 
 from homodistil.config import PrepareConfig
 from homodistil.data.batches import BlockBatches
+
+from .models import ModelError
+from .private import private_dir
 
 log = logging.getLogger("homodistil.prepare")
 PREP_FILE = "homodistil_prepare.json"
@@ -65,6 +72,43 @@ def cache_dir(source: str, data_key: str, cfg: PrepareConfig) -> Path:
     return root / f"{Path(source).name}-mlm-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
 
 
+def file_digests(directory: Path) -> dict[str, str]:
+    """SHA-256 of every file under a prepared teacher's ``directory`` but its marker, by relative path."""
+    digests = {}
+    for file in sorted(f for f in directory.rglob("*") if f.is_file() and f.name != PREP_FILE):
+        digest = hashlib.sha256()
+        with file.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(chunk)
+        digests[file.relative_to(directory).as_posix()] = digest.hexdigest()
+    return digests
+
+
+def verify_prepared(directory: Path) -> None:
+    """Raise :class:`ModelError` (one line) unless the prepared teacher's files are exactly the ones
+    whose SHA-256 its marker recorded when it was published.
+
+    A mismatch is an error, not a reason to prepare again: re-preparing would have to delete a
+    directory whose contents are not ours any more (another run may be reading it), and would hide
+    that someone changed a cache only its owner should write. The line says which file and how to
+    start over."""
+    start_over = f"delete {directory} to prepare the teacher again"
+    try:
+        recorded = json.loads((directory / PREP_FILE).read_text()).get("sha256")
+    except (OSError, ValueError, AttributeError) as err:
+        raise ModelError(f"prepared teacher {directory}: unreadable {PREP_FILE} ({err}): {start_over}") from None
+    if not isinstance(recorded, dict):
+        raise ModelError(f"prepared teacher {directory}: {PREP_FILE} records no SHA-256 of its files "
+                         f"(prepared by an older homodistil), so it cannot be checked: {start_over}")
+    found = file_digests(directory)
+    changed = sorted(name for name in set(recorded) | set(found) if recorded.get(name) != found.get(name))
+    if changed:
+        what = "missing" if changed[0] not in found else "not recorded" if changed[0] not in recorded else \
+            "changed since it was prepared (SHA-256 mismatch)"
+        more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+        raise ModelError(f"prepared teacher {directory}: {changed[0]} is {what}{more}: {start_over}")
+
+
 def _masked_logits(model, head: str, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (M, V) and labels (M,) at the masked positions only (the head is the big GEMM)."""
     scored = batch["labels"] != -100
@@ -94,14 +138,16 @@ def prepare_teacher(source: str, out: Path, data: BlockBatches, cfg: PrepareConf
     is the same whether the teacher was prepared now or read from the cache. Writes to a
     per-process temporary directory beside ``out`` and renames it into place, so concurrent
     preparations (``compare --jobs 2`` on a cold cache) cannot mix files; the first to finish wins.
+    The marker, written last, records the SHA-256 of every other file (:func:`verify_prepared`).
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         info, model = _train_head(source, data, cfg, head, progress)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
+    private_dir(out.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))  # mode 0700
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    info = {**info, "sha256": file_digests(tmp)}
     (tmp / PREP_FILE).write_text(json.dumps(info, indent=1))
     try:
         tmp.rename(out)

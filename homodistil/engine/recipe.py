@@ -36,7 +36,8 @@ from .models import (Student, load_teacher, load_tokenizer, student_config, stud
                      teacher_outputs, teacher_source, tiny_config, tokenizer_name)
 from .prepare import PREP_FILE, missing_head, prepare_teacher
 from .prepare import cache_dir as prepare_cache_dir
-from .prepare import fingerprint
+from .prepare import fingerprint, verify_prepared
+from .private import private_dir
 from .monitor import Monitor
 from .perf import Perf, timed
 from .zero import gather, own_pieces, restore, restore_torch_linear, stream_pieces
@@ -149,6 +150,8 @@ class Recipe:
         """(tag, meta, damaged): the checkpoint to resume from, if any; damaged ones are set aside
         here and reported once the monitor is up."""
         tag, damaged = checkpoint.find_resumable(self.ckpt_root) if self.cfg.trainer.resume else (None, [])
+        if tag:
+            checkpoint.check_loadable(self.ckpt_root / tag)  # before DeepSpeed's loader (weights_only=False)
         self.resumed_tag = tag
         meta = checkpoint.read_meta(self.ckpt_root, tag) if tag else None
         if meta and _architecture(meta["teacher_config"]) != _architecture(self.tcfg.to_dict()):
@@ -221,6 +224,7 @@ class Recipe:
                   f"{100 * info['heldout_masked_accuracy_before']:.1f}% -> {100 * info['heldout_masked_accuracy']:.1f}%; "
                   f"cached in {out}", flush=True)
         dist.barrier()
+        verify_prepared(out)  # every rank: each reads the files (a node may have its own cache)
         return str(out)
 
     def _load_teacher(self, path: str | None):
@@ -238,15 +242,17 @@ class Recipe:
 
     def _load_data(self) -> BatchSource:
         d = self.cfg.data
+        cache = Path(d.cache_dir) if d.cache_dir else self.out / "cache"
 
         def build():
             return data_from_config(d, self.tokenizer, seed=self.cfg.trainer.seed, objective=self.objective,
-                                    rank=self.rank, world=self.world,
-                                    cache_dir=Path(d.cache_dir) if d.cache_dir else self.out / "cache",
+                                    rank=self.rank, world=self.world, cache_dir=cache,
                                     heldout_blocks=self.cfg.evaluate.heldout_blocks)
 
         if d.streaming:
             return build()
+        if self.rank == 0:
+            private_dir(cache)  # the run's text, tokenized: its owner's to read
         data = build() if self.rank == 0 else None  # rank 0 tokenizes and caches; the others read the cache
         dist.barrier()
         return data if self.rank == 0 else build()

@@ -151,9 +151,14 @@ def _load_tasks(specs: Sequence[str], settings: EvalSettings,
 
 
 def _check_model_dir(name: str, path: str) -> None:
+    """A model directory holds a config and safetensors weights: without them, ``from_pretrained``
+    would unpickle ``pytorch_model.bin`` (refused by its ``weights_only`` check, as a traceback)."""
     p = Path(path)
     if not (p / "config.json").is_file():
         raise DataError(f"model '{name}': {path} is not an exported model directory (no config.json)")
+    if not any(p.glob("*.safetensors")):
+        raise DataError(f"model '{name}': {path} holds no *.safetensors weights (pickled weights such as "
+                        f"pytorch_model.bin are not opened: re-save with save_pretrained(safe_serialization=True))")
 
 
 def evaluate_models(model_dirs: Mapping[str, str], tasks: Sequence[str] | None, out_dir: str | Path, *,
