@@ -1,24 +1,16 @@
-"""Distillation losses of DESIGN §1, computed in fp32 whatever the training precision."""
+"""Distillation losses of DESIGN §1, computed in fp32 whatever the training precision (the vocabulary-sized
+terms in registers, by ``kernels.lm_losses``, where its Triton kernel runs)."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
 from homodistil.config import LossConfig
+from homodistil.kernels.lm_losses import lm_losses
 
 
 class LossError(RuntimeError):
     """The model did not return what a configured loss needs."""
-
-
-def prediction_kl(s_logits: torch.Tensor, t_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """τ² · KL(p_T ‖ p_S) at temperature τ, summed over the vocabulary, mean over positions.
-
-    Logits (M, V) at the positions that are scored (the masked ones for MLM).
-    """
-    log_p_s = F.log_softmax(s_logits.float() / temperature, dim=-1)
-    log_p_t = F.log_softmax(t_logits.float() / temperature, dim=-1)
-    return F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean") * temperature**2
 
 
 def distill_losses(cfg: LossConfig, labels: torch.Tensor, student: dict, teacher: dict) -> dict[str, torch.Tensor]:
@@ -30,11 +22,11 @@ def distill_losses(cfg: LossConfig, labels: torch.Tensor, student: dict, teacher
     """
     scored = labels != -100  # (B, T)
     terms: dict[str, torch.Tensor] = {}
-    s_logits = student["logits"]  # (M, V)
-    if cfg.alpha_lm:
-        terms["lm"] = F.cross_entropy(s_logits.float(), labels[scored])
-    if cfg.alpha_pred:
-        terms["kl"] = prediction_kl(s_logits, teacher["logits"], cfg.temperature)
+    loss = 0.0
+    if cfg.alpha_lm or cfg.alpha_pred:  # the (M, V) terms, fused into one kernel on CUDA (kernels.lm_losses)
+        loss, lm, kl = lm_losses(student["logits"], teacher.get("logits"), labels[scored], cfg.alpha_lm,
+                                 cfg.alpha_pred, cfg.temperature)
+        terms.update({k: v for k, v in (("lm", lm), ("kl", kl)) if v is not None})
     if cfg.alpha_hidden:
         terms["hidden"] = sum(F.mse_loss(s.float(), t.float()) for s, t in zip(student["hidden"], teacher["hidden"]))
     if cfg.alpha_attention:
@@ -43,6 +35,8 @@ def distill_losses(cfg: LossConfig, labels: torch.Tensor, student: dict, teacher
                             "set model.attn_implementation=eager or loss.alpha_attention=0")
         terms["attention"] = sum(F.mse_loss(s.float(), t.float())
                                  for s, t in zip(student["attentions"], teacher["attentions"]))
-    weights = {"lm": cfg.alpha_lm, "kl": cfg.alpha_pred, "hidden": cfg.alpha_hidden, "attention": cfg.alpha_attention}
-    terms["loss"] = sum(weights[k] * v for k, v in terms.items())
+    for key, weight in (("hidden", cfg.alpha_hidden), ("attention", cfg.alpha_attention)):  # the order of old
+        if key in terms:
+            loss = loss + weight * terms[key]
+    terms["loss"] = loss
     return terms
