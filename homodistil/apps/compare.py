@@ -364,6 +364,10 @@ def _ready_teacher_once(config: str | None, overrides: list[str]) -> None:
 
 
 def _ready_teacher(config: str | None, overrides: list[str]) -> str | None:
+    # a single process of its own: launcher variables inherited from a parent that ran in-process (the tests) would
+    # point it at the parent's rendezvous store
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(key, None)
     from homodistil.config import load_config  # noqa: PLC0415
     from homodistil.engine.recipe import ready_teacher  # noqa: PLC0415
 
