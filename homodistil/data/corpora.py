@@ -36,7 +36,7 @@ import subprocess
 import sys
 import tarfile
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import datasets
@@ -502,9 +502,12 @@ def _file_documents(path: Path, text_field: str) -> list[str]:
             if not line.strip():
                 continue
             try:
-                docs.append(str(json.loads(line)[text_field]))
+                text = json.loads(line)[text_field]
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise DataError(f"{path}:{lineno}: not a JSON object with a '{text_field}' field") from None
+            if not isinstance(text, str):  # str() would train on "None" or "42"
+                raise DataError(f"{path}:{lineno}: '{text_field}' is {json.dumps(text)}, not a string")
+            docs.append(text)
         return docs
     return [block.strip() for block in raw.split("\n\n") if block.strip()]
 
@@ -532,12 +535,13 @@ def _local_documents(path: Path, text_field: str) -> list[str]:
 # the entry point
 # --------------------------------------------------------------------------------------------
 
-def _hub(source: str, text_field: str, streaming: bool):
+def _hub(source: str, text_field: str, streaming: bool, revisions: Mapping[str, str]):
     name, _, subset = source[4:].partition(":")
     if not name:
         raise DataError(f"data.source '{source}': expected hub:NAME[:CONFIG]")
     try:
-        ds = datasets.load_dataset(name, subset or None, split="train", streaming=streaming)
+        ds = datasets.load_dataset(name, subset or None, split="train", streaming=streaming,
+                                   revision=revisions.get(name))
     except Exception as err:   # noqa: BLE001 - network, unknown name, missing config ...
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise DataError(f"data.source '{source}': cannot load from the hub ({first})") from err
@@ -557,7 +561,8 @@ def _documents(source: str, text_field: str) -> list[str]:
 
 
 def load_text(source: str | Sequence[str], text_field: str = "text", max_documents: int | None = None,
-              streaming: bool = False) -> datasets.Dataset | datasets.IterableDataset:
+              streaming: bool = False, revisions: Mapping[str, str] | None = None,
+              ) -> datasets.Dataset | datasets.IterableDataset:
     """Load ``source`` as a dataset with a single ``text`` column.
 
     ``source`` is one source or a list of them (names, paths, ``hub:`` specs; a
@@ -565,7 +570,9 @@ def load_text(source: str | Sequence[str], text_field: str = "text", max_documen
     every document of every source; ``max_documents`` caps the mixed result (so a small cap
     still samples every source). With any hub source and ``streaming=True`` the result is a
     ``datasets.IterableDataset`` (local sources then join the stream the same way).
+    ``revisions`` maps a hub dataset's NAME to the commit or tag to load (``data.revision``).
     """
+    revisions = revisions or {}
     if isinstance(source, str):
         sources = [s.strip() for s in source.split(",")] if "," in source and not source.startswith("hub:") \
             else [source]
@@ -574,7 +581,7 @@ def load_text(source: str | Sequence[str], text_field: str = "text", max_documen
     if not sources or not all(sources):
         raise DataError("data.source is empty")
     if len(sources) == 1 and sources[0].startswith("hub:"):
-        ds = _hub(sources[0], text_field, streaming)
+        ds = _hub(sources[0], text_field, streaming, revisions)
         if max_documents:
             ds = ds.take(max_documents) if streaming else ds.select(range(min(max_documents, len(ds))))
         return ds
@@ -582,7 +589,7 @@ def load_text(source: str | Sequence[str], text_field: str = "text", max_documen
         parts = []
         for s in sources:
             if s.startswith("hub:"):
-                parts.append(_hub(s, text_field, streaming))
+                parts.append(_hub(s, text_field, streaming, revisions))
             else:
                 local = datasets.Dataset.from_dict({"text": _documents(s, text_field)})
                 parts.append(local.to_iterable_dataset() if streaming else local)
