@@ -144,6 +144,9 @@ def test_local_errors(tmp_path):
     j.write_text('{"text": "ok"}\n{"other": 1}\n', encoding="utf-8")
     with pytest.raises(DataError, match=r"x.jsonl:2: not a JSON object with a 'text' field"):
         load_text(str(j))
+    j.write_text('{"text": "ok"}\n{"text": null}\n{"text": 42}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"x.jsonl:2: 'text' is null, not a string"):  # not trained as "None"
+        load_text(str(j))
     (tmp_path / "d").mkdir()
     with pytest.raises(DataError, match="holds no .txt, .md or .jsonl files"):
         load_text(str(tmp_path / "d"))

@@ -146,3 +146,19 @@ def test_prepare_leaves_the_callers_rng_alone_and_publishes_atomically(headless,
     second = prep.prepare_teacher(headless, out, data, cfg, "cls", tok, progress=False)
     assert second == first  # the published preparation is kept and reported
     assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared"]  # no temporary left behind
+
+
+@pytest.mark.parametrize("make,expected", [
+    (lambda d: d / "missing", "missing: no such run directory"),
+    (lambda d: d, "no metrics.jsonl (not a run directory"),
+    (lambda d: (d / "metrics.jsonl").write_text("") or d, "metrics.jsonl: no steps logged yet"),
+], ids=["missing directory", "not a run directory", "no steps yet"])
+def test_report_on_a_directory_without_a_run_is_one_line(tmp_path, capsys, make, expected):
+    from homodistil.cli import main  # noqa: PLC0415
+
+    run_dir = make(tmp_path)
+    before = sorted(tmp_path.rglob("*"))
+    assert main(["report", str(run_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("homodistil: error: ") and expected in err, err
+    assert sorted(tmp_path.rglob("*")) == before  # no report, no plots
