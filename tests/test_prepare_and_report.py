@@ -162,3 +162,35 @@ def test_report_on_a_directory_without_a_run_is_one_line(tmp_path, capsys, make,
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith("homodistil: error: ") and expected in err, err
     assert sorted(tmp_path.rglob("*")) == before  # no report, no plots
+
+
+def test_a_headless_teacher_loads_with_one_line_instead_of_the_load_report(capfd, caplog):
+    """MiniLM lacks the MLM head we add: transformers' MISSING/UNEXPECTED table is expected, so one
+    line says why instead (the table used to open every demo that prepared its teacher)."""
+    import logging  # noqa: PLC0415
+
+    def shown() -> str:  # transformers logs through its own handler: look at the records and the fds
+        text = "".join(capfd.readouterr()) + "".join(r.getMessage() for r in caplog.records)
+        caplog.clear()
+        return text
+
+    source = str(minilm_dir())
+    with caplog.at_level(logging.INFO):
+        AutoModelForMaskedLM.from_pretrained(source)  # what the plain call shows: the test can see it
+        assert "LOAD REPORT" in shown()
+        model = prep.load_headless(source, "cls")
+        lines = [r.getMessage() for r in caplog.records if r.name == "homodistil.prepare"]
+        printed = shown()
+    assert "LOAD REPORT" not in printed and "MISSING" not in printed, printed
+    assert lines == [f"teacher {source} has no MLM head: a new one (6 tensors under 'cls') is trained before "
+                     "distillation"], lines
+    assert hasattr(model, "cls")
+
+
+def test_a_load_report_surprise_is_still_surfaced():
+    """Only the new head (missing) and the encoder's pooler (unexpected) are explained away."""
+    info = {"missing_keys": ["cls.predictions.bias", "bert.encoder.layer.0.output.dense.weight"],
+            "unexpected_keys": ["pooler.dense.weight", "bert.pooler.dense.bias", "extra.weight"],
+            "mismatched_keys": [], "error_msgs": []}
+    assert prep.load_surprises(info, "cls") == ["missing bert.encoder.layer.0.output.dense.weight",
+                                                "unexpected extra.weight"]
