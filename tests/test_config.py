@@ -167,3 +167,29 @@ def test_missing_evaluation_data_stops_before_any_training(tmp_path, monkeypatch
     assert "\n" not in err and err.startswith("homodistil: error: evaluation data missing"), err
     assert f"rt-polarity: VADER ratings not found in {tmp_path / 'empty'}" in err and "tweets-3class" not in err
     assert not out.exists()
+
+
+def test_model_revision_reaches_from_pretrained(monkeypatch, tmp_path):
+    """model.revision is passed to every hub load of the teacher and its tokenizer; never to a local directory."""
+    from homodistil.engine import models  # noqa: PLC0415
+
+    calls = []
+
+    def recorder(kind):
+        def from_pretrained(name, **kwargs):
+            calls.append((kind, name, kwargs.get("revision")))
+            raise OSError("stop here")  # models turns it into its one-line ModelError
+        return from_pretrained
+
+    monkeypatch.setattr(models.AutoConfig, "from_pretrained", recorder("config"))
+    monkeypatch.setattr(models.AutoTokenizer, "from_pretrained", recorder("tokenizer"))
+    sha = "86b5e0934494bd15c9632b12f734a8a67f723594"
+    cfg = load_config(None, ["model.teacher=bert-base-uncased", f"model.revision={sha}"]).model
+    for load in (lambda: models.teacher_config("bert-base-uncased", cfg.revision), lambda: models.load_tokenizer(cfg)):
+        with pytest.raises(models.ModelError):
+            load()
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(models.ModelError):
+        models.teacher_config(str(tmp_path), sha)
+    assert calls == [("config", "bert-base-uncased", sha), ("tokenizer", "bert-base-uncased", sha),
+                     ("config", str(tmp_path), None)]
