@@ -52,8 +52,29 @@ def test_a_single_process_run_listens_on_no_wildcard_address(tmp_path):
     assert not [a for a in listening if _is_wildcard(a)], listening
 
 
+def test_two_processes_without_torchrun_listen_on_no_wildcard_address(tmp_path):
+    """As srun or the deepspeed launcher start them (RANK, WORLD_SIZE, MASTER_ADDR/PORT set, no agent
+    store): rank 0 hosts the rendezvous store, bound to MASTER_ADDR."""
+    from homodistil.engine.dist import _free_port
+
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS and not k.startswith("TORCHELASTIC")}
+    env.update(OMP_NUM_THREADS="1", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+               GLOO_SOCKET_IFNAME="lo")
+    argv = ["distill", "configs/tiny.yaml", *tiny_overrides(tmp_path), "trainer.max_steps=2", "pruning.t_f=1"]
+    procs = [subprocess.Popen([sys.executable, "-c", PROBE, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, cwd=REPO, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
+             for r in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for proc, (out, err) in zip(procs, outputs):
+        assert proc.returncode == 0, err[-2000:]
+        line = next(row for row in out.splitlines() if row.startswith("LISTENING "))
+        listening = json.loads(line.removeprefix("LISTENING "))
+        assert not [a for a in listening if _is_wildcard(a)], listening
+    assert "0100007F" in outputs[0][0]  # rank 0 holds the store, on 127.0.0.1
+
+
 def test_the_store_socket_we_create_binds_the_rendezvous_address_only():
-    """A restarted torchrun attempt's TCPStore (dist._init_restarted_attempt) gets this socket."""
+    """The TCPStore rank 0 hosts (dist._init_on_our_store) gets this socket."""
     import socket
 
     from homodistil.engine.dist import _listening_socket

@@ -38,8 +38,9 @@ def init_distributed() -> tuple[int, int, int]:
     if not torch.distributed.is_initialized():
         if single:
             _init_single_process()
-        elif int(env.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
-            _init_restarted_attempt(rank, world)
+        elif env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or int(env.get("TORCHELASTIC_RESTART_COUNT", "0")):
+            _init_on_our_store(rank, world)
+        # else: a first torchrun attempt joins the agent's store through env://
         deepspeed.init_distributed(verbose=False)  # adopts an initialised group as it is
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
@@ -84,25 +85,30 @@ def _listening_socket(host: str, port: int) -> int:
     return sock.detach()
 
 
-def _init_restarted_attempt(rank: int, world: int) -> None:
-    """Workers restarted by ``torchrun --max-restarts``: join through a per-attempt key prefix.
+def _init_on_our_store(rank: int, world: int) -> None:
+    """Join the group through a TCPStore we create, where no launcher's agent already serves one.
 
-    The agent's TCP store outlives the killed workers and still holds their addresses under the
-    same keys, so a new worker can read a dead peer's address and fail to connect (seen with
-    gloo, static and c10d rendezvous, torch 2.13).
+    Rank 0 hosts the store (Slurm's srun, the deepspeed launcher, torchrun without an agent
+    store): torch's env:// rendezvous would bind it to every interface whatever MASTER_ADDR says,
+    so it is handed a socket bound to MASTER_ADDR, which is all the other ranks need to reach.
+
+    Workers restarted by ``torchrun --max-restarts`` join through a per-attempt key prefix: the
+    agent's store outlives the killed workers and still holds their addresses under the same
+    keys, so a new worker could read a dead peer's address and fail to connect (seen with gloo,
+    static and c10d rendezvous, torch 2.13).
     """
     from deepspeed.accelerator import get_accelerator  # noqa: PLC0415
 
     env = os.environ
-    agent_store = env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # else rank 0 hosts the store
+    hosts = env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" and rank == 0
     host, port = env["MASTER_ADDR"], int(env["MASTER_PORT"])
-    hosts = not agent_store and rank == 0
-    # A TCPStore server we create binds every interface unless handed a socket: give it one bound
-    # to the rendezvous address, which is all the other ranks need to reach.
     store = torch.distributed.TCPStore(host, port, world, is_master=hosts,
+                                       timeout=torch.distributed.constants.default_pg_timeout,
                                        master_listen_fd=_listening_socket(host, port) if hosts else None)
-    prefixed = torch.distributed.PrefixStore(f"attempt{env['TORCHELASTIC_RESTART_COUNT']}", store)
-    torch.distributed.init_process_group(get_accelerator().communication_backend_name(), store=prefixed,
+    attempt = int(env.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if attempt:
+        store = torch.distributed.PrefixStore(f"attempt{attempt}", store)
+    torch.distributed.init_process_group(get_accelerator().communication_backend_name(), store=store,
                                          rank=rank, world_size=world)
 
 
