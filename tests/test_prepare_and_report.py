@@ -194,3 +194,18 @@ def test_a_load_report_surprise_is_still_surfaced():
             "mismatched_keys": [], "error_msgs": []}
     assert prep.load_surprises(info, "cls") == ["missing bert.encoder.layer.0.output.dense.weight",
                                                 "unexpected extra.weight"]
+
+
+def test_a_pinned_headless_hub_teacher_is_refused_before_preparing(monkeypatch):
+    """The preparation and its cache know a teacher by name: with model.revision set they would
+    prepare (and cache) the default branch, so the combination stops in one line instead."""
+    from homodistil.config import ConfigError, load_config  # noqa: PLC0415
+    from homodistil.engine import recipe as R  # noqa: PLC0415
+
+    sha = "86b5e0934494bd15c9632b12f734a8a67f723594"
+    monkeypatch.setattr(R, "missing_head", lambda source: ["cls.predictions.bias"])
+    monkeypatch.setattr(R, "prepare_teacher", lambda *a, **k: pytest.fail("nothing is prepared"))
+    run = R.Recipe(load_config(None, ["model.teacher=someone/headless-encoder", f"model.revision={sha}"]))
+    run.objective = "mlm"
+    with pytest.raises(ConfigError, match="preparing one does not follow model.revision"):
+        run._teacher_path()

@@ -32,8 +32,8 @@ from .dist import device, init_distributed
 from .export import export_dense
 from .fragments import fragment, fragment_range, gather_fragments
 from .losses import distill_losses
-from .models import (Student, load_teacher, load_tokenizer, longest_sequence, student_config, student_groups,
-                     teacher_config, teacher_outputs, teacher_source, tiny_config, tokenizer_name)
+from .models import (Student, hub_revision, load_teacher, load_tokenizer, longest_sequence, student_config,
+                     student_groups, teacher_config, teacher_outputs, teacher_source, tiny_config, tokenizer_name)
 from .prepare import PREP_FILE, missing_head, prepare_teacher
 from .prepare import cache_dir as prepare_cache_dir
 from .prepare import fingerprint
@@ -212,6 +212,9 @@ class Recipe:
         source = teacher_source(m)
         if source is None or m.prepare.steps == 0 or self.objective == "causal" or not missing_head(source):
             return source  # preparing gives a head-less encoder an MLM head; a causal LM is used as it is
+        if hub_revision(source, m.revision):  # the preparation and its cache know the teacher by name only
+            raise ConfigError(f"teacher '{m.teacher}' has no MLM head, and preparing one does not follow "
+                              f"model.revision yet: download that revision to a directory and set model.teacher to it")
         if not self.data.prebuilt:
             raise ConfigError(f"teacher '{m.teacher}' has no MLM head and preparing one needs pre-built blocks: "
                               f"set data.streaming=false, or give a teacher with a head")
