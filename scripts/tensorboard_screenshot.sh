@@ -2,7 +2,7 @@
 # bash scripts/tensorboard_screenshot.sh RUN_DIR OUT.png [TAG_REGEX]
 #
 # A PNG of TensorBoard's time-series page for a run (docs/profiling.md's screenshot): serves
-# RUN_DIR/tensorboard on 127.0.0.1 with the venv's tensorboard, captures it with headless
+# RUN_DIR/tensorboard on 127.0.0.1 with the venv's tensorboard ($TENSORBOARD overrides), captures it with headless
 # Chromium (Debian: apt-get install chromium), and stops the server. TAG_REGEX filters the
 # cards (default: the perf/* throughput, MFU and step-time scalars). It shows the SCALARS
 # dashboard, whose charts are SVG (the time-series page draws with WebGL, blank headless).
@@ -21,7 +21,7 @@ with socket.socket() as s:
 nonce=$(python3 -c 'import secrets; print(secrets.token_hex(16))')
 logdir=$(cd "$run/tensorboard" && pwd)
 base="http://127.0.0.1:$port/$nonce"
-"$root/.venv/bin/tensorboard" --logdir "$logdir" --host 127.0.0.1 --port "$port" --path_prefix "/$nonce" >/dev/null 2>&1 &
+"${TENSORBOARD:-$root/.venv/bin/tensorboard}" --logdir "$logdir" --host 127.0.0.1 --port "$port" --path_prefix "/$nonce" >/dev/null 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null' EXIT
 ours=0
