@@ -315,6 +315,10 @@ _DEFAULT_DEEPSPEED: dict[str, Any] = {
 }
 
 
+# DeepSpeed sections whose keys the recipe reads, each with the key a bare value was likely meant for
+_DEEPSPEED_SECTIONS = {"zero_optimization": "stage", "bf16": "enabled", "fp16": "enabled"}
+
+
 class Config(_Strict):
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
@@ -334,10 +338,9 @@ class Config(_Strict):
             auto = self.model.attn_implementation == "eager" and self.data.max_seq_length <= ATTENTION_LOSS_MAX_T
             object.__setattr__(self.loss, "alpha_attention", 1.0 if auto else 0.0)
         ds = self.deepspeed
-        for key in ("zero_optimization", "bf16", "fp16"):
+        for key, inner in _DEEPSPEED_SECTIONS.items():
             if key in ds and not isinstance(ds[key], dict):  # e.g. deepspeed.zero_optimization=3
-                raise ValueError(f"deepspeed.{key} must be a section, got {ds[key]!r} "
-                                 f"(e.g. deepspeed.{'zero_optimization.stage' if key == 'zero_optimization' else key + '.enabled'}=...)")
+                raise ValueError(f"deepspeed.{key} must be a section, got {ds[key]!r} (e.g. deepspeed.{key}.{inner}=...)")
         for key in ("optimizer", "scheduler"):
             if key in ds:
                 raise ValueError(
