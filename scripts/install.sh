@@ -13,4 +13,10 @@ pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check)
 # Labelled sentences (Rotten Tomatoes ratings) ship only in vaderSentiment's source archive;
 # it is read in place from the cache (see homodistil.data.corpora.fetch_vader).
 cache=${HOMODISTIL_DATA:-$HOME/.cache/homodistil}
-[ -f "$cache/vaderSentiment-3.3.2.tar.gz" ] || "$venv/bin/python" -c "from homodistil.data.corpora import fetch_vader; fetch_vader()"
+# fetch_vader checks the archive against its pinned sha256; a mismatch or a network error is one line.
+[ -f "$cache/vaderSentiment-3.3.2.tar.gz" ] || "$venv/bin/python" -c "import sys
+from homodistil.data.corpora import DataError, fetch_vader
+try:
+    fetch_vader()
+except DataError as err:
+    sys.exit(f'install.sh: error: {err}')"

@@ -167,8 +167,11 @@ def _index_page(index: str, project: str) -> tuple[str, str]:
     url = f"{index.rstrip('/')}/{project}/"
     if url.startswith("file:") and Path(urllib.request.url2pathname(urllib.parse.urlparse(url).path)).is_dir():
         url += "index.html"  # a directory index on disk, as pip reads it
-    with urllib.request.urlopen(url, timeout=60) as response:  # noqa: S310 - the configured index
-        return url, response.read().decode("utf-8", "replace")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:  # noqa: S310 - the configured index
+            return url, response.read().decode("utf-8", "replace")
+    except OSError as err:  # URLError, HTTPError, timeouts
+        raise DataError(f"{url}: cannot read the package index ({getattr(err, 'reason', err)})") from None
 
 
 def _sdist_link(page_url: str, page: str, filename: str) -> tuple[str, str | None]:
@@ -210,8 +213,11 @@ def fetch_vader(dest: str | Path | None = None, index: str | None = None) -> Pat
         raise DataError(f"{page_url}: lists sha256 {published} for {VADER_SDIST}, not the pinned {VADER_SHA256}")
     partial = dest / f".{VADER_SDIST}.partial"
     try:
-        with urllib.request.urlopen(url, timeout=120) as response, partial.open("wb") as out:  # noqa: S310
-            shutil.copyfileobj(response, out)
+        try:
+            with urllib.request.urlopen(url, timeout=120) as response, partial.open("wb") as out:  # noqa: S310
+                shutil.copyfileobj(response, out)
+        except OSError as err:
+            raise DataError(f"{url}: cannot download ({getattr(err, 'reason', err)})") from None
         verify_vader(partial)
     except BaseException:
         partial.unlink(missing_ok=True)
