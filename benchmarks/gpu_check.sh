@@ -10,7 +10,7 @@
 #   c_demo/  c_demo.log                 a real distill run of configs/demo.yaml (bf16, ZeRO-2, 200 steps)
 #   d_llama1b/  d_llama1b.log           configs/gpu_smoke_llama1b.yaml (Llama-3.2-1B shape, seq 2048)
 #   summary.md              the key figures (copy into docs/gpu.md)
-# Optional: wheels in .whl/ (installed offline into /tmp/site), MiniLM's tokenizer files in
+# Optional: wheels in .whl/ (installed offline into a fresh mktemp -d directory), MiniLM's tokenizer files in
 # .gpu/tokenizer (the device cannot fetch the MiniLM package; the runs use a random-init
 # teacher of the demo's shape with that tokenizer).
 # GPU_CHECK_PARTS="a c" runs only those parts (default: a b c d), e.g. to rerun after a fix.
@@ -33,18 +33,21 @@ START=$(date +%s)
 STATUS=()
 
 # Offline installs of what the device lacks (deepspeed from its sdist without building ops).
+# A fresh private directory, not a fixed /tmp path: whatever another user left at a fixed name
+# would be imported first (it heads PYTHONPATH).
+SITE=$(mktemp -d)
+trap 'rm -rf "$SITE"' EXIT
 if [ -d .whl ]; then
-    echo "== install .whl/ into /tmp/site"
-    mkdir -p /tmp/site
+    echo "== install .whl/ into $SITE"
     timeout 60 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-        --target /tmp/site .whl/*.whl >"$RES/install.log" 2>&1 || echo "wheel install failed (see install.log)"
+        --target "$SITE" .whl/*.whl >"$RES/install.log" 2>&1 || echo "wheel install failed (see install.log)"
     if ls .whl/deepspeed-*.tar.gz >/dev/null 2>&1; then
         DS_BUILD_OPS=0 timeout 60 python3 -m pip install -q --no-deps --no-build-isolation --no-index \
-            --target /tmp/site .whl/deepspeed-*.tar.gz >>"$RES/install.log" 2>&1 \
+            --target "$SITE" .whl/deepspeed-*.tar.gz >>"$RES/install.log" 2>&1 \
             || echo "deepspeed install failed (see install.log)"
     fi
 fi
-export PYTHONPATH=/tmp/site:$ROOT
+export PYTHONPATH=$SITE:$ROOT
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false DS_ACCELERATOR=cuda PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 

@@ -63,7 +63,8 @@ def shrink_memory(base: list[str], nproc: int, out: Path) -> tuple[float, list[f
 
     from homodistil.engine.dist import _free_port
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_addr", "127.0.0.1", "--master_port",
            str(_free_port()), "-m", "homodistil.cli", "distill", str(REPO / "configs" / "tiny.yaml"), *base,
            "pruning.sparsity.ffn=0.5", "pruning.sparsity.attention=0.5", "pruning.sparsity.hidden=0.5", "pruning.t_i=0",
            "pruning.t_f=2", "pruning.mask_interval=1", "pruning.shrink_interval=2", "trainer.max_steps=2",

@@ -21,6 +21,7 @@ EPILOG = """examples:
 
 def _user_errors() -> tuple[type[Exception], ...]:
     """Errors a user can cause (config, data, paths, models): one line on stderr, exit code 2."""
+    from homodistil.apps.report import ReportError
     from homodistil.config import ConfigError
     from homodistil.data.corpora import DataError
     from homodistil.engine.checkpoint import CheckpointError
@@ -30,7 +31,8 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from homodistil.engine.numerics import TrainingStopped
     from homodistil.pruning.adapters import AdapterError
 
-    return ConfigError, DataError, AdapterError, ExportError, LossError, ModelError, CheckpointError, TrainingStopped
+    return (ConfigError, DataError, AdapterError, ExportError, LossError, ModelError, CheckpointError, TrainingStopped,
+            ReportError)
 
 
 def _distill(args) -> int:

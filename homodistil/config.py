@@ -11,11 +11,12 @@ this module only reads the few keys the recipe needs to know about.
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -23,7 +24,19 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan: YAML reads `.inf` and `.nan` as floats, and no rate, weight or size may be one
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+def _revision(value: str) -> str:
+    """A hub revision: a commit hash (40 hex digits, the only pin that cannot move) or a branch or
+    tag name; anything else (spaces, '..', a leading '-') is a typo or an attempt at a path."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,127}", value) or ".." in value:
+        raise ValueError(f"'{value}' is not a commit hash (40 hex digits) nor a branch or tag name")
+    return value
+
+
+Revision = Annotated[str, AfterValidator(_revision)]
 
 
 class TinyTeacherConfig(_Strict):
@@ -82,6 +95,10 @@ class ModelConfig(_Strict):
         "'bert-base-uncased' (needs internet). A teacher without an MLM head gets one first "
         "(see 'prepare').",
     )
+    revision: Revision | None = Field(
+        None,
+        description="Hub teachers only: the commit (40 hex digits; a branch or tag name can move) of the "
+        "teacher and its tokenizer, passed to from_pretrained(revision=). null: the hub's default branch.")
     prepare: PrepareConfig = PrepareConfig()
     tokenizer: str | None = Field(None, description="Tokenizer path/id; default: the teacher's.")
     tiny: TinyTeacherConfig = TinyTeacherConfig()
@@ -125,6 +142,9 @@ class DataConfig(_Strict):
         "file or directory, 'hub:NAME[:CONFIG]' for a Hugging Face dataset, or a list of these.",
     )
     streaming: bool = Field(False, description="Stream hub datasets instead of downloading them whole.")
+    revision: dict[str, Revision] = Field(
+        {}, description="Per hub dataset NAME (as in hub:NAME[:CONFIG]): its commit (40 hex digits) or "
+        "branch/tag, passed to load_dataset(revision=). A dataset not listed: the hub's default branch.")
     text_field: str = Field("text", description="The text column of .jsonl files and hub datasets.")
     max_seq_length: int = Field(128, ge=8)
     mlm_probability: float = Field(0.15, gt=0.0, lt=1.0)
@@ -139,6 +159,16 @@ class DataConfig(_Strict):
         None, description="Where tokenized blocks are cached (keyed on the data settings); default: "
         "trainer.output_dir/cache. Runs on the same data can share one."
     )
+
+
+    @model_validator(mode="after")
+    def _revisions_name_hub_sources(self):
+        sources = [self.source] if isinstance(self.source, str) else self.source
+        hub = {s[4:].partition(":")[0] for s in sources if s.startswith("hub:")}
+        unknown = sorted(set(self.revision) - hub)
+        if unknown:
+            raise ValueError(f"data.revision names {unknown}, which are not hub:NAME sources of data.source")
+        return self
 
 
 ATTENTION_LOSS_MAX_T = 512  # longest sequence for which the attention-map loss is on by default
@@ -291,6 +321,10 @@ _DEFAULT_DEEPSPEED: dict[str, Any] = {
 }
 
 
+# DeepSpeed sections whose keys the recipe reads, each with the key a bare value was likely meant for
+_DEEPSPEED_SECTIONS = {"zero_optimization": "stage", "bf16": "enabled", "fp16": "enabled"}
+
+
 class Config(_Strict):
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
@@ -310,6 +344,9 @@ class Config(_Strict):
             auto = self.model.attn_implementation == "eager" and self.data.max_seq_length <= ATTENTION_LOSS_MAX_T
             object.__setattr__(self.loss, "alpha_attention", 1.0 if auto else 0.0)
         ds = self.deepspeed
+        for key, inner in _DEEPSPEED_SECTIONS.items():
+            if key in ds and not isinstance(ds[key], dict):  # e.g. deepspeed.zero_optimization=3
+                raise ValueError(f"deepspeed.{key} must be a section, got {ds[key]!r} (e.g. deepspeed.{key}.{inner}=...)")
         for key in ("optimizer", "scheduler"):
             if key in ds:
                 raise ValueError(
@@ -432,14 +469,18 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {err.start})") from None
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             line = f" line {mark.line + 1}" if mark else ""
             raise ConfigError(f"{path}:{line} is not valid YAML") from None
-        if loaded is not None and not isinstance(loaded, dict):
+        if loaded is None:  # an empty file (or comments only) would silently run the defaults
+            raise ConfigError(f"{path}: the config is empty (use 'defaults' for the built-in defaults)")
+        if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
-        tree = loaded or {}
+        tree = loaded
     tree = copy.deepcopy(tree)
     if overrides:
         for key, value in parse_overrides(overrides):

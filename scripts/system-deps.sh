@@ -17,7 +17,8 @@ missing=()
 for p in "${want[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   echo "installing system packages: ${missing[*]}"
+  log=$(mktemp --tmpdir homodistil-apt.XXXXXX.log)  # not a fixed name another user could plant
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}") \
-    >/tmp/homodistil-apt.log 2>&1 || echo "warning: apt-get failed (see /tmp/homodistil-apt.log)"
+    >"$log" 2>&1 || echo "warning: apt-get failed (see $log)"
 fi
 exit 0

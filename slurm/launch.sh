@@ -18,6 +18,12 @@ if [ -z "${SLURM_JOB_ID:-}" ]; then
     exit 2
 fi
 cd "$SLURM_SUBMIT_DIR" || exit 1
+# The job name becomes the output directory runs/<job name>: a name such as ../x would write
+# outside runs/, so only plain file names are accepted.
+if [[ ! "$SLURM_JOB_NAME" =~ ^[A-Za-z0-9._-]+$ || "$SLURM_JOB_NAME" == *..* ]]; then
+    echo "homodistil: error: job name '$SLURM_JOB_NAME' must use only A-Z a-z 0-9 . _ - (and no '..'): it names runs/<job name>" >&2
+    exit 2
+fi
 
 # ---- which homodistil -----------------------------------------------------------------------
 # HOMODISTIL_CMD (the whole command, e.g. "/opt/venv/bin/homodistil") or HOMODISTIL_PYTHON (a
@@ -36,10 +42,17 @@ fi
 # One task per GPU; each task derives RANK / WORLD_SIZE / LOCAL_RANK from SLURM_PROCID /
 # SLURM_NTASKS / SLURM_LOCALID. Stale torchrun variables from the submitting shell would win, so drop them.
 unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE
-# Rendezvous on the job's first node, on a port derived from the job id (stable across requeues,
-# different for two jobs sharing a node).
+# Rendezvous on the job's first node (where this batch script runs), on a port the kernel finds
+# free there now: a port derived from the job id could be predicted and taken by another user,
+# or collide with another job. Each (re)start of the job picks again.
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
+MASTER_PORT=$(python3 -c 'import socket, sys
+with socket.socket() as s:
+    s.bind((sys.argv[1], 0))
+    print(s.getsockname()[1])' "$MASTER_ADDR") || {
+    echo "homodistil: error: no free port on $MASTER_ADDR for the rendezvous" >&2
+    exit 1
+}
 export MASTER_ADDR MASTER_PORT
 # CPU threads per task: the CPUs Slurm gave it (oversubscribed OpenMP threads slow steps badly).
 export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}

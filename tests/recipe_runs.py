@@ -26,7 +26,7 @@ def run_torchrun(overrides: list[str], nproc: int = 2, timeout: int = 600) -> su
     from homodistil.engine.dist import _free_port
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_port", str(_free_port()),
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
            "-m", "homodistil.cli", "distill", str(REPO / "configs" / "tiny.yaml"), *overrides]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
     assert proc.returncode == 0, _last_step(overrides) + proc.stderr[-4000:]

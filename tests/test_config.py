@@ -28,9 +28,9 @@ def test_overrides_are_typed():
     assert load_config(REPO / "configs" / "tiny.yaml", ["trainer.keep_checkpoints=5"]).trainer.keep_checkpoints == 5
 
 
-def _write(tmp_path, text):
+def _write(tmp_path, text: str | bytes):
     path = tmp_path / "bad.yaml"
-    path.write_text(text)
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
     return str(path)
 
 
@@ -60,6 +60,16 @@ BAD = [  # (config text or None for tiny.yaml, overrides, expected fragment of t
     (None, ["evaluate.max_train=0"], "evaluate.max_train: Input should be greater than 0"),
     ("- a\n- b", [], "the top level must be a mapping"),
     ("trainer: [", [], "is not valid YAML"),
+    (b"trainer: {output_dir: caf\xe9}", [], "not UTF-8 text (byte 25)"),
+    ("", [], "the config is empty"),
+    ("# only a comment\n", [], "the config is empty"),
+    (None, ["deepspeed.zero_optimization=3"], "deepspeed.zero_optimization must be a section, got 3"),
+    (None, ["deepspeed.bf16=1"], "deepspeed.bf16 must be a section, got 1"),
+    (None, ["optimizer.lr=.inf"], "optimizer.lr: Input should be a finite number"),
+    (None, ["optimizer.lr=.nan"], "optimizer.lr: Input should be a finite number"),
+    (None, ["optimizer.lr=0"], "optimizer.lr: Input should be greater than 0"),
+    (None, ["model.revision=../main"], "model.revision: '../main' is not a commit hash"),
+    (None, ["data.revision={wikipedia: main}"], "data.revision names ['wikipedia'], which are not hub:NAME sources"),
 ]
 
 
@@ -72,6 +82,16 @@ def test_bad_config_is_one_line_error(tmp_path, capsys, text, overrides, expecte
     assert err.startswith("homodistil: error: ") and expected in err, err
     if text is not None:
         assert path in err  # names the file
+
+
+def test_revisions_parse():
+    """model.revision takes a commit or a tag; data.revision one per hub dataset of data.source."""
+    sha = "86b5e0934494bd15c9632b12f734a8a67f723594"
+    assert load_config(None).model.revision is None and load_config(None).data.revision == {}
+    assert load_config(None, [f"model.revision={sha}"]).model.revision == sha
+    assert load_config(None, ["model.revision=v1.0"]).model.revision == "v1.0"
+    cfg = load_config(REPO / "configs" / "homobert_base.yaml", [f"data.revision={{wikimedia/wikipedia: {sha}}}"])
+    assert cfg.data.revision == {"wikimedia/wikipedia": sha} and cfg.model.revision == sha  # the recipe pins it
 
 
 def test_missing_config_file(capsys):
@@ -147,3 +167,29 @@ def test_missing_evaluation_data_stops_before_any_training(tmp_path, monkeypatch
     assert "\n" not in err and err.startswith("homodistil: error: evaluation data missing"), err
     assert f"rt-polarity: VADER ratings not found in {tmp_path / 'empty'}" in err and "tweets-3class" not in err
     assert not out.exists()
+
+
+def test_model_revision_reaches_from_pretrained(monkeypatch, tmp_path):
+    """model.revision is passed to every hub load of the teacher and its tokenizer; never to a local directory."""
+    from homodistil.engine import models  # noqa: PLC0415
+
+    calls = []
+
+    def recorder(kind):
+        def from_pretrained(name, **kwargs):
+            calls.append((kind, name, kwargs.get("revision")))
+            raise OSError("stop here")  # models turns it into its one-line ModelError
+        return from_pretrained
+
+    monkeypatch.setattr(models.AutoConfig, "from_pretrained", recorder("config"))
+    monkeypatch.setattr(models.AutoTokenizer, "from_pretrained", recorder("tokenizer"))
+    sha = "86b5e0934494bd15c9632b12f734a8a67f723594"
+    cfg = load_config(None, ["model.teacher=bert-base-uncased", f"model.revision={sha}"]).model
+    for load in (lambda: models.teacher_config("bert-base-uncased", cfg.revision), lambda: models.load_tokenizer(cfg)):
+        with pytest.raises(models.ModelError):
+            load()
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(models.ModelError):
+        models.teacher_config(str(tmp_path), sha)
+    assert calls == [("config", "bert-base-uncased", sha), ("tokenizer", "bert-base-uncased", sha),
+                     ("config", str(tmp_path), None)]

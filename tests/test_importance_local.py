@@ -45,7 +45,7 @@ def test_rank_local_scores_and_masks_equal_the_full_gather_path(tmp_path, world)
 
     (tmp_path / "specs.json").write_text(json.dumps([[str(o) for o in s] for s in _specs(tmp_path, world)]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
-           "--master_port", str(_free_port()), str(REPO / "tests" / "importance_runs.py"),
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(REPO / "tests" / "importance_runs.py"),
            str(tmp_path / "specs.json"), str(tmp_path / "records.pt")]
     proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                           timeout=900, cwd=REPO)

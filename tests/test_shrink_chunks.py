@@ -30,7 +30,8 @@ def test_chunked_pieces_are_bit_equal_to_the_whole_tensor_cut(tmp_path):
     from homodistil.engine.dist import _free_port
 
     (tmp_path / "specs.json").write_text(json.dumps(CONFIGS + [{"memory": 3}]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
            str(REPO / "tests" / "chunked_shrink_runs.py"), str(tmp_path / "specs.json"), str(tmp_path / "records.pt")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": str(MIB)}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)

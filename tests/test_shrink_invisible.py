@@ -59,7 +59,8 @@ def _torchrun(tmp_path, specs: list[list[str]]) -> list[dict]:
     from homodistil.engine.dist import _free_port
 
     (tmp_path / "specs.json").write_text(json.dumps([[str(o) for o in s] for s in specs]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
            str(REPO / "tests" / "shrink_runs.py"), str(tmp_path / "specs.json"), str(tmp_path / "records.pt")]
     proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                           timeout=600, cwd=REPO)

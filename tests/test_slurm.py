@@ -129,6 +129,43 @@ def test_script_refuses_to_run_outside_slurm():
     assert "sbatch" in proc.stderr
 
 
+def _launch_with_stubs(tmp_path: Path, job_name: str, job_id: int = 4242) -> subprocess.CompletedProcess:
+    """slurm/launch.sh as a batch job would source it, with scontrol/srun stubs on PATH: srun
+    prints the rendezvous it was given instead of starting tasks."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "scontrol").write_text("#!/bin/sh\necho 127.0.0.1\n")
+    (bin_dir / "srun").write_text('#!/bin/sh\necho "rendezvous $MASTER_ADDR:$MASTER_PORT"\n')
+    for stub in ("scontrol", "srun"):
+        (bin_dir / stub).chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(PATH=f"{bin_dir}:{env['PATH']}", CONFIG="configs/tiny.yaml", SLURM_JOB_ID=str(job_id),
+               SLURM_JOB_NAME=job_name, SLURM_SUBMIT_DIR=str(REPO), SLURM_JOB_NODELIST="localhost",
+               SLURM_NTASKS="1", HOMODISTIL_CMD="true")
+    return subprocess.run(["bash", "slurm/launch.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("name", ["../outside", "a/b", "..", "x..y", "name with space", ""])
+def test_launch_refuses_a_job_name_that_is_not_a_plain_file_name(tmp_path, name):
+    proc = _launch_with_stubs(tmp_path, name)
+    assert proc.returncode == 2 and "rendezvous" not in proc.stdout
+    err = proc.stderr.strip()
+    assert "\n" not in err and err.startswith("homodistil: error: job name"), err
+
+
+def test_launch_rendezvous_port_is_free_and_not_derived_from_the_job_id(tmp_path):
+    """The port is the kernel's choice on the first node, not 20000 + job id mod 20000."""
+    ports = set()
+    for _ in range(2):
+        proc = _launch_with_stubs(tmp_path, "pytest-ok.name_1", job_id=4242)
+        assert proc.returncode == 0, proc.stderr
+        address = next(line for line in proc.stdout.splitlines() if line.startswith("rendezvous ")).split()[1]
+        host, port = address.rsplit(":", 1)
+        assert host == "127.0.0.1" and 1024 <= int(port) < 65536
+        ports.add(int(port))
+    assert 20000 + 4242 % 20000 not in ports
+
+
 # ---------------------------------------------------------------------------------------------
 # Real jobs
 # ---------------------------------------------------------------------------------------------

@@ -11,6 +11,10 @@ from pathlib import Path
 LOSS_TERMS = ("total", "lm", "kl", "hidden", "attention")
 
 
+class ReportError(ValueError):
+    """The run directory has nothing to report on (printed as one line)."""
+
+
 def _rows(run_dir: Path) -> list[dict]:
     rows = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
@@ -132,7 +136,13 @@ def plot_scores(results: dict, path: Path) -> Path | None:
 def write_report(run_dir: str | Path, eval_dir: str | Path | None = None, heldout: dict | None = None,
                  notes: list[str] | None = None) -> Path:
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ReportError(f"{run_dir}: no such run directory")
+    if not (run_dir / "metrics.jsonl").is_file():
+        raise ReportError(f"{run_dir}: no metrics.jsonl (not a run directory, or the run logged no step yet)")
     rows = _rows(run_dir)
+    if not rows:
+        raise ReportError(f"{run_dir / 'metrics.jsonl'}: no steps logged yet")
     first, last = rows[0], rows[-1]
     lines = ["# homodistil run report", "", f"Run: `{run_dir}`", ""]
     lines += [f"- {n}" for n in notes or []]

@@ -91,12 +91,13 @@ def _read_cache(path: Path, max_seq_length: int) -> torch.Tensor | None:
 
 def build_blocks(source, tokenizer, max_seq_length: int, text_field: str = "text",
                  max_documents: int | None = None, cache_dir: str | Path | None = None,
-                 objective: str = "mlm") -> torch.Tensor:
+                 objective: str = "mlm", revisions: dict[str, str] | None = None) -> torch.Tensor:
     """All blocks of ``source`` as an int32 tensor (N, T), cached under ``cache_dir`` with a
-    checksum (a damaged cache is detected, logged and rebuilt)."""
+    checksum (a damaged cache is detected, logged and rebuilt); ``revisions``: ``data.revision``."""
     prefix, sep, suffix = block_tokens(tokenizer, objective)
+    # optional parts join the key only when set, so that existing caches stay valid
     key = json.dumps([source, tokenizer.name_or_path, len(tokenizer), max_seq_length, text_field, max_documents]
-                     + ([objective] if objective != "mlm" else []))
+                     + ([objective] if objective != "mlm" else []) + ([revisions] if revisions else []))
     cache = Path(cache_dir) / f"blocks-{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt" if cache_dir else None
     if cache is not None and cache.exists():
         blocks = _read_cache(cache, max_seq_length)
@@ -105,7 +106,7 @@ def build_blocks(source, tokenizer, max_seq_length: int, text_field: str = "text
     sources = source if isinstance(source, list) else [source]
     docs: list[list[int]] = []
     for src in sources:
-        ds = load_text(src, text_field, max_documents)
+        ds = load_text(src, text_field, max_documents, revisions=revisions)
         # Whole documents are tokenized on purpose (they are cut into blocks below), so the
         # tokenizer's "sequence longer than the model" warning does not apply.
         ds = ds.map(lambda b: {"ids": tokenizer(b["text"], add_special_tokens=False, verbose=False)["input_ids"]},
@@ -352,10 +353,12 @@ def from_config(d, tokenizer, *, seed: int, objective: str = "mlm", rank: int = 
     pre-built blocks (tokenized once into ``cache_dir``) split into training and held-out parts.
     The one place data is set up: training, the demo's evaluation and ``compare`` call it."""
     if d.streaming:
-        return StreamBatches(load_text(d.source, d.text_field, d.max_documents, streaming=True), tokenizer,
+        text = load_text(d.source, d.text_field, d.max_documents, streaming=True, revisions=d.revision)
+        return StreamBatches(text, tokenizer,
                          max_seq_length=d.max_seq_length, mlm_probability=d.mlm_probability, seed=seed,
                          rank=rank, world=world, objective=objective,
                          heldout_blocks=heldout_blocks if d.heldout_fraction > 0 else 0)
-    blocks = build_blocks(d.source, tokenizer, d.max_seq_length, d.text_field, d.max_documents, cache_dir, objective)
+    blocks = build_blocks(d.source, tokenizer, d.max_seq_length, d.text_field, d.max_documents, cache_dir, objective,
+                          d.revision)
     return BlockBatches(blocks, tokenizer, mlm_probability=d.mlm_probability, seed=seed,
                       heldout_fraction=d.heldout_fraction, objective=objective)

@@ -25,18 +25,23 @@ from __future__ import annotations
 import csv
 import functools
 import glob
+import hashlib
+import html
 import importlib.util
 import io
 import json
 import logging
 import os
 import re
+import shutil
 import struct
 import subprocess
 import sys
 import tarfile
+import urllib.parse
+import urllib.request
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import datasets
@@ -68,6 +73,9 @@ DEBIAN_PACKAGES = {"austen": "r-cran-janeaustenr", "pydocs": "python3.11-doc"}
 VADER_PIN = "vadersentiment==3.3.2"
 VADER_SDIST = "vaderSentiment-3.3.2.tar.gz"
 VADER_INNER = "hutto_ICWSM_2014.tar.gz"
+# sha256 of VADER_SDIST as PyPI publishes it (its simple index, checked 2026-12-03), and of the
+# copy the set-up cached: fetch_vader keeps no other file.
+VADER_SHA256 = "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9"
 VADER_KINDS = {"movie": "movieReviewSnippets", "tweets": "tweets",
                "amazon": "amazonReviewSnippets", "nyt": "nytEditorialSnippets"}
 
@@ -136,17 +144,85 @@ def vader_archive() -> Path:
     for c in candidates:
         if c.exists():
             return c
-    raise DataError(f"VADER ratings not found in {home}: pip download --no-binary :all: --no-deps "
-                    f"{VADER_PIN} -d {home}  (or set HOMODISTIL_VADER to the .tar.gz)")
+    raise DataError(f"VADER ratings not found in {home}: python -c 'from homodistil.data.corpora import "
+                    f"fetch_vader; fetch_vader()'  (or set HOMODISTIL_VADER to the .tar.gz)")
 
 
-def fetch_vader(dest: str | Path | None = None) -> Path:
-    """Download the VADER sdist with pip (PyPI, ~2.5 MB) into ``dest`` (default data_home)."""
+def pip_index_url() -> str:
+    """The package index pip is configured with (``PIP_INDEX_URL``, then ``pip config``), else PyPI's.
+
+    The archive is fetched from the same registry ``pip install`` uses (a mirror, where one is set)."""
+    if os.environ.get("PIP_INDEX_URL"):
+        return os.environ["PIP_INDEX_URL"]
+    listed = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True).stdout
+    for line in listed.splitlines():  # e.g. global.index-url='https://mirror/simple'
+        key, _, value = line.partition("=")
+        if key.endswith(".index-url"):
+            return value.strip("'\"")
+    return "https://pypi.org/simple"
+
+
+def _index_page(index: str, project: str) -> tuple[str, str]:
+    """(URL, text) of ``project``'s page on a PEP 503 simple index (``file://`` directories too)."""
+    url = f"{index.rstrip('/')}/{project}/"
+    if url.startswith("file:") and Path(urllib.request.url2pathname(urllib.parse.urlparse(url).path)).is_dir():
+        url += "index.html"  # a directory index on disk, as pip reads it
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:  # noqa: S310 - the configured index
+            return url, response.read().decode("utf-8", "replace")
+    except OSError as err:  # URLError, HTTPError, timeouts
+        raise DataError(f"{url}: cannot read the package index ({getattr(err, 'reason', err)})") from None
+
+
+def _sdist_link(page_url: str, page: str, filename: str) -> tuple[str, str | None]:
+    """(absolute URL, published sha256 or None) of ``filename`` among a simple page's links."""
+    for href in re.findall(r"""<a\s[^>]*href=["']([^"']+)["']""", page, flags=re.IGNORECASE):
+        url, _, fragment = html.unescape(href).partition("#")
+        if urllib.parse.unquote(url.rsplit("/", 1)[-1]) == filename:
+            published = fragment.removeprefix("sha256=") if fragment.startswith("sha256=") else None
+            return urllib.parse.urljoin(page_url, url), published
+    raise DataError(f"{page_url}: no {filename} listed")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_vader(path: Path) -> None:
+    """Raise a DataError unless ``path`` is the pinned VADER sdist (its sha256 is :data:`VADER_SHA256`)."""
+    got = _sha256(path)
+    if got != VADER_SHA256:
+        raise DataError(f"{path}: sha256 {got} is not the pinned {VADER_SHA256} of {VADER_SDIST}: not kept")
+
+
+def fetch_vader(dest: str | Path | None = None, index: str | None = None) -> Path:
+    """Download the VADER sdist (~2.5 MB) from the configured package index into ``dest`` (default
+    data_home), checked against the pinned sha256 and never built.
+
+    ``pip download`` would run the sdist's setup.py to read its metadata: the archive is only data
+    here, so it is fetched as a file. A file that does not match the pin is deleted."""
     dest = Path(dest or data_home()).expanduser()
     dest.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
-                    "-q", VADER_PIN, "-d", str(dest)], check=True)
-    return dest / VADER_SDIST
+    page_url, page = _index_page(index or pip_index_url(), VADER_PIN.partition("==")[0])
+    url, published = _sdist_link(page_url, page, VADER_SDIST)
+    if published is not None and published != VADER_SHA256:  # the registry itself lists another file
+        raise DataError(f"{page_url}: lists sha256 {published} for {VADER_SDIST}, not the pinned {VADER_SHA256}")
+    partial = dest / f".{VADER_SDIST}.partial"
+    try:
+        try:
+            with urllib.request.urlopen(url, timeout=120) as response, partial.open("wb") as out:  # noqa: S310
+                shutil.copyfileobj(response, out)
+        except OSError as err:
+            raise DataError(f"{url}: cannot download ({getattr(err, 'reason', err)})") from None
+        verify_vader(partial)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return partial.replace(dest / VADER_SDIST)
 
 
 def check_sources(names: Sequence[str] | None = None) -> dict[str, str | None]:
@@ -502,9 +578,12 @@ def _file_documents(path: Path, text_field: str) -> list[str]:
             if not line.strip():
                 continue
             try:
-                docs.append(str(json.loads(line)[text_field]))
+                text = json.loads(line)[text_field]
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise DataError(f"{path}:{lineno}: not a JSON object with a '{text_field}' field") from None
+            if not isinstance(text, str):  # str() would train on "None" or "42"
+                raise DataError(f"{path}:{lineno}: '{text_field}' is {json.dumps(text)}, not a string")
+            docs.append(text)
         return docs
     return [block.strip() for block in raw.split("\n\n") if block.strip()]
 
@@ -532,12 +611,13 @@ def _local_documents(path: Path, text_field: str) -> list[str]:
 # the entry point
 # --------------------------------------------------------------------------------------------
 
-def _hub(source: str, text_field: str, streaming: bool):
+def _hub(source: str, text_field: str, streaming: bool, revisions: Mapping[str, str]):
     name, _, subset = source[4:].partition(":")
     if not name:
         raise DataError(f"data.source '{source}': expected hub:NAME[:CONFIG]")
     try:
-        ds = datasets.load_dataset(name, subset or None, split="train", streaming=streaming)
+        ds = datasets.load_dataset(name, subset or None, split="train", streaming=streaming,
+                                   revision=revisions.get(name))
     except Exception as err:   # noqa: BLE001 - network, unknown name, missing config ...
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise DataError(f"data.source '{source}': cannot load from the hub ({first})") from err
@@ -557,7 +637,8 @@ def _documents(source: str, text_field: str) -> list[str]:
 
 
 def load_text(source: str | Sequence[str], text_field: str = "text", max_documents: int | None = None,
-              streaming: bool = False) -> datasets.Dataset | datasets.IterableDataset:
+              streaming: bool = False, revisions: Mapping[str, str] | None = None,
+              ) -> datasets.Dataset | datasets.IterableDataset:
     """Load ``source`` as a dataset with a single ``text`` column.
 
     ``source`` is one source or a list of them (names, paths, ``hub:`` specs; a
@@ -565,7 +646,9 @@ def load_text(source: str | Sequence[str], text_field: str = "text", max_documen
     every document of every source; ``max_documents`` caps the mixed result (so a small cap
     still samples every source). With any hub source and ``streaming=True`` the result is a
     ``datasets.IterableDataset`` (local sources then join the stream the same way).
+    ``revisions`` maps a hub dataset's NAME to the commit or tag to load (``data.revision``).
     """
+    revisions = revisions or {}
     if isinstance(source, str):
         sources = [s.strip() for s in source.split(",")] if "," in source and not source.startswith("hub:") \
             else [source]
@@ -574,7 +657,7 @@ def load_text(source: str | Sequence[str], text_field: str = "text", max_documen
     if not sources or not all(sources):
         raise DataError("data.source is empty")
     if len(sources) == 1 and sources[0].startswith("hub:"):
-        ds = _hub(sources[0], text_field, streaming)
+        ds = _hub(sources[0], text_field, streaming, revisions)
         if max_documents:
             ds = ds.take(max_documents) if streaming else ds.select(range(min(max_documents, len(ds))))
         return ds
@@ -582,7 +665,7 @@ def load_text(source: str | Sequence[str], text_field: str = "text", max_documen
         parts = []
         for s in sources:
             if s.startswith("hub:"):
-                parts.append(_hub(s, text_field, streaming))
+                parts.append(_hub(s, text_field, streaming, revisions))
             else:
                 local = datasets.Dataset.from_dict({"text": _documents(s, text_field)})
                 parts.append(local.to_iterable_dataset() if streaming else local)

@@ -98,10 +98,25 @@ def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def _read_meta(root: Path, tag: str) -> dict:
+    """The checkpoint's ``meta.json``, or an ExportError naming it when it is not what a run writes."""
+    try:
+        meta = checkpoint.read_meta(root, tag)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ExportError(f"{root / tag / checkpoint.META}: unreadable ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0] if str(err) else 'empty'})") from None
+    missing = [k for k in ("teacher_config", "kept", "n_proj") if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise ExportError(f"{root / tag / checkpoint.META}: damaged (no {', '.join(missing)})")
+    return meta
+
+
 def export_checkpoint(path: str | Path, out_dir: str | Path):
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():  # checked before any loading
+        raise ExportError(f"{out_dir}: exists and is not a directory")
     root, tag = _resolve(Path(path))
     checkpoint.check_loadable(root / tag)  # before zero_to_fp32, which unpickles with weights_only=False
-    meta = checkpoint.read_meta(root, tag)
+    meta = _read_meta(root, tag)
     pruner_state, _ = checkpoint.load_run_state(root, tag, 0)
     state = _full_state(root, tag)
     params = {k: v.float() for k, v in state.items() if k.startswith(("lm.", "proj."))}

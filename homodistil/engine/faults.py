@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
+from homodistil.config import ConfigError
+
 ENV = "HOMODISTIL_FAULT"
 KINDS = ("kill", "term", "kill_in_save", "enospc_in_save", "kill_in_shrink", "nan", "inf", "nan_grad")
 _POINT = {"kill": "step", "term": "step", "kill_in_save": "save", "enospc_in_save": "save",
@@ -52,16 +54,17 @@ class Fault:
 
 
 def parse(spec: str) -> list[Fault]:
-    """``"kill@7:rank=1,nan@4x3"`` -> faults; a malformed spec is a ValueError naming it."""
+    """``"kill@7:rank=1,nan@4x3"`` -> faults; a malformed spec is a :class:`ConfigError` naming it
+    (a user's setting: one line, exit code 2)."""
     faults = []
     for item in filter(None, (s.strip() for s in spec.split(","))):
         m = _SPEC.match(item)
         if not m or m["kind"] not in KINDS:
-            raise ValueError(f"{ENV}: cannot parse '{item}' (expected KIND@STEP[xCOUNT][:rank=R][:attempt=A], "
+            raise ConfigError(f"{ENV}: cannot parse '{item}' (expected KIND@STEP[xCOUNT][:rank=R][:attempt=A], "
                              f"KIND one of {', '.join(KINDS)})")
         opts = dict(o.split("=") for o in m["opts"].split(":")[1:])
         if set(opts) - {"rank", "attempt"}:
-            raise ValueError(f"{ENV}: unknown option in '{item}' (rank=, attempt=)")
+            raise ConfigError(f"{ENV}: unknown option in '{item}' (rank=, attempt=)")
         faults.append(Fault(m["kind"], int(m["step"]), int(m["count"] or 1),
                             int(opts["rank"]) if "rank" in opts else None, int(opts.get("attempt", 0))))
     return faults

@@ -41,13 +41,29 @@ def teacher_source(cfg: ModelConfig) -> str | None:
     return source
 
 
-def teacher_config(source: str):
+def hub_revision(name: str, revision: str | None) -> dict:
+    """``from_pretrained``'s ``revision=`` for a hub id; nothing for a local directory (a prepared
+    teacher, MiniLM's folder), whose files are what they are."""
+    return {"revision": revision} if revision and not Path(name).expanduser().exists() else {}
+
+
+def teacher_config(source: str, revision: str | None = None):
     try:
-        config = AutoConfig.from_pretrained(source)
+        config = AutoConfig.from_pretrained(source, **hub_revision(source, revision))
     except (OSError, ValueError) as err:
         raise ModelError(f"cannot load teacher '{source}': {str(err).splitlines()[0]}") from None
     get_adapter(config.model_type)  # fails early, listing the supported types
     return config
+
+
+def longest_sequence(adapter, config) -> int | None:
+    """The longest sequence a teacher's learned position embeddings cover (RoBERTa's start past
+    the padding index); None for rotary positions (Llama family), which have no table to overrun."""
+    arch = adapter.arch(config)
+    if arch.family == "llama":
+        return None
+    offset = adapter.positions(0, config.pad_token_id or 0) if hasattr(adapter, "positions") else 0
+    return arch.max_position - offset
 
 
 def tokenizer_name(cfg: ModelConfig) -> str:
@@ -57,8 +73,10 @@ def tokenizer_name(cfg: ModelConfig) -> str:
 def load_tokenizer(cfg: ModelConfig):
     name = tokenizer_name(cfg)
     _check_local(name, "model.tokenizer" if cfg.tokenizer else "model.teacher")
+    # model.revision pins the teacher's repository, which is the tokenizer's unless one is named
+    revision = None if cfg.tokenizer else cfg.revision
     try:
-        return AutoTokenizer.from_pretrained(name)
+        return AutoTokenizer.from_pretrained(name, **hub_revision(name, revision))
     except (OSError, ValueError) as err:
         raise ModelError(f"cannot load tokenizer '{name}': {str(err).splitlines()[0]}") from None
 
@@ -88,9 +106,9 @@ def load_teacher(cfg: ModelConfig, vocab_size: int, path: str | None, pad_token_
         model = get_adapter(config.model_type).build(config, config)
         torch.random.set_rng_state(rng)
     else:
-        adapter = get_adapter(teacher_config(path).model_type)
+        adapter = get_adapter(teacher_config(path, cfg.revision).model_type)
         model = auto_lm_class(adapter).from_pretrained(path, attn_implementation=cfg.attn_implementation,
-                                                       dtype=torch.float32)
+                                                       dtype=torch.float32, **hub_revision(path, cfg.revision))
     model.eval().requires_grad_(False)
     return model
 

@@ -171,9 +171,46 @@ def _plateaued(model, head: str, data: BlockBatches, cfg: PrepareConfig, curve: 
     return len(curve) > 1 and curve[-2][1] - loss < cfg.plateau_delta
 
 
+def load_surprises(info: dict, head: str) -> list[str]:
+    """What a head-less teacher's loading report holds beyond what adding a head explains: missing
+    tensors outside ``head``, unexpected ones other than the encoder's pooler (an MLM model has
+    none), mismatched shapes and load errors."""
+    missing = [k for k in info["missing_keys"] if not k.startswith(f"{head}.")]
+    unexpected = [k for k in info["unexpected_keys"] if not (k.startswith("pooler.") or ".pooler." in k)]
+    mismatched = [str(k[0]) if isinstance(k, tuple) else str(k) for k in info.get("mismatched_keys", [])]
+    return ([f"missing {k}" for k in missing] + [f"unexpected {k}" for k in unexpected]
+            + [f"mismatched {k}" for k in mismatched] + [str(e) for e in info.get("error_msgs", [])])
+
+
+def load_headless(source: str, head: str):
+    """``source`` as a masked LM whose ``head`` is newly initialised, saying so in one line.
+
+    transformers would print its LOAD REPORT table (the head's tensors MISSING, the pooler's
+    UNEXPECTED) at every preparation; that is the expected case here, so the table is silenced and
+    only what it cannot explain is logged as a warning."""
+    import transformers  # noqa: PLC0415
+
+    verbosity, bars = transformers.logging.get_verbosity(), transformers.logging.is_progress_bar_enabled()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    try:
+        model, info = AutoModelForMaskedLM.from_pretrained(source, dtype=torch.float32, output_loading_info=True)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        if bars:
+            transformers.logging.enable_progress_bar()
+    fresh = sum(k.startswith(f"{head}.") for k in info["missing_keys"])
+    log.info("teacher %s has no MLM head: a new one (%d tensors under '%s') is trained before distillation",
+             source, fresh, head)
+    surprises = load_surprises(info, head)
+    if surprises:
+        log.warning("teacher %s: loading it as a masked LM also reported: %s", source, "; ".join(surprises))
+    return model
+
+
 def _train_head(source: str, data: BlockBatches, cfg: PrepareConfig, head: str, progress: bool):
     """(info, model): continued MLM training of ``source`` with a new head, on the caller's RNG."""
-    model = AutoModelForMaskedLM.from_pretrained(source, dtype=torch.float32)
+    model = load_headless(source, head)
     acc_before, loss_before = masked_accuracy(model, head, data, cfg.batch_size)
     model.train()
     decay = [p for p in model.parameters() if p.dim() >= 2]

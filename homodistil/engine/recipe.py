@@ -32,8 +32,8 @@ from .dist import device, init_distributed
 from .export import export_dense
 from .fragments import fragment, fragment_range, gather_fragments
 from .losses import distill_losses
-from .models import (Student, load_teacher, load_tokenizer, student_config, student_groups, teacher_config,
-                     teacher_outputs, teacher_source, tiny_config, tokenizer_name)
+from .models import (Student, hub_revision, load_teacher, load_tokenizer, longest_sequence, student_config,
+                     student_groups, teacher_config, teacher_outputs, teacher_source, tiny_config, tokenizer_name)
 from .prepare import PREP_FILE, missing_head, prepare_teacher
 from .prepare import cache_dir as prepare_cache_dir
 from .prepare import fingerprint, verify_prepared
@@ -118,10 +118,14 @@ class Recipe:
         cfg = self.cfg
         self.tokenizer = load_tokenizer(cfg.model)
         source = teacher_source(cfg.model)
-        declared = teacher_config(source) if source else tiny_config(cfg.model, len(self.tokenizer),
+        declared = teacher_config(source, cfg.model.revision) if source else tiny_config(cfg.model, len(self.tokenizer),
                                                                     self.tokenizer.pad_token_id)
         declared_adapter = get_adapter(declared.model_type)
         declared_adapter.check_targets(declared, cfg.pruning.sparsity.model_dump())
+        longest = longest_sequence(declared_adapter, declared)
+        if longest is not None and cfg.data.max_seq_length > longest:  # else an index error at step 1
+            raise ConfigError(f"data.max_seq_length ({cfg.data.max_seq_length}) is longer than the teacher's "
+                              f"position embeddings allow ({longest} tokens)")
         self.objective = declared_adapter.objective
 
     def _setup_teacher(self):
@@ -211,6 +215,9 @@ class Recipe:
         source = teacher_source(m)
         if source is None or m.prepare.steps == 0 or self.objective == "causal" or not missing_head(source):
             return source  # preparing gives a head-less encoder an MLM head; a causal LM is used as it is
+        if hub_revision(source, m.revision):  # the preparation and its cache know the teacher by name only
+            raise ConfigError(f"teacher '{m.teacher}' has no MLM head, and preparing one does not follow "
+                              f"model.revision yet: download that revision to a directory and set model.teacher to it")
         if not self.data.prebuilt:
             raise ConfigError(f"teacher '{m.teacher}' has no MLM head and preparing one needs pre-built blocks: "
                               f"set data.streaming=false, or give a teacher with a head")
@@ -218,7 +225,7 @@ class Recipe:
         out = prepare_cache_dir(source, json.dumps([d.source, d.max_seq_length, d.mlm_probability, d.max_documents,
                                                     fingerprint(tokenizer_name(m))]), m.prepare)
         if self.rank == 0 and not (out / PREP_FILE).exists():
-            head = get_adapter(teacher_config(source).model_type).head
+            head = get_adapter(teacher_config(source, m.revision).model_type).head
             info = prepare_teacher(source, out, self.data, m.prepare, head, self.tokenizer, self.cfg.trainer.progress)
             print(f"prepared the teacher's MLM head ({info['steps']} steps): held-out masked-token accuracy "
                   f"{100 * info['heldout_masked_accuracy_before']:.1f}% -> {100 * info['heldout_masked_accuracy']:.1f}%; "
