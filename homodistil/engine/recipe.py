@@ -484,7 +484,7 @@ class Recipe:
         if self.pruner.update_masks(self.step):
             masks = [self.pruner.masks]
             dist.broadcast_object_list(masks, src=0)  # the ranks' scores agree; rank 0's masks are the law
-            self.pruner.masks = masks[0]
+            self.pruner.set_masks(masks[0])
             apply_masks(self.engine.module, self.groups, {k: m.to(self.device) for k, m in self.pruner.masks.items()})
 
     @timed("shrink")
