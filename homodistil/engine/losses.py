@@ -26,13 +26,14 @@ def distill_losses(cfg: LossConfig, labels: torch.Tensor, student: dict, teacher
 
     ``student``/``teacher``: ``logits`` (M, V) at the M scored positions, ``hidden`` (list of (B, T, H_teacher) —
     the student's already projected), ``attentions`` (list of (B, heads, T, T)).
-    labels (B, T): token ids at masked positions, -100 elsewhere.
+    labels (B, T): token ids at masked positions, -100 elsewhere; or (M,) the token ids at the scored
+    positions already (a training step's ``targets``: no boolean indexing on the device).
     """
-    scored = labels != -100  # (B, T)
     terms: dict[str, torch.Tensor] = {}
     s_logits = student["logits"]  # (M, V)
     if cfg.alpha_lm:
-        terms["lm"] = F.cross_entropy(s_logits.float(), labels[scored])
+        targets = labels if labels.dim() == 1 else labels[labels != -100]  # (M,)
+        terms["lm"] = F.cross_entropy(s_logits.float(), targets)
     if cfg.alpha_pred:
         terms["kl"] = prediction_kl(s_logits, teacher["logits"], cfg.temperature)
     if cfg.alpha_hidden:
