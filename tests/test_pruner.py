@@ -324,3 +324,21 @@ def test_a_saved_partitioned_state_loads_into_another_partitioning():
     pruner.load_state_dict({**pruner.state_dict(), "partitioned": True})
     pruner.load_local_state(iter(saved), {"w": (9, 20)}, "cpu")
     assert torch.equal(pruner.state["w"]["ema"], ema[9:29]) and pruner.fragments["w"] == (9, 20)
+
+
+def test_masked_linear_is_the_shrunk_linear_scattered_back():
+    """F.linear × mask: masked outputs (bias included) and their weight and bias gradients are exactly 0, the
+    live ones are the shrunk layer's, at an odd shape."""
+    from homodistil.pruning.masked import masked_linear
+
+    gen = torch.Generator().manual_seed(4)
+    x, w, b = torch.randn(5, 3, 7, generator=gen), torch.randn(11, 7, generator=gen), torch.randn(11, generator=gen)
+    keep = torch.rand(11, generator=gen) < 0.6
+    live = keep.nonzero().squeeze(1)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    y = masked_linear(*leaves, keep)
+    y.sum().backward()
+    shrunk = torch.nn.functional.linear(x, w[live], b[live])
+    assert y.shape == (5, 3, 11) and y[..., ~keep].eq(0).all()
+    torch.testing.assert_close(y[..., live], shrunk, rtol=0, atol=0)
+    assert leaves[1].grad[~keep].eq(0).all() and leaves[2].grad[~keep].eq(0).all()
