@@ -5,6 +5,7 @@ rebuild on shrink, checkpoints and logging live in the helpers around it.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import threading
@@ -14,7 +15,9 @@ from pathlib import Path
 import deepspeed
 import torch
 import torch.distributed as dist
+from accelerate import init_empty_weights
 from deepspeed import zero
+from torch import nn
 from transformers import set_seed
 
 from homodistil.config import Config, ConfigError, dump_config
@@ -56,6 +59,19 @@ def _architecture(config: dict) -> dict:
     """A model config without the fields that saving or loading rewrites."""
     ignored = {"architectures", "dtype", "torch_dtype", "transformers_version", "_name_or_path"}
     return {k: v for k, v in json.loads(json.dumps(config)).items() if k not in ignored}
+
+
+def materialize(module: nn.Module, device: torch.device | str) -> None:
+    """Give every parameter of ``module`` left on the meta device uninitialised storage on ``device``
+    (a parameter shared by two modules, such as tied embeddings, stays shared); buffers are untouched.
+    The caller writes every parameter before use."""
+    made: dict[int, nn.Parameter] = {}
+    for sub in module.modules():
+        for name, prm in list(sub._parameters.items()):
+            if prm is not None and prm.is_meta:
+                if id(prm) not in made:
+                    made[id(prm)] = nn.Parameter(torch.empty_like(prm, device=device), requires_grad=prm.requires_grad)
+                sub._parameters[name] = made[id(prm)]
 
 
 class _ScoredLabels:
@@ -285,11 +301,19 @@ class Recipe:
             return engine
         return teacher.to(self.device, torch.bfloat16 if self.cfg.bf16 else torch.float32)
 
-    def _build_student(self, kept: dict[str, int]):
+    def _build_student(self, kept: dict[str, int], empty: bool = False):
+        """The student at widths ``kept`` and its groups. ``empty``: its parameters are left uninitialised
+        (built on the meta device, then given storage; buffers are built as usual), for a caller that
+        writes every one of them (a shrink, a one-shot cut): no random initialisation of a model whose
+        weights are thrown away."""
         config = student_config(self.adapter, self.tcfg, kept, self.cfg.model)
         rng = torch.random.get_rng_state()  # building must not move the dropout RNG stream
-        student = Student(self.adapter.build(config, self.tcfg), self.hidden_pairs, self.tcfg.hidden_size,
-                          self.adapter.head)
+        with init_empty_weights(include_buffers=False) if empty else contextlib.nullcontext():
+            student = Student(self.adapter.build(config, self.tcfg), self.hidden_pairs, self.tcfg.hidden_size,
+                              self.adapter.head)
+        if empty:
+            materialize(student, "cpu")
+            student.lm.tie_weights()  # init_empty_weights re-registers a tied parameter as a new one: tie again
         torch.random.set_rng_state(rng)
         groups = student_groups(self.adapter, config, len(self.hidden_pairs))
         make_maskable(student, groups, self.adapter.drop_ins)
@@ -437,7 +461,7 @@ class Recipe:
         Returns (student, sliced params, (groups before, kept indices per group)) so that the caller can slice
         other per-parameter state alike; the pruner's own state is sliced here."""
         old_groups, kept = self.groups, self._mask_widths()
-        student, self.groups = self._build_student(kept)
+        student, self.groups = self._build_student(kept, empty=True)  # every parameter is copied in below
         keep = self.pruner.shrink(self.groups)
         params = shrink_tensors(params, old_groups, keep)
         with torch.no_grad():
@@ -528,7 +552,7 @@ class Recipe:
         faults.point("shrink", self.step)
         del self.engine
         hostmem.release()  # the old engine's memory goes back before the new one is built
-        student, self.groups = self._build_student(kept)
+        student, self.groups = self._build_student(kept, empty=True)  # restore() writes every parameter
         self.kept = kept
         self.engine = self._init_engine(student)
         restore(self.engine, pieces, adam_step)
