@@ -20,8 +20,8 @@ Reports, on the machine it runs on:
    ``importance overhead: R``, and under ``torchrun --nproc_per_node 2`` measures it at world
    size 2 (rank 0 prints).
 ``--family llama`` times a tiny Llama teacher of the given shape instead of BERT (grouped-query
-attention with ``--kv-heads``, default a quarter of the heads; attention is not pruned in the
-Llama family, so its sparsity is 0).
+attention with ``--kv-heads``, default a quarter of the heads, which default to hidden / 64;
+attention is not pruned in the Llama family, so its sparsity is 0).
 Timings 1-3 are medians over the steps after a warm-up, from the recipe's own ``time/step_s``;
 4 compares the wall time of whole ``train()`` calls, alternating the two, median of the pairs.
 """
@@ -127,7 +127,8 @@ def main() -> int:
     ap.add_argument("--kv-heads", type=int, default=None, help="llama: KV heads (default: heads / 4)")
     ap.add_argument("--hidden", type=int, default=384)
     ap.add_argument("--layers", type=int, default=6)
-    ap.add_argument("--heads", type=int, default=12)
+    ap.add_argument("--heads", type=int, default=None, help="attention heads (default: 12 for bert, hidden / 64 "
+                    "for llama)")
     ap.add_argument("--ffn", type=int, default=1536)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--batch", type=int, default=8)
@@ -148,6 +149,8 @@ def main() -> int:
         return 0
 
     total = args.warmup + args.steps + 2
+    if args.heads is None:
+        args.heads = 12 if args.family == "bert" else max(1, args.hidden // 64)
     base = [f"model.tiny.hidden_size={args.hidden}", f"model.tiny.num_hidden_layers={args.layers}",
             f"model.tiny.num_attention_heads={args.heads}", f"model.tiny.intermediate_size={args.ffn}",
             "model.dropout=0.0", "data.max_documents=400", f"data.max_seq_length={args.seq}",
