@@ -8,7 +8,7 @@ during a step that is neither a log, a mask, a shrink nor a checkpoint step. Two
 host-only by construction and not counted: the data pipeline (``homodistil/data/``: it builds host
 tensors, the scored positions included, before anything moves to the device) and the optimizer's
 overflow verdict (``engine/numerics.py``, one per step at ZeRO-0; DeepSpeed's ZeRO 1-3 optimizers
-take the same verdict themselves).
+take the same verdict themselves). ZeRO 0, 2 and 3.
 """
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def syncs(monkeypatch):
     return found, current
 
 
-@pytest.mark.parametrize("stage", [0, 2])
+@pytest.mark.parametrize("stage", [0, 2, 3])
 def test_no_host_sync_between_log_and_mask_steps(tmp_path, tiny, syncs, stage):
     found, current = syncs
     # masks at step 4 (t_i) and 8, shrinks at 8, logs every 3 steps, a checkpoint at the end (9)
