@@ -14,11 +14,12 @@ Dead entries: ``rows`` (N,) and ``cols`` (K,) are optional fp32 live vectors (1 
 an entry in a masked row or column counts with w = 0, as if it were shrunk away. They are
 vectors, not a weight-sized mask: a mask update costs O(N + K) per matrix, not O(N·K).
 
-Neither path allocates a weight-sized temporary: the Triton kernel fuses everything into one
-pass (read w, g and the PLATON state once, write the state once) and is deterministic (each
+PLATON with ``out`` (the pruner's per-step path) allocates no weight-sized temporary beyond a
+bounded block: the Triton kernel fuses everything into one pass (read w, g and the PLATON state once, write the state once) and is deterministic (each
 program sums its tile into per-tile partial row and column sums, which torch then reduces in a
-fixed order, no atomics); the torch reference works on row blocks of at most ``CHUNK``
-elements through one small scratch buffer, so on a CPU its passes stay in cache.
+fixed order, no atomics); the torch reference's PLATON works in the ``out`` buffers and forms
+Ī·U for its sums in blocks of at most ``CHUNK`` elements (64 MiB; its other uses take one fp32
+buffer of the weight's size, as before).
 """
 from __future__ import annotations
 
@@ -29,7 +30,10 @@ import triton.language as tl
 from homodistil.kernels._dispatch import check_launchable, kernel_backend, kernel_range
 
 METRICS = ("magnitude", "sensitivity", "platon")
-CHUNK = 1 << 15  # elements per row block of the reference (128 KiB of fp32: a few such buffers fit in L2)
+# elements per row block of the reference's S = Ī·U (64 MiB of fp32): bounded, yet few blocks, since on a
+# loaded CPU each op's thread hand-off costs milliseconds (1 Mi-element blocks made a 31M-element PLATON
+# pass 3x slower than whole-tensor ops)
+CHUNK = 1 << 24
 
 
 def init_state(weight: torch.Tensor, metric: str) -> dict[str, torch.Tensor]:
@@ -60,9 +64,10 @@ def importance_reference(
 
     ``rows``/``cols``: fp32 live vectors (N,), (K,) or None (all live). ``out``: PLATON only,
     ``{"ema", "unc"}`` buffers shaped like the state that receive the new state (None: ``state``
-    is updated in place). Each element sees the same operations in the same order as one
-    whole-tensor pass, so the state and the row sums are bitwise those of one pass; column sums
-    add the blocks' partial sums (rounding order only).
+    is updated in place). With ``out``, PLATON's I lives in ``out["unc"]`` until U replaces it, and
+    S = Ī·U is formed in row blocks of at most ``CHUNK`` elements for its sums. Elementwise results
+    and row sums are bitwise those of whole-tensor ops; column sums of a weight above ``CHUNK``
+    elements add per-block partials.
     """
     if metric not in METRICS:
         raise ValueError(f"unknown importance metric {metric!r} (known: {', '.join(METRICS)})")
@@ -70,33 +75,39 @@ def importance_reference(
         raise ValueError(f"metric {metric!r} needs a gradient")
     n = weight.shape[0]
     k = weight.shape[1] if weight.dim() == 2 else 1
-    w = _matrix(weight, n, k)
-    g = None if grad is None else _matrix(grad, n, k)
-    if metric == "platon":
-        new = state if out is None else out
-        ema0, unc0 = _matrix(state["ema"], n, k), _matrix(state["unc"], n, k)
-        ema1, unc1 = _matrix(new["ema"], n, k), _matrix(new["unc"], n, k)
+    w = _matrix(weight, n, k).float()
+    if metric == "platon" and out is not None:
+        ipt = _matrix(out["unc"], n, k)  # I, then U
+    else:
+        ipt = torch.empty((n, k), dtype=torch.float32, device=weight.device)
+    if metric == "magnitude":
+        torch.mul(w, w, out=ipt)
+    else:
+        torch.mul(w, _matrix(grad, n, k).float(), out=ipt)
+    if rows is not None:  # a dead row or column counts with w = 0: (w·g)·0 = (w·0)·g
+        ipt.mul_(rows.view(-1, 1))
+    if cols is not None:
+        ipt.mul_(cols.view(1, -1))
+    if metric != "platon":
+        score = ipt if metric == "magnitude" else ipt.abs_()
+        return score.sum(dim=1), score.sum(dim=0)
+    ipt.abs_()  # I = |w·g|
+    new = state if out is None else out
+    ema0, unc0 = _matrix(state["ema"], n, k), _matrix(state["unc"], n, k)
+    ema1, unc1 = _matrix(new["ema"], n, k), _matrix(new["unc"], n, k)
+    torch.lerp(ema0, ipt, 1 - beta1, out=ema1)  # Ī
+    ipt.sub_(ema1).abs_()  # |I − Ī|
+    torch.lerp(unc0, ipt, 1 - beta2, out=unc1)  # U (into I's buffer when ``out`` is given)
+    if out is None:  # I's own buffer is free: S in one pass, as before
+        score = torch.mul(ema1, unc1, out=ipt)
+        return score.sum(dim=1), score.sum(dim=0)
     row_sum = torch.empty(n, dtype=torch.float32, device=weight.device)
     col_sum = torch.zeros(k, dtype=torch.float32, device=weight.device)
     step = max(1, CHUNK // max(k, 1))  # whole rows per block
     scratch = torch.empty(min(n, step) * k, dtype=torch.float32, device=weight.device)
     for a in range(0, n, step):
         b = min(n, a + step)
-        s = scratch[:(b - a) * k].view(b - a, k)  # (rows, K) fp32: w, then the element scores
-        s.copy_(w[a:b])
-        if rows is not None:
-            s.mul_(rows[a:b].view(-1, 1))  # a dead row counts with w = 0
-        if cols is not None:
-            s.mul_(cols.view(1, -1))
-        if metric == "magnitude":
-            s.mul_(s)
-        else:
-            s.mul_(g[a:b]).abs_()  # I = |w·g|, fp32 math whatever g's dtype
-            if metric == "platon":
-                torch.lerp(ema0[a:b], s, 1 - beta1, out=ema1[a:b])  # Ī
-                s.sub_(ema1[a:b]).abs_()  # |I − Ī|
-                torch.lerp(unc0[a:b], s, 1 - beta2, out=unc1[a:b])  # U
-                torch.mul(ema1[a:b], unc1[a:b], out=s)  # S = Ī·U
+        s = torch.mul(ema1[a:b], unc1[a:b], out=scratch[:(b - a) * k].view(b - a, k))  # S, (rows, K)
         row_sum[a:b] = s.sum(dim=1)
         col_sum += s.sum(dim=0)
     return row_sum, col_sum
