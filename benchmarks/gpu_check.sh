@@ -85,8 +85,7 @@ part() {
 
 # a. kernel tests compiled for the GPU (not the interpreter), compiled kernels vs references
 want a && part a_tests 60 env TRITON_INTERPRET=0 HOMODISTIL_TEST_DEVICE=cuda \
-    python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels_masked_linear.py \
-    tests/test_kernels_importance.py -k "not compile_for_h100"
+    python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels_importance.py -k "not compile_for_h100"
 want a && part a_kernel_check 40 python3 benchmarks/kernel_check.py
 
 # b. kernel benchmarks: rows-only masks at 0/2/5/25/50%, fp32 and bf16, importance

@@ -1,12 +1,12 @@
 """Benchmark the masked linear layer and the fused importance on one CUDA GPU.
 
-- ``masked_linear`` with output-row masks (what training passes) at several masked
-  fractions, forward and forward+backward, at BERT-base FFN shapes, per dtype: the path
-  training takes by default, ``F.linear × mask`` (``mask_mul``), the Triton kernels
-  (``triton``), the unmasked dense GEMM, and cuBLAS on the already-shrunk matrix (``shrunk``, the limit) and on the shrunk
-  width rounded down to a multiple of 64 (``shrunk64``: odd widths are slow in cuBLAS).
-  Goal (issue 16), for the default path: ≤ 1.05× shrunk at ≤ 5% masked, ≤ 1.10× above.
-  The masks are prepared once per mask (as training does per mask update), outside the timing.
+- the masked linear layer with output-row masks (what training passes) at several masked
+  fractions, forward and forward+backward, at BERT-base FFN shapes, per dtype: training's
+  ``F.linear × mask`` (``mask_mul``; a Triton GEMM that skipped masked rows lost to it
+  everywhere and was removed, docs/gpu.md), the unmasked dense GEMM, and cuBLAS on the
+  already-shrunk matrix (``shrunk``, the limit) and on the shrunk width rounded down to a
+  multiple of 64 (``shrunk64``: odd widths are slow in cuBLAS).
+  Goal (issue 16): ≤ 1.05× shrunk at ≤ 5% masked, ≤ 1.10× above.
 - ``importance`` (fused) against the unfused torch reference, per metric and dtype (training
   feeds fp32 master weights and gradients). Goal: ≥ 3× faster; the achieved bandwidth is
   reported against the peak (a measured device-to-device copy, or ``--peak-gbs``).
@@ -72,8 +72,7 @@ def goal(sparsity: float) -> float:
 
 
 def bench_masked_linear(args, dtype_name, bench, writer) -> str:
-    from homodistil.kernels.masked_linear import (masked_linear_reference,
-                                                  masked_linear_triton, prepare_rows)
+    from homodistil.pruning.masked import masked_linear
 
     dtype = DTYPES[dtype_name]
     gen = torch.Generator().manual_seed(args.seed)
@@ -89,19 +88,14 @@ def bench_masked_linear(args, dtype_name, bench, writer) -> str:
             dy = torch.randn(m, n, device="cuda", dtype=dtype)
             for s in args.sparsity:
                 mask = live_mask(n, s, gen)
-                rmask = prepare_rows(mask)  # once per mask update, as in training
-                live = rmask.live
+                live = mask.nonzero().squeeze(1)
                 live64 = live[: max(64, len(live) // 64 * 64)]
                 shrunk = (x, w[live].contiguous(), b[live].contiguous(), dy[:, live].contiguous())
                 shrunk64 = (x, w[live64].contiguous(), b[live64].contiguous(),
                             dy[:, live64].contiguous())
                 full = (x, w, b, dy)
 
-                def path(fn):
-                    return lambda x, w, b: fn(x, w, b, rmask)
-
-                cases = {"mask_mul": (path(masked_linear_reference), full),
-                         "triton": (path(masked_linear_triton), full),
+                cases = {"mask_mul": (lambda x, w, b: masked_linear(x, w, b, mask), full),
                          "dense": (F.linear, full), "shrunk": (F.linear, shrunk),
                          "shrunk64": (F.linear, shrunk64)}
                 for mode in ("fwd", "fwd+bwd"):
@@ -114,18 +108,15 @@ def bench_masked_linear(args, dtype_name, bench, writer) -> str:
                             t[case] = bench(lambda: fn(*leaves).backward(dyi), grad_to_none=leaves)
                     ratio = t["mask_mul"] / t["shrunk"]
                     rows.append([m, name, f"{k}->{n}", f"{s:.0%}", len(live), mode,
-                                 *(t[c] * 1e6 for c in cases), ratio, t["triton"] / t["shrunk"],
-                                 t["shrunk"] / t["shrunk64"],
+                                 *(t[c] * 1e6 for c in cases), ratio, t["shrunk"] / t["shrunk64"],
                                  f"{'ok' if ratio <= goal(s) else 'MISS'} (<={goal(s):.2f})"])
                     tag = f"masked_linear/{dtype_name}/{mode}/{name}/tokens{m}"
                     step = round(100 * s)
                     for c in cases:
                         writer.add_scalar(f"{tag}/{c}_us", t[c] * 1e6, step)
                     writer.add_scalar(f"{tag}/mask_mul_over_shrunk", ratio, step)
-                    writer.add_scalar(f"{tag}/triton_over_shrunk", t["triton"] / t["shrunk"], step)
-    header = ["tokens", "gemm", "K->N", "masked", "N live", "pass", "mask_mul us", "triton us",
-              "dense us", "shrunk us", "shrunk64 us", "mask_mul/shrunk", "triton/shrunk",
-              "shrunk/shrunk64", "goal"]
+    header = ["tokens", "gemm", "K->N", "masked", "N live", "pass", "mask_mul us",
+              "dense us", "shrunk us", "shrunk64 us", "mask_mul/shrunk", "shrunk/shrunk64", "goal"]
     title = (f"masked_linear ({dtype_name}; output-row masks; mask_mul = F.linear × mask, the default "
              "path; shrunk64 = shrunk width rounded down to a multiple of 64)")
     return table(title, header, rows)
@@ -186,10 +177,8 @@ def main(argv=None) -> int:
                                        grad_to_none=grad_to_none, return_mode="median") / 1e3
 
     torch.manual_seed(args.seed)
-    from homodistil.kernels.masked_linear import fp32_dot_precision
-
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
-          f"fp32 matmuls: {fp32_dot_precision()}")
+          f"fp32 matmuls: {torch.backends.cuda.matmul.fp32_precision}")
     writer = SummaryWriter(args.logdir)
     try:
         peak = args.peak_gbs or measured_peak_gbs(bench)

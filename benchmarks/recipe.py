@@ -2,6 +2,7 @@
 
     python benchmarks/recipe.py                 # MiniLM-shaped BERT (6×384, FFN 1536), seq 128
     python benchmarks/recipe.py --hidden 768 --layers 12 --heads 12 --ffn 3072   # BERT-base shape
+    python benchmarks/recipe.py --family llama --hidden 1024 --ffn 4096 --layers 4 --importance-only
 
 Reports, on the machine it runs on:
 1. a distill step (teacher forward, all four losses, importance) vs a plain MLM step of the
@@ -15,8 +16,12 @@ Reports, on the machine it runs on:
 4. the cost of the perf/* and kernels/* scalars: configs/tiny.yaml as it is, trained with
    ``trainer.perf_every=1`` vs ``0`` (goal: within 2%), ``--perf-cost-only`` runs just this;
 5. a distill step with PLATON importance every step vs one without importance (goal ≤ 1.05),
-   alternating the two runs; ``--importance-only`` runs just this, and under
-   ``torchrun --nproc_per_node 2`` measures it at world size 2 (rank 0 prints).
+   alternating the two runs; ``--importance-only`` runs just this, ends with the line
+   ``importance overhead: R``, and under ``torchrun --nproc_per_node 2`` measures it at world
+   size 2 (rank 0 prints).
+``--family llama`` times a tiny Llama teacher of the given shape instead of BERT (grouped-query
+attention with ``--kv-heads``, default a quarter of the heads, which default to hidden / 64;
+attention is not pruned in the Llama family, so its sparsity is 0).
 Timings 1-3 are medians over the steps after a warm-up, from the recipe's own ``time/step_s``;
 4 compares the wall time of whole ``train()`` calls, alternating the two, median of the pairs.
 """
@@ -119,9 +124,12 @@ def importance_cost(base: list[str], tmp: Path, warmup: int, total: int, pairs: 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--family", choices=("bert", "llama"), default="bert", help="the tiny teacher's architecture")
+    ap.add_argument("--kv-heads", type=int, default=None, help="llama: KV heads (default: heads / 4)")
     ap.add_argument("--hidden", type=int, default=384)
     ap.add_argument("--layers", type=int, default=6)
-    ap.add_argument("--heads", type=int, default=12)
+    ap.add_argument("--heads", type=int, default=None, help="attention heads (default: 12 for bert, hidden / 64 "
+                    "for llama)")
     ap.add_argument("--ffn", type=int, default=1536)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--batch", type=int, default=8)
@@ -142,11 +150,17 @@ def main() -> int:
         return 0
 
     total = args.warmup + args.steps + 2
+    if args.heads is None:
+        args.heads = 12 if args.family == "bert" else max(1, args.hidden // 64)
     base = [f"model.tiny.hidden_size={args.hidden}", f"model.tiny.num_hidden_layers={args.layers}",
             f"model.tiny.num_attention_heads={args.heads}", f"model.tiny.intermediate_size={args.ffn}",
             "model.dropout=0.0", "data.max_documents=400", f"data.max_seq_length={args.seq}",
             f"deepspeed.train_micro_batch_size_per_gpu={args.batch}", "trainer.progress=false",
             "trainer.export=false", "trainer.log_every=100000", f"trainer.max_steps={total}", "trainer.save_every=0"]
+    if args.family == "llama":
+        kv = args.kv_heads or max(1, args.heads // 4)
+        base = [f"model.tiny.family={args.family}", f"model.tiny.num_key_value_heads={kv}",
+                "pruning.sparsity.attention=0", *base]
     no_pruning = ["pruning.sparsity.ffn=0", "pruning.sparsity.attention=0", "pruning.sparsity.hidden=0",
                   f"pruning.t_f={total}"]  # nothing to prune: no importance, no masks
 
@@ -168,10 +182,11 @@ def main() -> int:
         dist.broadcast_object_list(shared, src=0)
         ratio, pairs = importance_cost(base, Path(shared[0]), args.warmup, total, args.importance_pairs)
         if rank == 0:
-            print(f"\nshape: hidden {args.hidden}, {args.layers} layers, {args.heads} heads, FFN {args.ffn}; "
+            print(f"\nshape: {args.family}, hidden {args.hidden}, {args.layers} layers, {args.heads} heads, FFN {args.ffn}; "
                   f"batch {args.batch} x {args.seq} tokens per rank; world size {world}")
             print(f"{'distill step, PLATON every step / without importance':62s} {ratio:8.3f} {'<= 1.05':>14s}"
                   f"   (seconds: {', '.join(f'{a:.3f}/{b:.3f}' for a, b in pairs)})")
+            print(f"importance overhead: {ratio:.3f}")
         return 0
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -197,7 +212,7 @@ def main() -> int:
     t_distill = median_step(distill_imp, args.warmup)
     t_distill_noimp = median_step(distill, args.warmup)
     t_mlm = median_step(mlm, args.warmup)
-    print(f"\nshape: hidden {args.hidden}, {args.layers} layers, {args.heads} heads, FFN {args.ffn}; "
+    print(f"\nshape: {args.family}, hidden {args.hidden}, {args.layers} layers, {args.heads} heads, FFN {args.ffn}; "
           f"batch {args.batch} x {args.seq} tokens; torch threads {__import__('torch').get_num_threads()}")
     print(f"{'measure':62s} {'value':>8s} {'goal':>14s}")
     print(f"{'distill step (with importance) / plain MLM step':62s} {t_distill / t_mlm:8.2f} {'<= 1.40':>14s}")

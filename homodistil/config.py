@@ -281,9 +281,9 @@ class TrainerConfig(_Strict):
         "TensorBoard (0: never)."
     )
     perf_every: int = Field(
-        1, ge=0, description="Write the perf/* and kernels/* scalars (throughput, TFLOP/s, MFU, per-phase and "
+        50, ge=0, description="Write the perf/* and kernels/* scalars (throughput, TFLOP/s, MFU, per-phase and "
         "per-kernel times) every N steps, averaged over those N steps; on a GPU the timers' CUDA events are read "
-        "once per N steps. 0: none, and nothing is timed."
+        "once per N steps (a host sync: hence not every step by default). 0: none, and nothing is timed."
     )
     peak_tflops: float | None = Field(
         None, gt=0.0, description="Peak TFLOP/s of one device for perf/mfu. null: the table of docs/profiling.md "

@@ -24,8 +24,9 @@ shrinks, so step 0 is the peak):
   coalesced reduce-scatter concatenates the bucket's gradients into a flat copy) and the
   gathered parameters it keeps live between uses (min(Ψ, ``stage3_max_live_parameters``,
   default 1e9) × e).
-- importance state: PLATON keeps two fp32 EMAs (three with ``platon_window`` > 1) of every
-  scored weight, and the step's |w·g| from the backward to the optimizer's overflow verdict, for
+- importance state: PLATON keeps two fp32 EMAs of every scored weight and the step's new pair beside
+  them until the optimizer's overflow verdict (with ``platon_window`` > 1: the EMAs, the window's
+  running mean and the step's |w·g|), for
   the rank's own partition only (engine/fragments.py: 1/world of the weights at every stage); the
   scored weights are all but the MLM head's bias, counted as Ψ. Only while the student is pruned
   (cubic schedule from the teacher).
@@ -420,14 +421,15 @@ class Plan:
 
 
 def importance_state(cfg: Config) -> int:
-    """Bytes per scored weight that importance keeps, over all ranks: PLATON's two fp32 EMAs, the step's
-    pending |w·g| (held until the optimizer says the step was applied) and, with a window, its running mean,
-    while a cubic schedule prunes a student started from the teacher. Each rank keeps its partition's share."""
+    """Bytes per scored weight that importance keeps, over all ranks: PLATON's two fp32 EMAs and the step's new
+    pair written beside them (swapped in once the optimizer says the step was applied); with a window, the EMAs,
+    its running mean and the step's pending |w·g|; while a cubic schedule prunes a student started from the
+    teacher. Each rank keeps its partition's share."""
     p = cfg.pruning
     prunes = cfg.model.init == "teacher" and p.schedule == "cubic" and any(v > 0 for v in p.sparsity.model_dump().values())
     if not prunes or p.metric != "platon":
         return 0
-    return 16 if p.platon_window > 1 else 12
+    return 16
 
 
 def _memory(cfg: Config, t: Arch, world: int, micro: int) -> dict[str, float]:

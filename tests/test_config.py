@@ -122,7 +122,7 @@ def test_perf_keys_parse():
     assert cfg.trainer.perf_every == 5 and cfg.trainer.peak_tflops == 989.0
     assert (cfg.trainer.profile.start, cfg.trainer.profile.steps) == (3, 3)
     defaults = load_config(None)
-    assert defaults.trainer.perf_every == 1 and defaults.trainer.peak_tflops is None and defaults.trainer.profile is None
+    assert defaults.trainer.perf_every == 50 and defaults.trainer.peak_tflops is None and defaults.trainer.profile is None
 
 
 def test_study_keys_parse():

@@ -76,6 +76,35 @@ def test_matches_reference_over_steps(force_triton, metric, shape, dtype):
         torch.testing.assert_close(state[key], state_ref[key], rtol=RTOL, atol=ATOL, msg=key)
 
 
+@pytest.mark.parametrize("shape", SHAPES, ids=["2d", "1d"])
+@pytest.mark.parametrize("metric", METRICS)
+def test_live_vectors_and_out_buffers(force_triton, metric, shape):
+    """Masked rows/columns count with w = 0 (as a weight multiplied by its live mask), and PLATON's
+    new state goes into ``out`` with ``state`` left as it was: both paths, against the formula."""
+    weight, grads = make_steps(shape, torch.float32, seed=11 + METRICS.index(metric))
+    n = shape[0]
+    k = shape[1] if len(shape) == 2 else 1
+    gen = torch.Generator().manual_seed(5)
+    rows = (torch.rand(n, generator=gen) > 0.3).float().to(DEVICE)
+    cols = (torch.rand(k, generator=gen) > 0.3).float().to(DEVICE) if k > 1 else None
+    live = rows.view(-1, 1) * (1 if cols is None else cols.view(1, -1))
+    masked_weight = (weight.view(n, k) * live).view(shape)
+    for fn in (importance, importance_reference):
+        state = {key: t + 0.25 for key, t in init_state(weight, metric).items()}  # a non-zero start
+        want_state = {key: t.clone() for key, t in state.items()}
+        before = {key: t.clone() for key, t in state.items()}
+        out = {key: torch.full_like(t, float("nan")) for key, t in state.items()} or None
+        row, col = fn(weight, grads[0], metric, state, 0.8, 0.9, rows, cols, out)
+        row_ref, col_ref = importance_reference(masked_weight, grads[0], metric, want_state, 0.8, 0.9)
+        torch.testing.assert_close(row, row_ref, rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(col, col_ref, rtol=RTOL, atol=ATOL)
+        if metric != "platon":  # (PLATON's state of a dead entry is zeroed by the pruner at the mask update)
+            assert row[rows == 0].abs().sum() == 0
+        for key in state:
+            assert torch.equal(state[key], before[key])  # the old state survives (a skipped step)
+            torch.testing.assert_close(out[key], want_state[key], rtol=RTOL, atol=ATOL)
+
+
 @pytest.mark.parametrize("metric", METRICS)
 def test_deterministic(force_triton, metric):
     """Two runs from the same state are bitwise equal (no atomics in the reductions)."""
@@ -122,14 +151,16 @@ from homodistil.kernels import importance as imp
 
 fn = imp._importance_kernel
 signature = dict(w_ptr="*bf16", g_ptr="*fp32", ema_ptr="*fp32", unc_ptr="*fp32",
+                 ema_out_ptr="*fp32", unc_out_ptr="*fp32", rows_ptr="*fp32", cols_ptr="*fp32",
                  row_part_ptr="*fp32", col_part_ptr="*fp32", N="i32", K="i32", beta1="fp32",
                  one_minus_beta1="fp32", beta2="fp32", one_minus_beta2="fp32",
-                 METRIC="constexpr", BLOCK_N="constexpr", BLOCK_K="constexpr")
+                 METRIC="constexpr", HAS_ROWS="constexpr", HAS_COLS="constexpr",
+                 BLOCK_N="constexpr", BLOCK_K="constexpr")
 for metric in range(len(imp.METRICS)):
-    for shape in [(768, 3072), (3072, 1)]:
+    for shape, masked in [((768, 3072), True), ((768, 3072), False), ((3072, 1), True)]:
         block_n, block_k = imp._blocks(*shape, interpreted=False)
-        triton.compile(ASTSource(fn, signature, dict(METRIC=metric, BLOCK_N=block_n,
-                                                     BLOCK_K=block_k)),
+        triton.compile(ASTSource(fn, signature, dict(METRIC=metric, HAS_ROWS=masked, HAS_COLS=masked,
+                                                     BLOCK_N=block_n, BLOCK_K=block_k)),
                        target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8))
 """
 

@@ -60,6 +60,7 @@ def test_profiled_run_writes_trace_and_perf_scalars(tmp_path):
     out = tmp_path / "run"
     peak = 0.5
     recipe = run_inprocess(tiny_overrides(out) + ["trainer.max_steps=6", "pruning.t_f=4", "pruning.shrink_interval=2",
+                                                  "trainer.perf_every=1",
                                                   "trainer.profile={start: 2, steps: 3}", f"trainer.peak_tflops={peak}"])
     recipe.close()
     traces = list((out / "profile").glob("rank0.*.pt.trace.json"))

@@ -141,11 +141,11 @@ def test_plan_memory_parts_for_a_tiny_run():
     s3_psi = count_params(teacher_arch(s3_cfg := load_config(None, ["model.teacher=tiny"]))).total + 3 * 64 * 64
     assert s3.memory["ZeRO buckets"] == 2 * 4 * s3_psi  # fp32: the reduce bucket and its flat copy
     assert s3.memory["ZeRO-3 live parameters"] == 4 * s3_psi and "ZeRO-3 live parameters" not in one.memory
-    # PLATON's two fp32 EMAs and the pending |w·g| per scored weight, each rank its 1/world share; none for the
-    # other metrics
-    assert one.memory["importance state (PLATON)"] == 12 * psi / 8 and two.memory["importance state (PLATON)"] == \
-        12 * psi / 16
-    assert s3_cfg.pruning.metric == "platon" and s3.memory["importance state (PLATON)"] == 12 * s3_psi / 8
+    # PLATON's two fp32 EMAs and the step's new pair per scored weight, each rank its 1/world share; none for
+    # the other metrics
+    assert one.memory["importance state (PLATON)"] == 16 * psi / 8 and two.memory["importance state (PLATON)"] == \
+        16 * psi / 16
+    assert s3_cfg.pruning.metric == "platon" and s3.memory["importance state (PLATON)"] == 16 * s3_psi / 8
     magnitude = make_plan(load_config(None, ["model.teacher=tiny", "pruning.metric=magnitude"]), "h200", 1)
     assert "importance state (PLATON)" not in magnitude.memory
     windowed = make_plan(load_config(None, ["model.teacher=tiny", "pruning.platon_window=10"]), "h200", 1)
@@ -182,10 +182,10 @@ def test_not_fit_warning_and_exit_status(capsys):
     big = ["model.teacher=meta-llama/Meta-Llama-3-8B", "deepspeed.zero_optimization.stage=2",
            "deepspeed.bf16.enabled=true", "loss.alpha_attention=0", "model.attn_implementation=sdpa",
            "pruning.metric=sensitivity"]
-    # PLATON's per-weight state (12 bytes per parameter over all GPUs) is named when it dominates: on one
-    # A100-40GB (90 GiB of it) it does, spread over 8 (11 GiB of 69 GiB) it does not
+    # PLATON's per-weight state (16 bytes per parameter over all GPUs) is named when it dominates: on one
+    # A100-40GB (120 GiB of it) it does, spread over 16 (7.5 GiB of 65 GiB) it does not
     assert "pruning.metric=sensitivity" in format_plan(load_config(None, big[:-1]), "a100-40gb", 1, 1)
-    assert "pruning.metric=sensitivity" not in format_plan(load_config(None, big[:-1]), "a100-40gb", 1)
+    assert "pruning.metric=sensitivity" not in format_plan(load_config(None, big[:-1]), "a100-40gb", 2)
     cfg = load_config(None, big)
     plan = make_plan(cfg, "a100-40gb", nodes=1)
     assert not plan.fits and plan.total_memory > 40 * GIB

@@ -5,7 +5,7 @@ from transformers import BertConfig
 from homodistil.kernels.importance import importance_reference, init_state
 from homodistil.pruning.adapters import AdapterError, get_adapter, supported
 from homodistil.pruning.groups import Group, MaskPoint, Slice, live_numel, shrink_tensors
-from homodistil.pruning.pruner import Pruner, live_fragment, pieces
+from homodistil.pruning.pruner import Pruner, live_vectors, pieces, zero_dead
 
 import pytest
 from conftest import assert_close_at_scale
@@ -206,11 +206,16 @@ def test_pieces_cover_a_flat_range_with_a_partial_row_whole_rows_and_a_partial_r
             assert covered.flatten().tolist() == [int(start <= i < start + n) for i in range(20)]
 
 
-def test_live_fragment_is_the_flat_slice_of_the_live_entries():
+def test_zero_dead_zeroes_the_flat_slice_of_the_dead_entries():
+    """Row and column live vectors (O(R + C)) zero exactly the dead entries of any fragment."""
     units = {0: torch.tensor([True, False, True, True]), 1: torch.tensor([True, True, False, True, True])}
     full = (units[0].view(-1, 1) & units[1].view(1, -1)).flatten()
+    live = live_vectors(units, (4, 5), "cpu")
+    assert live[0].shape == (4,) and live[1].shape == (5,) and live[0].dtype == torch.float32
     for start, n in ((0, 20), (3, 14), (7, 1), (12, 8)):
-        assert torch.equal(live_fragment(units, (4, 5), start, n), full[start:start + n])
+        values = torch.arange(1.0, n + 1)
+        zero_dead(values, (4, 5), start, live)
+        assert torch.equal(values != 0, full[start:start + n])
 
 
 @pytest.mark.parametrize("metric,window", [("magnitude", 1), ("sensitivity", 1), ("platon", 1), ("platon", 2)])
@@ -320,3 +325,21 @@ def test_a_saved_partitioned_state_loads_into_another_partitioning():
     pruner.load_state_dict({**pruner.state_dict(), "partitioned": True})
     pruner.load_local_state(iter(saved), {"w": (9, 20)}, "cpu")
     assert torch.equal(pruner.state["w"]["ema"], ema[9:29]) and pruner.fragments["w"] == (9, 20)
+
+
+def test_masked_linear_is_the_shrunk_linear_scattered_back():
+    """F.linear × mask: masked outputs (bias included) and their weight and bias gradients are exactly 0, the
+    live ones are the shrunk layer's, at an odd shape."""
+    from homodistil.pruning.masked import masked_linear
+
+    gen = torch.Generator().manual_seed(4)
+    x, w, b = torch.randn(5, 3, 7, generator=gen), torch.randn(11, 7, generator=gen), torch.randn(11, generator=gen)
+    keep = torch.rand(11, generator=gen) < 0.6
+    live = keep.nonzero().squeeze(1)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    y = masked_linear(*leaves, keep)
+    y.sum().backward()
+    shrunk = torch.nn.functional.linear(x, w[live], b[live])
+    assert y.shape == (5, 3, 11) and y[..., ~keep].eq(0).all()
+    torch.testing.assert_close(y[..., live], shrunk, rtol=0, atol=0)
+    assert leaves[1].grad[~keep].eq(0).all() and leaves[2].grad[~keep].eq(0).all()

@@ -57,6 +57,18 @@ def _blocks_from_ids(docs: list[list[int]], block: int, prefix: list[int], sep_i
     return torch.cat([ends[0], core, ends[1]], dim=1)  # (N, T)
 
 
+def scored_positions(labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Host-side index of a host batch's scored positions, so that no device step has to find them
+    (boolean indexing on a device waits for the device to count the positions).
+
+    labels (B, T), -100 where nothing is predicted -> ``scored`` (M,) int64 flat positions into
+    (B·T) in row-major order (the order of boolean indexing) and ``targets`` (M,) the labels there.
+    """
+    flat = labels.reshape(-1)
+    scored = (flat != -100).nonzero().squeeze(1)  # (M,), on the host: no device involved
+    return {"scored": scored, "targets": flat[scored]}
+
+
 def causal_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Next-token labels (B, T): ``labels[:, t] = input_ids[:, t+1]``; -100 at the last position
     and wherever the position or its next token is padding (``attention_mask`` 0)."""

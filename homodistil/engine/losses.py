@@ -18,14 +18,15 @@ def distill_losses(cfg: LossConfig, labels: torch.Tensor, student: dict, teacher
 
     ``student``/``teacher``: ``logits`` (M, V) at the M scored positions, ``hidden`` (list of (B, T, H_teacher) —
     the student's already projected), ``attentions`` (list of (B, heads, T, T)).
-    labels (B, T): token ids at masked positions, -100 elsewhere.
+    labels (B, T): token ids at masked positions, -100 elsewhere; or (M,) the token ids at the scored
+    positions already (a training step's ``targets``: no boolean indexing on the device).
     """
-    scored = labels != -100  # (B, T)
     terms: dict[str, torch.Tensor] = {}
     loss = 0.0
     if cfg.alpha_lm or cfg.alpha_pred:  # the (M, V) terms, fused into one kernel on CUDA (kernels.lm_losses)
-        loss, lm, kl = lm_losses(student["logits"], teacher.get("logits"), labels[scored], cfg.alpha_lm,
-                                 cfg.alpha_pred, cfg.temperature)
+        targets = labels if labels.dim() == 1 else labels[labels != -100]  # (M,)
+        loss, lm, kl = lm_losses(student["logits"], teacher.get("logits"), targets, cfg.alpha_lm, cfg.alpha_pred,
+                                 cfg.temperature)
         terms.update({k: v for k, v in (("lm", lm), ("kl", kl)) if v is not None})
     if cfg.alpha_hidden:
         terms["hidden"] = sum(F.mse_loss(s.float(), t.float()) for s, t in zip(student["hidden"], teacher["hidden"]))

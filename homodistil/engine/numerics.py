@@ -41,6 +41,8 @@ class AdamW(torch.optim.AdamW):
 def all_finite(tensors) -> bool:
     """Whether every tensor (None: skipped) is finite. ``tensors`` may be a generator: each is
     checked and dropped before the next is made, and every one is made (no short-circuit), so
-    generators of ZeRO-3 gathers stay in step across ranks."""
-    return all([bool(t.isfinite().all()) for t in tensors if t is not None])
+    generators of ZeRO-3 gathers stay in step across ranks. One host read for all of them (on a
+    GPU each read waits for the device)."""
+    flags = [t.isfinite().all() for t in tensors if t is not None]  # () bool each, on the device
+    return bool(torch.stack(flags).all()) if flags else True
 

@@ -5,6 +5,7 @@ rebuild on shrink, checkpoints and logging live in the helpers around it.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import threading
@@ -14,11 +15,13 @@ from pathlib import Path
 import deepspeed
 import torch
 import torch.distributed as dist
+from accelerate import init_empty_weights
 from deepspeed import zero
+from torch import nn
 from transformers import set_seed
 
 from homodistil.config import Config, ConfigError, dump_config
-from homodistil.data.batches import BatchSource, check_global_batch
+from homodistil.data.batches import BatchSource, check_global_batch, scored_positions
 from homodistil.data.batches import from_config as data_from_config
 from homodistil.lm.probe import HeldoutProbe
 from homodistil.pruning.adapters import get_adapter
@@ -59,6 +62,33 @@ def _architecture(config: dict) -> dict:
     return {k: v for k, v in json.loads(json.dumps(config)).items() if k not in ignored}
 
 
+def materialize(module: nn.Module, device: torch.device | str) -> None:
+    """Give every parameter of ``module`` left on the meta device uninitialised storage on ``device``
+    (a parameter shared by two modules, such as tied embeddings, stays shared); buffers are untouched.
+    The caller writes every parameter before use."""
+    made: dict[int, nn.Parameter] = {}
+    for sub in module.modules():
+        for name, prm in list(sub._parameters.items()):
+            if prm is not None and prm.is_meta:
+                if id(prm) not in made:
+                    made[id(prm)] = nn.Parameter(torch.empty_like(prm, device=device), requires_grad=prm.requires_grad)
+                sub._parameters[name] = made[id(prm)]
+
+
+class _ScoredLabels:
+    """Stands in for ``batch["labels"]`` in the batch handed to ``models.teacher_outputs``, which finds
+    the scored positions as ``labels != -100``: it answers with the batch's precomputed (M,) positions,
+    so the teacher's head gathers them instead of indexing with a boolean mask on the device (which
+    makes the host wait for the device to count them)."""
+
+    def __init__(self, scored: torch.Tensor):
+        self.scored = scored  # (M,) int64 flat positions (data.batches.scored_positions)
+
+    def __ne__(self, other) -> torch.Tensor:
+        assert other == -100, other
+        return self.scored
+
+
 class Recipe:
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -90,11 +120,13 @@ class Recipe:
         self.step = 0
         self.shrink_host_peaks: list[list[tuple[int, int]]] = []  # per shrink and rank (_shrink)
         self.bad_steps = 0  # consecutive steps skipped for a non-finite loss or gradient
+        self.held: list[tuple[int, dict[str, float], torch.Tensor]] = []  # steps not yet logged (_log)
         removed = checkpoint.remove_incomplete(self.ckpt_root) if self.rank == 0 else []
         if tag:
             self._resume(tag, meta, resized)
         elif self.rank == 0:
             (self.out / "config.yaml").write_text(dump_config(self.cfg))
+        self.live_params = self._param_count(live=True)  # the masked model's size; recounted where masks change
         self._setup_monitoring(tag, removed, armed, damaged)
         return self
 
@@ -103,6 +135,8 @@ class Recipe:
         cfg = self.cfg
         self.rank, self.world, _ = init_distributed()
         self.device = device()
+        # the stop flag's collective runs on the host: a gloo group beside NCCL, so reading it waits for no device
+        self.host_group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
         armed = faults.configure(self.rank)
         self.out = Path(cfg.trainer.output_dir)
         if self.rank == 0:
@@ -280,11 +314,19 @@ class Recipe:
             return engine
         return teacher.to(self.device, torch.bfloat16 if self.cfg.bf16 else torch.float32)
 
-    def _build_student(self, kept: dict[str, int]):
+    def _build_student(self, kept: dict[str, int], empty: bool = False):
+        """The student at widths ``kept`` and its groups. ``empty``: its parameters are left uninitialised
+        (built on the meta device, then given storage; buffers are built as usual), for a caller that
+        writes every one of them (a shrink, a one-shot cut): no random initialisation of a model whose
+        weights are thrown away."""
         config = student_config(self.adapter, self.tcfg, kept, self.cfg.model)
         rng = torch.random.get_rng_state()  # building must not move the dropout RNG stream
-        student = Student(self.adapter.build(config, self.tcfg), self.hidden_pairs, self.tcfg.hidden_size,
-                          self.adapter.head)
+        with init_empty_weights(include_buffers=False) if empty else contextlib.nullcontext():
+            student = Student(self.adapter.build(config, self.tcfg), self.hidden_pairs, self.tcfg.hidden_size,
+                              self.adapter.head)
+        if empty:
+            materialize(student, "cpu")
+            student.lm.tie_weights()  # init_empty_weights re-registers a tied parameter as a new one: tie again
         torch.random.set_rng_state(rng)
         groups = student_groups(self.adapter, config, len(self.hidden_pairs))
         make_maskable(student, groups, self.adapter.drop_ins)
@@ -325,21 +367,23 @@ class Recipe:
                 started = time.perf_counter()
                 self.perf.begin_step(self.step + 1)
                 # 1. forward teacher and student on the same batch, 2. losses, 3. backward
-                terms_sum: dict[str, float] = {}
+                terms_sum: dict[str, torch.Tensor] = {}  # fp64 () on the device: read at log steps only
                 for micro in range(cfg.grad_accum):
                     batch = self._batch(micro)
                     with phase("student"):
-                        student = self.engine(batch["input_ids"], batch["attention_mask"], batch["labels"] != -100,
+                        student = self.engine(batch["input_ids"], batch["attention_mask"], batch["scored"],
                                               want_hidden, want_attn)
                     with phase("teacher"):
-                        teacher = teacher_outputs(self.teacher, self.adapter.head, batch, want_hidden, want_attn,
-                                                  self.hidden_pairs, self.attention_pairs) if self.needs_teacher else {}
+                        teacher = teacher_outputs(self.teacher, self.adapter.head,
+                                                  {**batch, "labels": _ScoredLabels(batch["scored"])}, want_hidden,
+                                                  want_attn, self.hidden_pairs, self.attention_pairs
+                                                  ) if self.needs_teacher else {}
                     with phase("student"):
-                        terms = distill_losses(cfg.loss, batch["labels"], student, teacher)
+                        terms = distill_losses(cfg.loss, batch["targets"], student, teacher)
                         terms["loss"] = faults.loss(terms["loss"], self.step + 1)
                         self.engine.backward(terms["loss"])
                         for k, v in terms.items():
-                            terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+                            terms_sum[k] = terms_sum.get(k, 0.0) + v.detach().double() / cfg.grad_accum
                         if micro < cfg.grad_accum - 1:
                             self.engine.step()  # counts the micro-batch; DeepSpeed updates only at the boundary
                 # 4. importance, measured on this rank's fragments of this step's gradients (before the optimizer uses
@@ -380,6 +424,7 @@ class Recipe:
     def _batch(self, micro: int) -> dict[str, torch.Tensor]:
         batch = self.data.batch(self.step, micro, grad_accum=self.cfg.grad_accum,
                                 micro_batch=self.cfg.micro_batch_size, rank=self.rank, world=self.world)
+        batch.update(scored_positions(batch["labels"]))  # on the host, before the batch moves
         return {k: v.to(self.device) for k, v in batch.items()}
 
     @timed("heldout")
@@ -429,7 +474,7 @@ class Recipe:
         Returns (student, sliced params, (groups before, kept indices per group)) so that the caller can slice
         other per-parameter state alike; the pruner's own state is sliced here."""
         old_groups, kept = self.groups, self._mask_widths()
-        student, self.groups = self._build_student(kept)
+        student, self.groups = self._build_student(kept, empty=True)  # every parameter is copied in below
         keep = self.pruner.shrink(self.groups)
         params = shrink_tensors(params, old_groups, keep)
         with torch.no_grad():
@@ -497,7 +542,8 @@ class Recipe:
         if self.pruner.update_masks(self.step):
             masks = [self.pruner.masks]
             dist.broadcast_object_list(masks, src=0)  # the ranks' scores agree; rank 0's masks are the law
-            self.pruner.masks = masks[0]
+            self.pruner.set_masks(masks[0])
+            self.live_params = self._param_count(live=True)
             apply_masks(self.engine.module, self.groups, {k: m.to(self.device) for k, m in self.pruner.masks.items()})
 
     @timed("shrink")
@@ -519,12 +565,13 @@ class Recipe:
         faults.point("shrink", self.step)
         del self.engine
         hostmem.release()  # the old engine's memory goes back before the new one is built
-        student, self.groups = self._build_student(kept)
+        student, self.groups = self._build_student(kept, empty=True)  # restore() writes every parameter
         self.kept = kept
         self.engine = self._init_engine(student)
         restore(self.engine, pieces, adam_step)
         self.pruner.reshard(gather_fragments, self._fragment_ranges())
         self._set_schedule(global_steps, global_samples, scheduler_state)
+        self.live_params = self._param_count(live=True)
         self._note_shrink(time.perf_counter() - started, streamed, hostmem.peak_since(before))
 
     def _note_shrink(self, seconds: float, streamed: int, whole: int) -> None:
@@ -558,22 +605,39 @@ class Recipe:
         masks = self.pruner.masks if live else {g.name: torch.ones(g.size, dtype=torch.bool) for g in self.groups}
         return live_numel(shapes, self.groups, masks)
 
+    def _log_step(self, step: int) -> bool:
+        return step % self.cfg.trainer.log_every == 0 or step == self.cfg.trainer.max_steps
+
     @timed("log")
-    def _log(self, terms: dict[str, float], step_time: float, skipped: bool) -> None:
-        values = torch.tensor([terms[k] for k in sorted(terms)], dtype=torch.float64, device=self.device)
-        dist.all_reduce(values)
-        scalars = {f"loss/{'total' if k == 'loss' else k}": float(v) / self.world for k, v in zip(sorted(terms), values)}
+    def _log(self, terms: dict[str, torch.Tensor], step_time: float, skipped: bool) -> None:
+        """Hold the step's scalars; its loss terms stay on the device until a log step (``trainer.log_every``),
+        where every held step is reduced over the ranks and read at once: a step's only host sync."""
         sparsity = self.pruner.sparsity(self.step)
+        scalars: dict[str, float] = {}
         scalars.update({f"prune/sparsity_{k}": v for k, v in sparsity.items()})
         scalars["prune/sparsity"] = max(sparsity.values())
-        scalars["prune/live_params"] = float(self._param_count(live=True))
+        scalars["prune/live_params"] = float(self.live_params)
         scalars["time/step_s"] = step_time
         scalars["lr"] = self.engine.optimizer.param_groups[0]["lr"]
         scalars["skipped"] = float(skipped)  # 1: a non-finite loss or gradient, no update
         scalars.update(self.perf.end_step(self.step, arch_from_hf_config(self.engine.module.lm.config.to_dict()),
                                           self.teacher_arch))
-        log_line = self.step % self.cfg.trainer.log_every == 0 or self.step == self.cfg.trainer.max_steps
-        self.monitor.step(self.step, scalars, log_line)
+        self.held.append((self.step, scalars, torch.stack([terms[k] for k in sorted(terms)])))  # (terms,) fp64
+        self.loss_keys = [f"loss/{'total' if k == 'loss' else k}" for k in sorted(terms)]
+        if self._log_step(self.step):
+            self._flush_log()
+
+    def _flush_log(self) -> None:
+        """Write the held steps (metrics.jsonl, TensorBoard, the log line): one all-reduce and one host copy
+        of their loss terms (at log steps, and before a checkpoint so that it never precedes its rows)."""
+        if not self.held:
+            return
+        held, self.held = self.held, []
+        values = torch.stack([v for _, _, v in held])  # (steps, terms) fp64
+        dist.all_reduce(values)
+        for (step, scalars, _), row in zip(held, values.tolist()):
+            losses = {k: v / self.world for k, v in zip(self.loss_keys, row)}
+            self.monitor.step(step, {**losses, **scalars}, self._log_step(step))
 
     # ------------------------------------------------------------------ checkpoints
     def _meta(self) -> dict:
@@ -585,6 +649,7 @@ class Recipe:
 
     @timed("checkpoint")
     def save(self) -> str:
+        self._flush_log()
         tag = checkpoint.save(self.engine, self.ckpt_root, self.step, self._meta(), self.pruner.state_dict(),
                               self.pruner.local_state_dict(), self.rank, self.data.state_dict(), self.ckpt_bytes,
                               keep=self.cfg.trainer.keep_checkpoints, protect=self.resumed_tag)
@@ -660,11 +725,11 @@ class Recipe:
     def _on_sigterm(self, signum, frame) -> None:
         self.stop_requested = True
 
-    @timed("log")  # a collective every step, as the loss all-reduce of _log
+    @timed("log")  # a collective every step, on the host
     def _should_stop(self) -> bool:
-        flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.device)
-        dist.all_reduce(flag)  # any rank signalled -> all ranks save together
-        return bool(flag.item())
+        flag = torch.tensor([1.0 if self.stop_requested else 0.0])  # on the host (gloo)
+        dist.all_reduce(flag, group=self.host_group)  # any rank signalled -> all ranks save together
+        return bool(flag.numpy()[0] > 0)  # a host tensor (.numpy() refuses a device one): no device sync
 
     def close(self) -> None:
         if hasattr(self, "perf"):

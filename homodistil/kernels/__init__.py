@@ -1,4 +1,4 @@
-"""Kernels that know tensors, not models: masked GEMM and fused importance accumulation.
+"""Kernels that know tensors, not models: fused importance accumulation.
 
 Each module holds a plain-torch reference; dispatch uses Triton on CUDA and the reference
 elsewhere. Nothing here imports ``homodistil.pruning`` or ``homodistil.engine``.

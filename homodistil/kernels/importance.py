@@ -4,14 +4,22 @@ Element scores ``S`` per metric (all in fp32):
 - ``magnitude``:   S = w²                         (the group score is sqrt of the group's sum)
 - ``sensitivity``: S = |w · g|                    (first-order loss change, Molchanov et al.)
 - ``platon``:      I = |w · g|;  Ī ← β1·Ī + (1−β1)·I;  U ← β2·U + (1−β2)·|I − Ī|;  S = Ī · U
-                   (Zhang et al., PLATON, ICML 2022; Ī and U live in ``state`` and are
-                   updated in place)
+                   (Zhang et al., PLATON, ICML 2022; Ī and U live in ``state``; the new values
+                   are written in place, or into ``out`` so that the old ones survive a step the
+                   optimizer skips)
 Returned: ``row[i] = Σ_j S[i, j]`` and ``col[j] = Σ_i S[i, j]``. A 1-D tensor is treated as
 an (n, 1) matrix, so ``row`` is its element scores.
 
-The Triton path fuses all of it into one pass (read w, g and the PLATON state once, write the
-state once) and is deterministic: each program sums its tile into per-tile partial row and
-column sums, which torch then reduces in a fixed order (no atomics).
+Dead entries: ``rows`` (N,) and ``cols`` (K,) are optional fp32 live vectors (1 live, 0 masked);
+an entry in a masked row or column counts with w = 0, as if it were shrunk away. They are
+vectors, not a weight-sized mask: a mask update costs O(N + K) per matrix, not O(N·K).
+
+PLATON with ``out`` (the pruner's per-step path) allocates no weight-sized temporary beyond a
+bounded block: the Triton kernel fuses everything into one pass (read w, g and the PLATON state once, write the state once) and is deterministic (each
+program sums its tile into per-tile partial row and column sums, which torch then reduces in a
+fixed order, no atomics); the torch reference's PLATON works in the ``out`` buffers and forms
+Ī·U for its sums in blocks of at most ``CHUNK`` elements (64 MiB; its other uses take one fp32
+buffer of the weight's size, as before).
 """
 from __future__ import annotations
 
@@ -22,6 +30,10 @@ import triton.language as tl
 from homodistil.kernels._dispatch import check_launchable, kernel_backend, kernel_range
 
 METRICS = ("magnitude", "sensitivity", "platon")
+# elements per row block of the reference's S = Ī·U (64 MiB of fp32): bounded, yet few blocks, since on a
+# loaded CPU each op's thread hand-off costs milliseconds (1 Mi-element blocks made a 31M-element PLATON
+# pass 3x slower than whole-tensor ops)
+CHUNK = 1 << 24
 
 
 def init_state(weight: torch.Tensor, metric: str) -> dict[str, torch.Tensor]:
@@ -32,6 +44,11 @@ def init_state(weight: torch.Tensor, metric: str) -> dict[str, torch.Tensor]:
     return {"ema": zeros, "unc": zeros.clone()}
 
 
+def _matrix(t: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """``t`` as an (n, k) view (a 1-D tensor is a column)."""
+    return t.reshape(n, k)
+
+
 def importance_reference(
     weight: torch.Tensor,
     grad: torch.Tensor | None,
@@ -39,44 +56,79 @@ def importance_reference(
     state: dict[str, torch.Tensor],
     beta1: float = 0.85,
     beta2: float = 0.95,
+    rows: torch.Tensor | None = None,
+    cols: torch.Tensor | None = None,
+    out: dict[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain-torch reference. weight/grad (N, K) or (N,), any float dtype -> fp32 (N,), (K,)."""
-    w = weight.float()
-    if w.dim() == 1:
-        w = w.unsqueeze(1)
-    if metric == "magnitude":
-        score = w * w
+    """Plain-torch reference. weight/grad (N, K) or (N,), any float dtype -> fp32 (N,), (K,).
+
+    ``rows``/``cols``: fp32 live vectors (N,), (K,) or None (all live). ``out``: PLATON only,
+    ``{"ema", "unc"}`` buffers shaped like the state that receive the new state (None: ``state``
+    is updated in place). With ``out``, PLATON's I lives in ``out["unc"]`` until U replaces it, and
+    S = Ī·U is formed in row blocks of at most ``CHUNK`` elements for its sums. Elementwise results
+    and row sums are bitwise those of whole-tensor ops; column sums of a weight above ``CHUNK``
+    elements add per-block partials.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"unknown importance metric {metric!r} (known: {', '.join(METRICS)})")
+    if metric != "magnitude" and grad is None:
+        raise ValueError(f"metric {metric!r} needs a gradient")
+    n = weight.shape[0]
+    k = weight.shape[1] if weight.dim() == 2 else 1
+    w = _matrix(weight, n, k).float()
+    if metric == "platon" and out is not None:
+        ipt = _matrix(out["unc"], n, k)  # I, then U
     else:
-        if grad is None:
-            raise ValueError(f"metric {metric!r} needs a gradient")
-        g = grad.float().reshape(w.shape)
-        ipt = torch.mul(w, g).abs_()  # a new tensor: the in-place ops below only touch it (and the state)
-        if metric == "sensitivity":
-            score = ipt
-        elif metric == "platon":
-            # in place and into ipt's buffer: at a MiniLM-sized student on one CPU core, fresh
-            # temporaries of every weight's size cost 4x the arithmetic (page faults)
-            ema = state["ema"].view(w.shape)
-            unc = state["unc"].view(w.shape)
-            ema.lerp_(ipt, 1 - beta1)
-            unc.lerp_(ipt.sub_(ema).abs_(), 1 - beta2)
-            score = torch.mul(ema, unc, out=ipt)
-        else:
-            raise ValueError(f"unknown importance metric {metric!r} (known: {', '.join(METRICS)})")
-    return score.sum(dim=1), score.sum(dim=0)
+        ipt = torch.empty((n, k), dtype=torch.float32, device=weight.device)
+    if metric == "magnitude":
+        torch.mul(w, w, out=ipt)
+    else:
+        torch.mul(w, _matrix(grad, n, k).float(), out=ipt)
+    if rows is not None:  # a dead row or column counts with w = 0: (w·g)·0 = (w·0)·g
+        ipt.mul_(rows.view(-1, 1))
+    if cols is not None:
+        ipt.mul_(cols.view(1, -1))
+    if metric != "platon":
+        score = ipt if metric == "magnitude" else ipt.abs_()
+        return score.sum(dim=1), score.sum(dim=0)
+    ipt.abs_()  # I = |w·g|
+    new = state if out is None else out
+    ema0, unc0 = _matrix(state["ema"], n, k), _matrix(state["unc"], n, k)
+    ema1, unc1 = _matrix(new["ema"], n, k), _matrix(new["unc"], n, k)
+    torch.lerp(ema0, ipt, 1 - beta1, out=ema1)  # Ī
+    ipt.sub_(ema1).abs_()  # |I − Ī|
+    torch.lerp(unc0, ipt, 1 - beta2, out=unc1)  # U (into I's buffer when ``out`` is given)
+    if out is None:  # I's own buffer is free: S in one pass, as before
+        score = torch.mul(ema1, unc1, out=ipt)
+        return score.sum(dim=1), score.sum(dim=0)
+    row_sum = torch.empty(n, dtype=torch.float32, device=weight.device)
+    col_sum = torch.zeros(k, dtype=torch.float32, device=weight.device)
+    step = max(1, CHUNK // max(k, 1))  # whole rows per block
+    scratch = torch.empty(min(n, step) * k, dtype=torch.float32, device=weight.device)
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        s = torch.mul(ema1[a:b], unc1[a:b], out=scratch[:(b - a) * k].view(b - a, k))  # S, (rows, K)
+        row_sum[a:b] = s.sum(dim=1)
+        col_sum += s.sum(dim=0)
+    return row_sum, col_sum
 
 
 @triton.jit
 def _importance_kernel(
     w_ptr,  # (N, K) weight, contiguous, any float dtype
     g_ptr,  # (N, K) gradient, contiguous, any float dtype (placeholder for magnitude)
-    ema_ptr,  # (N, K) fp32 PLATON EMA Ī, updated in place (placeholder unless platon)
-    unc_ptr,  # (N, K) fp32 PLATON uncertainty U, updated in place (placeholder unless platon)
+    ema_ptr,  # (N, K) fp32 PLATON EMA Ī, read (placeholder unless platon)
+    unc_ptr,  # (N, K) fp32 PLATON uncertainty U, read (placeholder unless platon)
+    ema_out_ptr,  # (N, K) fp32 new Ī, written (may be ema_ptr: in place)
+    unc_out_ptr,  # (N, K) fp32 new U, written (may be unc_ptr)
+    rows_ptr,  # (N,) fp32 live rows, 1 or 0 (placeholder unless HAS_ROWS)
+    cols_ptr,  # (K,) fp32 live columns (placeholder unless HAS_COLS)
     row_part_ptr,  # (cdiv(K, BLOCK_K), N) fp32 out: row sums of each column tile
     col_part_ptr,  # (cdiv(N, BLOCK_N), K) fp32 out: column sums of each row tile
     N, K,
     beta1, one_minus_beta1, beta2, one_minus_beta2,  # fp32; 1 − β precomputed, as torch's alpha
     METRIC: tl.constexpr,  # index into METRICS: 0 magnitude, 1 sensitivity, 2 platon
+    HAS_ROWS: tl.constexpr, HAS_COLS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # grid: (cdiv(N, BLOCK_N), cdiv(K, BLOCK_K)); one (BLOCK_N, BLOCK_K) tile, fp32 math.
@@ -87,6 +139,10 @@ def _importance_kernel(
     ok = (r < N)[:, None] & (c < K)[None, :]
     offs = r.to(tl.int64)[:, None] * K + c[None, :]
     w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    if HAS_ROWS:  # a dead row or column counts with w = 0 (as the reference: w·0)
+        w = w * tl.load(rows_ptr + r, mask=r < N, other=0.0)[:, None]
+    if HAS_COLS:
+        w = w * tl.load(cols_ptr + c, mask=c < K, other=0.0)[None, :]
     if METRIC == 0:
         score = w * w
     else:
@@ -98,8 +154,8 @@ def _importance_kernel(
             ema = tl.load(ema_ptr + offs, mask=ok, other=0.0) * beta1 + one_minus_beta1 * ipt
             unc = (tl.load(unc_ptr + offs, mask=ok, other=0.0) * beta2
                    + one_minus_beta2 * tl.abs(ipt - ema))
-            tl.store(ema_ptr + offs, ema, mask=ok)
-            tl.store(unc_ptr + offs, unc, mask=ok)
+            tl.store(ema_out_ptr + offs, ema, mask=ok)
+            tl.store(unc_out_ptr + offs, unc, mask=ok)
             score = ema * unc
     score = tl.where(ok, score, 0.0)
     tl.store(row_part_ptr + pid_k * N + r, tl.sum(score, axis=1), mask=r < N)
@@ -119,6 +175,22 @@ def _blocks(n: int, k: int, interpreted: bool) -> tuple[int, int]:
     return max(16, min(8192 // block_k, triton.next_power_of_2(n))), block_k
 
 
+def _check_state(state: dict[str, torch.Tensor], w: torch.Tensor, what: str) -> None:
+    """PLATON state is read or written in place: contiguous fp32 of w's size and device, no silent copies."""
+    for name in ("ema", "unc"):
+        t = state[name]
+        if t.dtype != torch.float32 or t.numel() != w.numel() or t.device != w.device or not t.is_contiguous():
+            raise ValueError(f"{what}[{name!r}] must be a contiguous fp32 tensor of {w.numel()} elements on "
+                             f"{w.device}, got {t.dtype} {tuple(t.shape)} on {t.device}")
+
+
+def _check_live(live: torch.Tensor | None, size: int, w: torch.Tensor, what: str) -> None:
+    if live is not None and (live.dtype != torch.float32 or live.shape != (size,) or live.device != w.device
+                             or not live.is_contiguous()):
+        raise ValueError(f"{what} must be a contiguous fp32 ({size},) tensor on {w.device}, got {live.dtype} "
+                         f"{tuple(live.shape)} on {live.device}")
+
+
 def importance_triton(
     weight: torch.Tensor,
     grad: torch.Tensor | None,
@@ -126,8 +198,11 @@ def importance_triton(
     state: dict[str, torch.Tensor],
     beta1: float = 0.85,
     beta2: float = 0.95,
+    rows: torch.Tensor | None = None,
+    cols: torch.Tensor | None = None,
+    out: dict[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton path; same contract as :func:`importance_reference` (PLATON state in place).
+    """Triton path; same contract as :func:`importance_reference`.
 
     An empty weight goes to the reference (a Triton grid cannot be empty).
     """
@@ -137,11 +212,11 @@ def importance_triton(
         raise ValueError(f"weight must be a 1-D or 2-D float tensor, got {weight.dtype} "
                          f"{tuple(weight.shape)}")
     if weight.numel() == 0:
-        return importance_reference(weight, grad, metric, state, beta1, beta2)
+        return importance_reference(weight, grad, metric, state, beta1, beta2, rows, cols, out)
     interpreted = check_launchable(_importance_kernel, weight)
     n, k = weight.shape if weight.dim() == 2 else (weight.shape[0], 1)
     w = weight.contiguous()
-    g = ema = unc = w  # placeholders for the operands this metric does not read
+    g = ema = unc = ema_out = unc_out = w  # placeholders for the operands this metric does not touch
     if metric != "magnitude":
         if grad is None:
             raise ValueError(f"metric {metric!r} needs a gradient")
@@ -150,27 +225,28 @@ def importance_triton(
                              f"match weight ({tuple(weight.shape)} on {weight.device})")
         g = grad.reshape(w.shape).contiguous()
     if metric == "platon":
+        _check_state(state, w, "state")
+        _check_state(state if out is None else out, w, "out")
         ema, unc = state["ema"], state["unc"]
-        for name, t in (("ema", ema), ("unc", unc)):  # updated in place: no silent copies
-            if (t.dtype != torch.float32 or t.numel() != w.numel() or t.device != w.device
-                    or not t.is_contiguous()):
-                raise ValueError(f"state[{name!r}] must be a contiguous fp32 tensor of "
-                                 f"{w.numel()} elements on {w.device}, got {t.dtype} "
-                                 f"{tuple(t.shape)} on {t.device}")
+        ema_out, unc_out = (ema, unc) if out is None else (out["ema"], out["unc"])
+    _check_live(rows, n, w, "rows")
+    _check_live(cols, k, w, "cols")
     block_n, block_k = _blocks(n, k, interpreted)
     grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
     row_part = torch.empty((grid[1], n), dtype=torch.float32, device=w.device)
     col_part = torch.empty((grid[0], k), dtype=torch.float32, device=w.device)
-    _importance_kernel[grid](w, g, ema, unc, row_part, col_part, n, k,
+    _importance_kernel[grid](w, g, ema, unc, ema_out, unc_out, w if rows is None else rows,
+                             w if cols is None else cols, row_part, col_part, n, k,
                              beta1, 1 - beta1, beta2, 1 - beta2, METRIC=METRICS.index(metric),
+                             HAS_ROWS=rows is not None, HAS_COLS=cols is not None,
                              BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8)
     return row_part.sum(dim=0), col_part.sum(dim=0)
 
 
-def importance(weight, grad, metric, state, beta1=0.85, beta2=0.95):
+def importance(weight, grad, metric, state, beta1=0.85, beta2=0.95, rows=None, cols=None, out=None):
     """Dispatching entry point: the fused Triton kernel on CUDA (or when forced), else the
     reference."""
     with kernel_range("importance", weight):
         if kernel_backend(weight) == "torch":
-            return importance_reference(weight, grad, metric, state, beta1, beta2)
-        return importance_triton(weight, grad, metric, state, beta1, beta2)
+            return importance_reference(weight, grad, metric, state, beta1, beta2, rows, cols, out)
+        return importance_triton(weight, grad, metric, state, beta1, beta2, rows, cols, out)

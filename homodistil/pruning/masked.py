@@ -5,6 +5,11 @@ scattered back to full width: masked outputs of linear layers and embedding colu
 and a masked norm takes its statistics over the live units only. Without a mask each behaves
 like its base layer. :class:`OutMasked` and :class:`NormMasked` are the bases of every
 drop-in; the adapters add their families' own (GPT-2's ``Conv1D``, the Llama family's RMSNorm).
+
+A masked linear layer is ``F.linear × mask`` (:func:`masked_linear`): on an H200 it beat a Triton
+GEMM that skipped masked rows at every masked fraction measured, 2.4-4.5× (docs/gpu.md), and that
+kernel is gone. A masked layer still pays for its masked rows; the recipe shrinks soon after
+masking.
 """
 from __future__ import annotations
 
@@ -12,9 +17,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from homodistil.kernels.masked_linear import RowMask, masked_linear, prepare_rows
+from homodistil.kernels._dispatch import kernel_range
 
 from .groups import Group, MaskPoint
+
+
+def masked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  keep: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, W, b) ⊙ m``: x (..., K), weight (N, K), bias (N,), ``keep`` (N,) bool on x's device
+    -> y (..., N) with masked outputs exactly 0 (bias included) and their weight and bias gradients 0.
+    This equals ``F.linear`` on the shrunk matrix, scattered back to full width. Under autocast
+    ``F.linear`` casts, and the mask follows y's dtype."""
+    with kernel_range("masked_linear.forward", x):
+        y = F.linear(x, weight, bias)
+        return y * keep.to(y.dtype)
 
 
 def _take_over(cls, module: nn.Module):
@@ -28,30 +44,29 @@ def _take_over(cls, module: nn.Module):
 class OutMasked(nn.Module):
     """Output units outside ``out_mask`` are forced to 0. A fused projection gets one mask per
     part (``set_mask(mask, part, parts)``); ``out_mask`` is their concatenation (None: all live).
-    The kernels' form of the mask (:class:`RowMask`) is prepared once per mask update and
-    device, on the first forward after it, not per call."""
+    Its copy on the compute device is made once per mask update, on the first forward after it."""
 
     out_mask: torch.Tensor | None = None
     _part_masks: tuple = ()
-    _rows: RowMask | None = None
+    _keep: torch.Tensor | None = None
 
     @classmethod
     def wrap(cls, module: nn.Module):
         new = _take_over(cls, module)
-        new.out_mask, new._part_masks, new._rows = None, (), None
+        new.out_mask, new._part_masks, new._keep = None, (), None
         return new
 
-    def rows(self, device: torch.device) -> RowMask:
-        """``out_mask`` prepared for the masked GEMM on ``device`` (cached until the next mask)."""
-        if self._rows is None or self._rows.keep.device != device:
-            self._rows = prepare_rows(self.out_mask.to(device))
-        return self._rows
+    def keep(self, device: torch.device) -> torch.Tensor:
+        """``out_mask`` (N,) bool on ``device`` (cached until the next mask)."""
+        if self._keep is None or self._keep.device != device:
+            self._keep = self.out_mask.to(device)
+        return self._keep
 
     def set_mask(self, mask: torch.Tensor | None, part: int = 0, parts: int = 1) -> None:
         masks = list(self._part_masks) if len(self._part_masks) == parts else [None] * parts
         masks[part] = mask
         self._part_masks = tuple(masks)
-        self._rows = None
+        self._keep = None
         if all(m is None for m in masks):
             self.out_mask = None
             return
@@ -60,12 +75,12 @@ class OutMasked(nn.Module):
 
 
 class MaskedLinear(OutMasked, nn.Linear):
-    """``y = x Wᵀ + b`` (W: (out, in)) with masked output units 0, by the masked GEMM kernel."""
+    """``y = x Wᵀ + b`` (W: (out, in)) with masked output units 0 (:func:`masked_linear`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.out_mask is None:
             return F.linear(x, self.weight, self.bias)
-        return masked_linear(x, self.weight, self.bias, self.rows(x.device))
+        return masked_linear(x, self.weight, self.bias, self.keep(x.device))
 
 
 class MaskedEmbedding(OutMasked, nn.Embedding):

@@ -39,18 +39,28 @@ def pieces(shape: tuple[int, ...], start: int, numel: int) -> list[tuple[int, in
     return out
 
 
-def live_fragment(units: dict[int, torch.Tensor], shape: tuple[int, ...], start: int, numel: int) -> torch.Tensor:
-    """Bool (numel,): the live entries of a fragment (``units`` from :func:`dead_entries`): an
-    entry in a masked row or column is dead."""
-    out = []
-    for _, row, rows, col, cols in pieces(shape, start, numel):
-        live = torch.ones(rows, cols, dtype=torch.bool)
-        if 0 in units:
-            live &= units[0][row:row + rows].view(-1, 1)
-        if 1 in units:
-            live &= units[1][col:col + cols].view(1, -1)
-        out.append(live.flatten())
-    return torch.cat(out) if out else torch.ones(0, dtype=torch.bool)
+def live_vectors(units: dict[int, torch.Tensor], shape: tuple[int, ...],
+                 device: torch.device | str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """fp32 live rows (R,) and columns (C,) of a parameter on ``device`` (1 live, 0 masked; None: no
+    masked unit along that dim), from ``units`` of :func:`dead_entries`. O(R + C): built once per mask
+    change, never per step, and never an entry-sized mask."""
+    rows = units[0].to(device=device, dtype=torch.float32) if 0 in units else None
+    cols = units[1].to(device=device, dtype=torch.float32) if 1 in units and len(shape) == 2 else None
+    return rows, cols
+
+
+def zero_dead(flat: torch.Tensor, shape: tuple[int, ...], start: int,
+              live: tuple[torch.Tensor | None, torch.Tensor | None]) -> None:
+    """Zero, in place, the entries of fragment ``flat`` (elements ``[start, start + n)`` of ``shape``)
+    that lie in a dead row or column (``live`` from :func:`live_vectors`), block by block of
+    :func:`pieces`: no mask of the fragment's size."""
+    rows, cols = live
+    for offset, row, n_rows, col, n_cols in pieces(shape, start, flat.numel()):
+        block = flat[offset:offset + n_rows * n_cols].view(n_rows, n_cols)
+        if rows is not None:
+            block.mul_(rows[row:row + n_rows].view(-1, 1))
+        if cols is not None:
+            block.mul_(cols[col:col + n_cols].view(1, -1))
 
 
 class Pruner:
@@ -82,9 +92,14 @@ class Pruner:
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.fragments: dict[str, tuple[int, int]] = {}
         self.state: dict[str, dict[str, torch.Tensor]] = {}  # {name: {ema, unc[, window]: fp32 (numel,)}}
+        # PLATON (per step): the measured step's new ema/unc, written beside the state and swapped in at
+        # commit (a skipped step keeps the old state); allocated once, reused every step
+        self.spare: dict[str, dict[str, torch.Tensor]] = {}
         self.pending: dict[str, tuple] = {}  # measured, not yet committed (the optimizer has not decided)
         self.unsliced = None  # partitioned state between shrink() and reshard()
-        self.dead: dict | None = None  # dead_entries of the current masks (None: to be computed)
+        self.dead: dict = {}  # dead_entries of the current masks, rebuilt where masks change (_masks_changed)
+        self.live: dict[str, tuple] = {}  # per parameter: live_vectors on its device (cleared with ``dead``)
+        self._masks_changed()
 
     # --- schedule -------------------------------------------------------------------------
     def sparsity(self, step: int) -> dict[str, float]:
@@ -124,27 +139,54 @@ class Pruner:
             if self.windowed:  # running mean of |w·g| over the window so far
                 self.state[name]["window"] = torch.zeros(numel, dtype=torch.float32, device=weight.device)
         assert self.fragments[name] == (start, numel), (name, self.fragments[name], (start, numel))
-        if self.dead is None:  # once per mask change, not per parameter and step
-            self.dead = dead_entries(self.groups, self.masks, self.params)
-        units = self.dead.get(name)
-        if units is not None:
-            weight = weight * live_fragment(units, self.shapes[name], start, numel).to(weight.device)
-        if self.metric == "platon":
-            self.pending[name] = (torch.mul(weight.float(), grad.float()).abs_(),)  # I, fp32 (numel,)
+        live = self._live(name, weight.device)  # (cached: no host work per step)
+        if self.metric != "platon":
+            self.pending[name] = self._partial(name, weight, grad, self.metric, {}, live)
+        elif not self.windowed:  # the new EMAs go beside the state: the optimizer may still skip this step
+            state = self.state[name]
+            spare = self.spare.get(name)
+            if spare is None:
+                spare = self.spare[name] = {k: torch.empty_like(state[k]) for k in ("ema", "unc")}
+            self.pending[name] = self._partial(name, weight, grad, "platon", state, live, spare)
         else:
-            self.pending[name] = self._partial(name, weight, grad, self.metric, {})
+            ipt = torch.mul(weight.float(), grad.float()).abs_()  # I, fp32 (numel,); the window's mean takes it
+            zero_dead(ipt, self.shapes[name], start, live)
+            self.pending[name] = (ipt,)
+
+    def _masks_changed(self) -> None:
+        """The masks changed (a mask update, a shrink, a resume): rebuild which rows and columns are dead
+        (host work over the masks, O(Σ R + C)); the device vectors follow at the next measure."""
+        self.dead, self.live = dead_entries(self.groups, self.masks, self.params), {}
+
+    def set_masks(self, masks: dict[str, torch.Tensor]) -> None:
+        """Replace the masks (bool (size,) per group, on the host), e.g. with rank 0's."""
+        self.masks = masks
+        self._masks_changed()
+
+    def _live(self, name: str, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Live rows and columns of parameter ``name`` on ``device`` (built once per mask change)."""
+        if name not in self.live:
+            units = self.dead.get(name)
+            self.live[name] = (None, None) if units is None else live_vectors(units, self.shapes[name], device)
+        return self.live[name]
 
     def _partial(self, name: str, weight: torch.Tensor, grad: torch.Tensor | None, metric: str,
-                 state: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+                 state: dict[str, torch.Tensor], live: tuple = (None, None),
+                 out: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Row (R,) and column (C,) sums of a fragment's element scores (its other rows/columns 0),
-        one kernel call per block of :func:`pieces` on views of the flat tensors and state."""
+        one kernel call per block of :func:`pieces` on views of the flat tensors, state, ``out``
+        buffers and live vectors ``live`` (a dead entry counts with w = 0, as if shrunk away)."""
         shape, (start, numel) = self.shapes[name], self.fragments[name]
         rows = torch.zeros(shape[0], dtype=torch.float32, device=weight.device)
         cols = torch.zeros(shape[1] if len(shape) == 2 else 1, dtype=torch.float32, device=weight.device)
+        live_rows, live_cols = live
         for offset, row, n_rows, col, n_cols in pieces(shape, start, numel):
             span = slice(offset, offset + n_rows * n_cols)
             r, c = importance(weight[span].view(n_rows, n_cols), None if grad is None else grad[span], metric,
-                              {k: t[span] for k, t in state.items()}, self.beta1, self.beta2)
+                              {k: t[span] for k, t in state.items()}, self.beta1, self.beta2,
+                              None if live_rows is None else live_rows[row:row + n_rows],
+                              None if live_cols is None else live_cols[col:col + n_cols],
+                              None if out is None else {k: t[span] for k, t in out.items()})
             rows[row:row + n_rows] += r
             cols[col:col + n_cols] += c
         return rows, cols
@@ -171,7 +213,11 @@ class Pruner:
         assert set(self.pending) == set(self.params), sorted(set(self.params) - set(self.pending))[:3]
         self.partitioned = reduce is not None
         pending, self.pending = self.pending, {}
-        if self.metric == "platon":
+        if self.metric == "platon" and not self.windowed:  # measure wrote the new EMAs beside the state
+            for name in pending:
+                state, spare = self.state[name], self.spare[name]
+                self.state[name], self.spare[name] = dict(spare), dict(state)
+        elif self.metric == "platon":
             for name, (ipt,) in pending.items():
                 state = self.state[name]
                 if self.windowed:
@@ -181,30 +227,29 @@ class Pruner:
                         continue
                     ipt = state["window"]
                 ema = {"ema": state["ema"], "unc": state["unc"]}  # the kernel with w = I, g = 1: |w·g| = I
-                ones = torch.ones((), dtype=ipt.dtype, device=ipt.device).expand(ipt.shape)  # stride 0: no buffer
+                ones = torch.ones((), dtype=ipt.dtype, device=ipt.device).expand(ipt.shape)  # once per window
                 pending[name] = self._partial(name, ipt, ones, "platon", ema)
-                if self.windowed:
-                    state["window"].zero_()
-            if self.windowed:
-                self.window_steps = 0 if fold else self.window_steps + 1
-                if not fold:
-                    return
+                state["window"].zero_()
+            self.window_steps = 0 if fold else self.window_steps + 1
+            if not fold:
+                return
         flat = torch.cat([t for name in self.params for t in pending[name]])  # (Σ R + C,)
         if reduce is not None:
             reduce(flat)
-        flat, rows, cols, at = flat.cpu(), {}, {}, 0  # the step's one host copy
+        rows, cols, at = {}, {}, 0  # views of flat where it lives: no host copy, no sync in a training step
         for name in self.params:
             r, c = (t.numel() for t in pending[name])
             rows[name], cols[name] = flat[at:at + r], flat[at + r:at + r + c]
             at += r + c
         for g in self.groups:
-            score = torch.zeros(g.size)
+            score = torch.zeros(g.size, device=flat.device)
             for s in g.slices:
                 score += (rows if s.dim == 0 else cols)[s.param][s.span(g.size)]
             if self.metric == "magnitude":
                 score = score.sqrt()
             if self.metric == "sensitivity":
-                self.scores[g.name] = (self.scores[g.name] * self.observed + score) / (self.observed + 1)
+                previous = self.scores[g.name].to(score.device)  # on the host after a resume
+                self.scores[g.name] = (previous * self.observed + score) / (self.observed + 1)
             else:
                 self.scores[g.name] = score
         self.observed += 1
@@ -223,7 +268,7 @@ class Pruner:
             keep = min(kept[g.kind], int(mask[0].sum()))
             if keep == int(mask[0].sum()):
                 continue
-            score = self.scores[g.name].view(g.blocks, g.block_size).clone()
+            score = self.scores[g.name].to("cpu", copy=True).view(g.blocks, g.block_size)  # (device) scores
             score[~mask] = -float("inf")
             order = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :keep]
             new = torch.zeros_like(mask).scatter_(1, order, True)
@@ -231,13 +276,14 @@ class Pruner:
             self.masks[g.name] = new.view(-1)
             changed = True
         if changed:
-            self.observed, self.dead = 0, None
+            self.observed = 0
+            self._masks_changed()
             dead = dead_entries(self.groups, self.masks, self.state)
             for name, state in self.state.items():  # PLATON's Ī and U of dead entries: 0, so Ī·U is 0 from now on
                 if name in dead:
-                    live = live_fragment(dead[name], self.shapes[name], *self.fragments[name])
                     for t in state.values():
-                        t.mul_(live.to(t.device))
+                        zero_dead(t, self.shapes[name], self.fragments[name][0],
+                                  live_vectors(dead[name], self.shapes[name], t.device))
         return changed
 
     def is_dense(self) -> bool:
@@ -271,7 +317,8 @@ class Pruner:
         for name, idx in keep.items():
             assert by_name[name].size == idx.numel(), (name, by_name[name].size, idx.numel())
         self.masks = {g.name: torch.ones(g.size, dtype=torch.bool) for g in new_groups}
-        self.dead = None
+        self.spare = {}
+        self._masks_changed()
         return keep
 
     def reshard(self, gather, ranges: dict[str, tuple[int, int]]) -> None:
@@ -285,7 +332,7 @@ class Pruner:
         if self.unsliced is None:
             return
         groups, keep, state, fragments, shapes = self.unsliced
-        self.unsliced = None
+        self.unsliced, self.spare = None, {}
         for name in sorted(state):
             for key in sorted(state[name]):
                 local = state[name].pop(key)
@@ -299,7 +346,7 @@ class Pruner:
     # --- checkpoint -----------------------------------------------------------------------
     def state_dict(self) -> dict:
         """What every rank holds alike (rank 0 saves it)."""
-        return {"masks": self.masks, "scores": self.scores, "observed": self.observed,
+        return {"masks": self.masks, "scores": {n: s.cpu() for n, s in self.scores.items()}, "observed": self.observed,
                 "window_steps": self.window_steps, "partitioned": self.partitioned, "origin": self.origin}
 
     def local_state_dict(self) -> dict:
@@ -311,8 +358,7 @@ class Pruner:
         """Masks, scores and counters as saved (the importance state: :meth:`load_local_state`)."""
         for name, mask in sd["masks"].items():
             assert mask.shape == self.masks[name].shape, (name, tuple(mask.shape), tuple(self.masks[name].shape))
-        self.masks = {n: m.clone() for n, m in sd["masks"].items()}
-        self.dead = None
+        self.set_masks({n: m.clone() for n, m in sd["masks"].items()})
         self.scores = {n: s.clone() for n, s in sd["scores"].items()}
         self.observed = sd["observed"]
         self.window_steps = sd.get("window_steps", 0)  # absent in checkpoints from before platon_window
@@ -326,7 +372,7 @@ class Pruner:
         where the state is not partitioned), on ``device``, where the gradients it is updated with live
         (a resumed GPU run once handed CPU state to the CUDA kernel). Any saved partitioning works:
         each saved fragment's overlap with this rank's is copied."""
-        self.state, self.fragments, self.shapes = {}, {}, {}
+        self.state, self.fragments, self.shapes, self.spare, self.live = {}, {}, {}, {}, {}
         for piece in saved:
             for name, st in piece["state"].items():
                 shape = tuple(piece["shapes"][name])

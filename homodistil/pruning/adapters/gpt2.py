@@ -28,10 +28,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
-from homodistil.kernels.masked_linear import masked_linear
-
 from ..groups import Group, MaskPoint, Slice
-from ..masked import OutMasked
+from ..masked import OutMasked, masked_linear
 from . import AdapterError, Arch, register
 from .common import TiedHeadWidth, norm
 
@@ -52,7 +50,7 @@ class MaskedConv1D(OutMasked, Conv1D):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.out_mask is None:
             return Conv1D.forward(self, x)
-        return masked_linear(x, self.weight.t(), self.bias, self.rows(x.device))
+        return masked_linear(x, self.weight.t(), self.bias, self.keep(x.device))
 
 
 
