@@ -131,9 +131,11 @@ def lm_losses_triton(s_logits: torch.Tensor, t_logits: torch.Tensor | None, labe
     kl_rows = torch.empty(m, dtype=torch.float32, device=s.device)
     if m:
         interpreted = check_launchable(_lm_losses_kernel, s)
+        block = _block_v(v, interpreted)
         _lm_losses_kernel[(m,)](s, t, grad, y, lm_rows, kl_rows, v, s.stride(0), t.stride(0), grad.stride(0),
                                 1.0 / temperature, alpha_lm / m, alpha_pred * temperature / m,
-                                HAS_LM=bool(alpha_lm), HAS_KL=bool(alpha_pred), BLOCK_V=_block_v(v, interpreted))
+                                HAS_LM=bool(alpha_lm), HAS_KL=bool(alpha_pred), BLOCK_V=block,
+                                num_warps=8 if block >= 2048 else 4)  # ~16 fp32 values per thread per chunk
     n = max(m, 1)
     lm = lm_rows.sum() / n if alpha_lm else None
     kl = kl_rows.sum() * (temperature**2 / n) if alpha_pred else None
