@@ -6,7 +6,7 @@
 # logged and the next one runs). Results: $OUT if set, else runs/gpu_check/<date>/:
 #   env.txt                 device, driver, versions
 #   a_tests.log, a_kernel_check.log     kernel tests compiled for the GPU, compiled kernels vs references
-#   b_kernels.log, b_tb/                benchmarks/kernels.py (rows-only masks, fp32 and bf16, importance)
+#   b_kernels.log, b_tb/                benchmarks/kernels.py (rows-only masks, fp32 and bf16, importance, LM losses)
 #   c_demo/  c_demo.log                 a real distill run of configs/demo.yaml (bf16, ZeRO-2, 200 steps)
 #   d_llama1b/  d_llama1b.log           configs/gpu_smoke_llama1b.yaml (Llama-3.2-1B shape, seq 2048)
 #   summary.md              the key figures (copy into docs/gpu.md)
@@ -85,12 +85,14 @@ part() {
 
 # a. kernel tests compiled for the GPU (not the interpreter), compiled kernels vs references
 want a && part a_tests 60 env TRITON_INTERPRET=0 HOMODISTIL_TEST_DEVICE=cuda \
-    python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels_importance.py -k "not compile_for_h100"
+    python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels_importance.py tests/test_kernels_lm_losses.py \
+    -k "not compile_for_h100"
 want a && part a_kernel_check 40 python3 benchmarks/kernel_check.py
 
-# b. kernel benchmarks: rows-only masks at 0/2/5/25/50%, fp32 and bf16, importance
-want b && part b_kernels 85 python3 benchmarks/kernels.py --tokens 8192 --sparsity 0 0.02 0.05 0.25 0.5 \
+# b. kernel benchmarks: rows-only masks at 0/2/5/25/50%, fp32 and bf16, importance, the fused LM losses
+want b && part b_kernels 110 python3 benchmarks/kernels.py --tokens 8192 --sparsity 0 0.02 0.05 0.25 0.5 \
     --dtype bf16 fp32 --warmup-ms 5 --rep-ms 15 --importance-shapes 768x3072 3072x768 \
+    --loss-shapes 4096x30522 8192x128256 \
     --logdir "$RES/b_tb"
 
 # c. the demo config, random-init teacher of the demo's shape (MiniLM: 6 x 384, 12 heads,
@@ -138,7 +140,7 @@ fi
     echo
     echo "## b. benchmarks/kernels.py"
     echo '```'
-    sed -n '/^masked_linear\|^importance/,/^$/p' "$RES/b_kernels.log" 2>/dev/null
+    sed -n '/^masked_linear\|^importance\|^lm_losses/,/^$/p' "$RES/b_kernels.log" 2>/dev/null
     echo '```'
     for d in c_demo d_llama1b; do
         echo

@@ -10,6 +10,10 @@
 - ``importance`` (fused) against the unfused torch reference, per metric and dtype (training
   feeds fp32 master weights and gradients). Goal: ≥ 3× faster; the achieved bandwidth is
   reported against the peak (a measured device-to-device copy, or ``--peak-gbs``).
+- ``lm_losses`` (cross-entropy + τ²·KL over the vocabulary in one Triton pass, gradient written once in the
+  logits' dtype) against the torch reference, forward+backward, at MLM (BERT, V = 30,522) and causal-LM
+  (Llama-3, V = 128,256) shapes: time and the peak memory the call adds beyond its inputs. Goal (issue 26): no
+  fp32 (tokens × vocabulary) copy, i.e. extra peak ≈ one gradient in the logits' dtype.
 
 Every ratio is measured in the same run, printed as a table and written to TensorBoard
 (``--logdir``). Timing: ``triton.testing.do_bench`` (CUDA events, L2 flushed between runs,
@@ -42,6 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="operand dtypes, each benchmarked in turn (default: bf16)")
     p.add_argument("--importance-shapes", nargs="+", default=["768x3072", "3072x768", "30522x768"],
                    help="weight shapes NxK for the importance benchmark")
+    p.add_argument("--loss-shapes", nargs="+", default=["4096x30522", "8192x128256"],
+                   help="scored rows x vocabulary MxV for the lm_losses benchmark")
     p.add_argument("--peak-gbs", type=float, default=None,
                    help="peak memory bandwidth in GB/s (default: measured with a large copy)")
     p.add_argument("--warmup-ms", type=int, default=25)
@@ -162,6 +168,43 @@ def bench_importance(args, dtype_name, peak, bench, writer) -> str:
                  header, rows)
 
 
+def bench_lm_losses(args, dtype_name, bench, writer) -> str:
+    from homodistil.kernels.lm_losses import LMLosses, lm_losses_reference
+
+    dtype = DTYPES[dtype_name]
+    gen = torch.Generator(device="cuda").manual_seed(args.seed)
+    rows = []
+    for shape in args.loss_shapes:
+        m, v = (int(x) for x in shape.lower().split("x"))
+        s = torch.randn(m, v, device="cuda", dtype=dtype, generator=gen).requires_grad_()
+        t = torch.randn(m, v, device="cuda", dtype=dtype, generator=gen)
+        y = torch.randint(0, v, (m,), device="cuda", generator=gen)
+        paths = {"fused": lambda: LMLosses.apply(s, t, y, 1.0, 1.0, 2.0)[0],
+                 "torch": lambda: lm_losses_reference(s, t, y, 1.0, 1.0, 2.0)[0]}
+        took, extra = {}, {}
+        for name, fn in paths.items():
+            took[name] = bench(lambda: fn().backward(), grad_to_none=[s])
+            s.grad = None
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            fn().backward()
+            torch.cuda.synchronize()
+            extra[name] = (torch.cuda.max_memory_allocated() - base) / 2**20  # MiB beyond the inputs
+            s.grad = None
+        one_grad = m * v * s.element_size() / 2**20
+        speedup = took["torch"] / took["fused"]
+        rows.append([shape, took["fused"] * 1e6, took["torch"] * 1e6, speedup, extra["fused"], extra["torch"],
+                     one_grad, "ok" if extra["fused"] <= 1.1 * one_grad + 1 else "MISS"])
+        tag = f"lm_losses/{dtype_name}/{shape}"
+        writer.add_scalar(f"{tag}/speedup_vs_torch", speedup, 0)
+        writer.add_scalar(f"{tag}/fused_extra_mib", extra["fused"], 0)
+        writer.add_scalar(f"{tag}/torch_extra_mib", extra["torch"], 0)
+    header = ["MxV", "fused us", "torch us", "speedup", "fused MiB", "torch MiB", "1 grad MiB", "goal"]
+    return table(f"lm_losses ({dtype_name} logits, fwd+bwd; MiB = peak beyond the inputs, the gradient included)",
+                 header, rows)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available():
@@ -184,7 +227,8 @@ def main(argv=None) -> int:
         peak = args.peak_gbs or measured_peak_gbs(bench)
         for dtype_name in args.dtype:
             for report in (bench_masked_linear(args, dtype_name, bench, writer),
-                           bench_importance(args, dtype_name, peak, bench, writer)):
+                           bench_importance(args, dtype_name, peak, bench, writer),
+                           bench_lm_losses(args, dtype_name, bench, writer)):
                 print("\n" + report, flush=True)
                 writer.add_text("tables", "```\n" + report + "\n```")
     finally:
