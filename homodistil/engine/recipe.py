@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import signal
 import threading
 import time
@@ -292,9 +293,16 @@ class Recipe:
 
         if d.streaming:
             return build()
-        if self.rank == 0:
+        data = None
+        if self.rank == 0:  # rank 0 tokenizes and caches; the others read the cache
+            created = not cache.exists()
             private_dir(cache)  # the run's text, tokenized: its owner's to read
-        data = build() if self.rank == 0 else None  # rank 0 tokenizes and caches; the others read the cache
+            try:
+                data = build()
+            except BaseException:
+                if created:  # a bad data source leaves nothing behind
+                    shutil.rmtree(cache, ignore_errors=True)
+                raise
         dist.barrier()
         return data if self.rank == 0 else build()
 
