@@ -26,7 +26,7 @@ previous complete checkpoint. A checkpoint written before manifests existed is n
 
 Opening a checkpoint runs no code from it. Every file is unpickled with ``weights_only=True``
 (:func:`safe_load`: tensors, plain data and the few types of :func:`_allowed_globals`), and
-DeepSpeed's own readers, which unpickle with ``weights_only=False``, only see a checkpoint whose
+DeepSpeed's own readers, which unpickle without the weights-only guard, only see a checkpoint whose
 every ``*.pt`` file passed that first (:func:`check_loadable`); anything else stops the command
 with one line naming the file. Nothing read from a checkpoint becomes a path outside it:
 ``latest`` must hold a tag (``stepNNNNNNNN``; anything else is ignored, reported in one line) and
@@ -134,8 +134,8 @@ def safe_load(path: Path, map_location=None, mmap: bool = False):
 
 def check_loadable(directory: Path) -> None:
     """Unpickle every ``*.pt`` file of checkpoint ``directory`` with :func:`safe_load` before anything
-    else opens one: DeepSpeed's ``load_checkpoint`` and ``zero_to_fp32`` unpickle with
-    ``weights_only=False``. Memory-mapped, so this reads each file's pickle, not its tensors; a
+    else opens one: DeepSpeed's ``load_checkpoint`` and ``zero_to_fp32`` unpickle
+    without the weights-only guard. Memory-mapped, so this reads each file's pickle, not its tensors; a
     file in torch's old (non-zip) format cannot be mapped and is refused (neither we nor DeepSpeed
     write one)."""
     for path in sorted(directory.glob("*.pt")):

@@ -115,7 +115,7 @@ def export_checkpoint(path: str | Path, out_dir: str | Path):
     if Path(out_dir).exists() and not Path(out_dir).is_dir():  # checked before any loading
         raise ExportError(f"{out_dir}: exists and is not a directory")
     root, tag = _resolve(Path(path))
-    checkpoint.check_loadable(root / tag)  # before zero_to_fp32, which unpickles with weights_only=False
+    checkpoint.check_loadable(root / tag)  # before zero_to_fp32, which unpickles without the weights-only guard
     meta = _read_meta(root, tag)
     pruner_state, _ = checkpoint.load_run_state(root, tag, 0)
     state = _full_state(root, tag)

@@ -190,7 +190,7 @@ class Recipe:
         here and reported once the monitor is up."""
         tag, damaged = checkpoint.find_resumable(self.ckpt_root) if self.cfg.trainer.resume else (None, [])
         if tag:
-            checkpoint.check_loadable(self.ckpt_root / tag)  # before DeepSpeed's loader (weights_only=False)
+            checkpoint.check_loadable(self.ckpt_root / tag)  # before DeepSpeed's loader, which unpickles without the weights-only guard
         self.resumed_tag = tag
         meta = checkpoint.read_meta(self.ckpt_root, tag) if tag else None
         if meta and _architecture(meta["teacher_config"]) != _architecture(self.tcfg.to_dict()):
