@@ -10,7 +10,7 @@ PIP := $(PY) -m pip install -q --disable-pip-version-check
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: setup.py scripts/install.sh
+$(VENV)/.installed: setup.py scripts/install.sh scripts/packaged-data.txt
 	bash scripts/install.sh $(VENV)
 	touch $@
 

@@ -22,6 +22,7 @@ setup(
         "pydantic>=2.6",
         "safetensors",
         "tqdm",
+        "gguf==0.19.0",  # reads GGUF teachers (model.teacher: smollm2 / gguf:PATH)
         "matplotlib",
         # evaluation metrics and the offline corpora / labelled data (see homodistil/data/corpora.py)
         "scikit-learn==1.9.1",

@@ -1,5 +1,6 @@
-"""One real distillation run on one GPU, measured: tokens/s before and after the first shrink,
-the shrink's wall time, peak GPU memory against ``homodistil plan``'s figure for the same
+"""One real distillation run on one GPU, measured: steady-state tokens/s and MFU at each width the
+schedule trains at (before the first shrink, between shrinks, after the last), those widths, each
+shrink's wall time, peak GPU memory against ``homodistil plan``'s figure for the same
 config, every ``perf/*`` scalar the run logs, and a torch.profiler trace of a few steps.
 
     python benchmarks/gpu_run.py CONFIG [key=value ...] --out DIR [--profile-steps 3]
@@ -35,15 +36,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_intermixed_args(argv)
 
 
-def first_shrink_step(cfg) -> int:
-    """The step whose end runs the first in-place shrink (recipe.train's rule)."""
-    return min(cfg.pruning.shrink_interval, cfg.pruning.t_f)
+def segments(cfg, rows: list[dict], peak_tflops: float | None) -> list[dict]:
+    """Steady-state throughput at each width of the run: one entry per segment of the run's schedule
+    (``PruningSchedule.segments``: the steps between shrinks and the widths trained there). Tokens/s is
+    the segment's tokens over the summed ``time/step_s`` of its steady steps (a sum over many steps, so
+    the asynchronous steps between host syncs add up to the wall time), MFU that times the cost model's
+    FLOPs per token at the segment's widths (``step_flops_per_token``, the FLOP model of ``homodistil
+    plan`` and ``perf/mfu``) over the device's peak."""
+    from homodistil.cost import run_schedule, step_flops_per_token, teacher_arch
 
-
-def tokens_per_s(rows: list[dict], tokens_per_step: int, lo: int, hi: int) -> float | None:
-    """Median tokens/s over the logged steps in [lo, hi] (None if none)."""
-    times = [r["time/step_s"] for r in rows if lo <= r["step"] <= hi and "time/step_s" in r]
-    return tokens_per_step / statistics.median(times) if times else None
+    schedule, arch = run_schedule(cfg)
+    teacher = teacher_arch(cfg)
+    tokens_per_step = cfg.global_batch(1) * cfg.data.max_seq_length
+    step_s = {r["step"]: r["time/step_s"] for r in rows if "time/step_s" in r}
+    out = []
+    for start, end, kept in schedule.segments():
+        # a segment's first two steps hold warm-up (CUDA/cuBLAS at steps 1-2, new shapes after a shrink);
+        # the step that ends a segment also runs its shrink
+        lo, hi = start + 3, end if end == cfg.trainer.max_steps else end - 1
+        times = [step_s[s] for s in range(lo, hi + 1) if s in step_s]
+        student = arch(kept)
+        flops = step_flops_per_token(cfg, teacher, student)
+        tps = tokens_per_step * len(times) / sum(times) if times else None
+        out.append({"steps": [start + 1, end], "measured": [lo, hi] if times else None,
+                    "hidden": student.hidden_size, "ffn": student.intermediate_size,
+                    "aligned": student.intermediate_size % 64 == 0 and student.hidden_size % 8 == 0,
+                    "gflop_per_token": flops / 1e9, "tokens_per_s": tps,
+                    "mfu": tps * flops / (peak_tflops * 1e12) if tps and peak_tflops else None})
+    return out
 
 
 def perf_means(rows: list[dict]) -> dict[str, float]:
@@ -63,14 +83,14 @@ def main(argv=None) -> int:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cuda else "cpu")
     from homodistil.config import load_config
     from homodistil.engine import recipe as recipe_mod
-    from homodistil.cost import make_plan
+    from homodistil.cost import gpu_for_device, make_plan, peak_tflops
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = load_config(args.config, args.overrides)
-    gpu_key = "h200" if cuda and "H200" in torch.cuda.get_device_name() else "h100-80gb"
+    gpu_key = (gpu_for_device(torch.cuda.get_device_name()) if cuda else None) or "h100-80gb"
     plan = make_plan(cfg, gpu_key, nodes=1, gpus_per_node=1)
-    tokens_per_step = cfg.micro_batch_size * cfg.grad_accum * cfg.data.max_seq_length
+    tokens_per_step = cfg.global_batch(1) * cfg.data.max_seq_length
 
     # The profiler and the shrink timer hook the recipe's per-step log call and its shrink:
     # the recipe has no callbacks, and this script must not change what it runs.
@@ -114,15 +134,13 @@ def main(argv=None) -> int:
     wall = time.perf_counter() - started
 
     rows = [json.loads(line) for line in (run.out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    first = first_shrink_step(cfg)
+    widths = segments(cfg, rows, peak_tflops(gpu_key, cfg.bf16) if cuda else None)
     result = {
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "config": args.config, "overrides": args.overrides,
         "steps": cfg.trainer.max_steps, "tokens_per_step": tokens_per_step, "wall_s": wall,
-        "first_shrink_step": first,
-        # steps 1-2 hold CUDA/cuBLAS warm-up; the shrink step's time includes the shrink
-        "tokens_per_s_before_shrink": tokens_per_s(rows, tokens_per_step, 3, first - 1),
-        "tokens_per_s_after_shrink": tokens_per_s(rows, tokens_per_step, first + 2, cfg.trainer.max_steps),
+        "segments": widths,
+        "mfu_before_shrink": widths[0]["mfu"], "mfu_after_shrink": widths[-1]["mfu"],
         "shrinks_s": shrinks,
         "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
@@ -133,9 +151,15 @@ def main(argv=None) -> int:
     (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
     lines = [f"- device: {result['device']}; {args.config} {' '.join(args.overrides)}",
              f"- {cfg.trainer.max_steps} steps x {tokens_per_step} tokens in {wall:.1f} s (set-up included)"]
-    for key in ("tokens_per_s_before_shrink", "tokens_per_s_after_shrink"):
-        value = result[key]
-        lines.append(f"- {key.replace('_', ' ')}: {'n/a' if value is None else f'{value:,.0f}'}")
+    lines.append("- steady state per width (goal on an H100/H200 at the Llama-1B shape: MFU >= 35% before the "
+                 "shrink, >= 30% after; docs/gpu.md):")
+    for seg in widths:
+        tps, mfu = seg["tokens_per_s"], seg["mfu"]
+        lines.append(f"  - steps {seg['steps'][0]}-{seg['steps'][1]} (measured {seg['measured']}): hidden "
+                     f"{seg['hidden']}, FFN {seg['ffn']}{'' if seg['aligned'] else ' (NOT aligned to 8 / 64)'}, "
+                     f"{seg['gflop_per_token']:.2f} GFLOP/token: "
+                     f"{'n/a' if tps is None else f'{tps:,.0f} tokens/s'}"
+                     f"{'' if mfu is None else f', MFU {100 * mfu:.1f}%'}")
     lines.append("- shrinks (step: wall s): " + (", ".join(f"{s}: {t:.2f}" for s, t in shrinks) or "none"))
     if cuda:
         lines.append(f"- peak GPU memory: allocated {result['peak_allocated_gib']:.2f} GiB, reserved "

@@ -1,7 +1,7 @@
 """The compiled Triton kernel (fused importance) against its torch reference on one CUDA GPU.
 
 The CPU tests run it under ``TRITON_INTERPRET=1``; this runs it compiled, at an odd shape
-(ragged tiles), in fp32 and bf16, for every metric. It also sets
+(ragged tiles), in fp32 and bf16, for every element score. It also sets
 ``torch.backends.cuda.matmul.fp32_precision`` the way ``transformers`` does, then calls the
 kernel again (the old ``allow_tf32`` read raises after that in torch ≥ 2.9).
 Prints one line per case and a summary; exits 1 on any mismatch or error.
@@ -22,17 +22,24 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.float() - want.float()).abs().max() / want.float().abs().max().clamp_min(1e-6)).item()
 
 
-def check_importance(dtype, metric, gen) -> float:
-    from homodistil.kernels.importance import importance_reference, importance_triton, init_state
+def fresh_state(w: torch.Tensor, score: str) -> dict[str, torch.Tensor]:
+    """PLATON's zero EMA and uncertainty for ``ema_uncertainty``; no state for the other scores."""
+    if score != "ema_uncertainty":
+        return {}
+    return {"ema": torch.zeros(w.shape, device=w.device), "unc": torch.zeros(w.shape, device=w.device)}
+
+
+def check_importance(dtype, score, gen) -> float:
+    from homodistil.kernels.importance import importance_reference, importance_triton
 
     n, k = 517, 771
     w = torch.randn(n, k, generator=gen, device="cuda").to(dtype)
     errs = []
-    states = [init_state(w, metric), init_state(w, metric)]
+    states = [fresh_state(w, score), fresh_state(w, score)]
     for _ in range(3):
-        g = None if metric == "magnitude" else torch.randn(n, k, generator=gen, device="cuda").to(dtype)
-        got = importance_triton(w, g, metric, states[0])
-        want = importance_reference(w, g, metric, states[1])
+        g = None if score == "square" else torch.randn(n, k, generator=gen, device="cuda").to(dtype)
+        got = importance_triton(w, g, score, states[0])
+        want = importance_reference(w, g, score, states[1])
         errs += [rel_err(a, b) for a, b in zip(got, want)]
     return max(errs)
 
@@ -43,6 +50,8 @@ def main() -> int:
         return 0
     import triton
 
+    from homodistil.kernels.importance import SCORES
+
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     gen = torch.Generator(device="cuda").manual_seed(0)
     failures = 0
@@ -51,9 +60,9 @@ def main() -> int:
         if precision != "default":
             torch.backends.cuda.matmul.fp32_precision = "tf32"  # what transformers does
         for dtype in (torch.float32, torch.bfloat16):
-            for metric in ("magnitude", "sensitivity", "platon"):
-                cases.append((f"importance {precision} {dtype} {metric}", dtype,
-                              lambda d=dtype, mt=metric: check_importance(d, mt, gen)))
+            for score in SCORES:
+                cases.append((f"importance {precision} {dtype} {score}", dtype,
+                              lambda d=dtype, sc=score: check_importance(d, sc, gen)))
         for name, dtype, fn in cases:
             try:
                 err = fn()

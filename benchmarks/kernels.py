@@ -136,8 +136,7 @@ def measured_peak_gbs(bench) -> float:
 
 
 def bench_importance(args, dtype_name, peak, bench, writer) -> str:
-    from homodistil.kernels.importance import (METRICS, importance_reference, importance_triton,
-                                               init_state)
+    from homodistil.kernels.importance import SCORES, importance_reference, importance_triton
 
     dtype = DTYPES[dtype_name]
     gen = torch.Generator(device="cuda").manual_seed(args.seed)
@@ -146,15 +145,17 @@ def bench_importance(args, dtype_name, peak, bench, writer) -> str:
         n, k = (int(v) for v in shape.lower().split("x"))
         w = torch.randn(n, k, device="cuda", dtype=dtype, generator=gen)
         g = torch.randn(n, k, device="cuda", dtype=dtype, generator=gen)
-        for metric in METRICS:
-            grad = None if metric == "magnitude" else g
+        for metric in SCORES:
+            grad = None if metric == "square" else g
+            platon = metric == "ema_uncertainty"
             t = {}
             for name, fn in (("fused", importance_triton), ("torch", importance_reference)):
-                state = init_state(w, metric)  # PLATON updates it in place on every call
+                # PLATON's EMA and uncertainty, updated in place on every call
+                state = {"ema": torch.zeros_like(w, dtype=torch.float32), "unc": torch.zeros_like(w, dtype=torch.float32)} if platon else {}
                 t[name] = bench(lambda: fn(w, grad, metric, state))
             # Bytes the fused kernel must move: w (+ g) read, PLATON state read and written.
             moved = w.numel() * (w.element_size() + (0 if grad is None else g.element_size())
-                                 + (16 if metric == "platon" else 0))
+                                 + (16 if platon else 0))
             gbs = moved / t["fused"] / 1e9  # bench: seconds
             speedup = t["torch"] / t["fused"]
             rows.append([shape, metric, t["fused"] * 1e6, t["torch"] * 1e6, speedup, gbs,

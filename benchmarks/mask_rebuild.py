@@ -51,6 +51,7 @@ def main() -> int:
 
     from homodistil.pruning.adapters import get_adapter
     from homodistil.pruning.groups import dead_entries
+    from homodistil.pruning.importance import Platon
     from homodistil.pruning.pruner import Pruner, live_vectors
 
     config = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.ffn, num_hidden_layers=args.layers,
@@ -60,8 +61,8 @@ def main() -> int:
     groups = adapter.groups(config)
     with torch.device("meta"):
         shapes = {n: tuple(p.shape) for n, p in adapter.build(config, config).named_parameters()}
-    pruner = Pruner(groups, lambda s: adapter.kept(config, s), metric="platon",
-                    s_final={"ffn": 0.5, "attention": 0.0, "hidden": 0.5}, t_i=0, t_f=1)
+    pruner = Pruner(groups, lambda step: adapter.kept(config, {"ffn": 0.5, "attention": 0.0, "hidden": 0.5}),
+                    importance=Platon())
     gen = torch.Generator().manual_seed(0)
     masks = {g.name: torch.rand(g.size, generator=gen) < (1.0 if g.kind == "attention" else 0.5) for g in groups}
     pruner.shapes = {n: shapes[n] for n in pruner.params}

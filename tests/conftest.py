@@ -19,6 +19,9 @@ TINY = [
     "deepspeed.train_micro_batch_size_per_gpu=4", "deepspeed.gradient_accumulation_steps=1",
     "trainer.progress=false", "trainer.log_every=1000", "trainer.export=false",
     "pruning.metric=platon", "pruning.t_i=0", "pruning.mask_interval=1",
+    # the FFN (64) in multiples of 4 (pruning.width_multiple): at the default 64 it would be one step, 64 -> 32, and
+    # the runs that resume or shrink between mask updates would have no live mask; a real FFN (3072) moves in 64s
+    "pruning.width_multiple.ffn=4",
     "optimizer.lr=1e-3", "optimizer.warmup_steps=0",
 ]
 

@@ -38,14 +38,14 @@ def _full(prm, with_grad: bool):
 
 def record(overrides: list[str]) -> dict:
     recipe = run_inprocess(overrides, train=False)
-    reference = recipe._make_pruner()
+    reference = recipe._make_pruner(recipe.groups)
     out = {"rel": 0.0, "masks_equal": True, "commits": 0, "updates": 0, "shrinks": 0, "fragment_numel": 0}
     observe, commit, update_masks, shrink = (recipe._observe, recipe._commit_importance, recipe._update_masks,
                                              recipe._shrink)
     full: dict = {}
 
     def observed():
-        need_grad = recipe.cfg.pruning.metric != "magnitude"
+        need_grad = reference.importance.needs_grad
         full.clear()
         for name, prm in recipe.engine.module.named_parameters():
             if name in reference.params:

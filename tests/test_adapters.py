@@ -19,6 +19,7 @@ from homodistil.engine.models import Student, student_groups
 from homodistil.pruning.adapters import AdapterError, get_adapter, supported
 from homodistil.pruning.groups import KINDS, Group, MaskPoint, Slice, live_numel, shrink_tensors
 from homodistil.pruning.masked import apply_masks, make_maskable
+from homodistil.pruning.importance import Sensitivity
 from homodistil.pruning.pruner import Pruner
 
 V = 50  # vocabulary
@@ -213,6 +214,23 @@ def test_gpt2_cross_attention_is_refused():
         get_adapter("gpt2").check_targets(GPT2Config(add_cross_attention=True), TIED)
 
 
+def test_longest_sequence_is_the_position_table_less_its_offset():
+    """BERT: the table; RoBERTa: past its padding index; GPT-2: n_positions; rotary (Llama family): no table."""
+    assert get_adapter("bert").longest_sequence(BertConfig(max_position_embeddings=40)) == 40
+    assert get_adapter("roberta").longest_sequence(RobertaConfig(max_position_embeddings=514, pad_token_id=1)) == 512
+    assert get_adapter("gpt2").longest_sequence(GPT2Config(n_positions=64)) == 64
+    assert get_adapter("llama").longest_sequence(LlamaConfig()) is None
+
+
+def test_known_configs_belong_to_their_adapters():
+    from homodistil.pruning.adapters import KNOWN_CONFIGS, known_config
+
+    assert known_config("FacebookAI/roberta-large") is KNOWN_CONFIGS["roberta-large"]
+    assert known_config("meta-llama/Llama-3.1-8B")["num_key_value_heads"] == 8
+    assert known_config("no/such-model") is None
+    assert {c["model_type"] for c in KNOWN_CONFIGS.values()} == {"bert", "roberta", "gpt2", "llama"}
+
+
 def test_unknown_model_type_lists_every_supported_one():
     with pytest.raises(AdapterError) as err:
         get_adapter("mamba")
@@ -242,7 +260,7 @@ def test_pruner_scores_a_fused_dimension_by_segment():
     a, b = _fused_group_pair()
     torch.manual_seed(3)
     w, gw, v, gv = torch.randn(12, 3), torch.randn(12, 3), torch.randn(2, 4), torch.randn(2, 4)
-    pruner = Pruner([a, b], lambda s: {"attention": 2}, metric="sensitivity", s_final={"attention": 0.5}, t_i=0, t_f=2)
+    pruner = Pruner([a, b], lambda step: {"attention": 2}, importance=Sensitivity())
     pruner.observe({"w": (w, gw), "v": (v, gv)})
     rows = (w * gw).abs().sum(1)
     torch.testing.assert_close(pruner.scores["a"], rows[0:4] + rows[4:8])
@@ -300,7 +318,7 @@ def test_recipe_distills_and_shrinks_a_roberta_teacher(tmp_path):
 
 
 @pytest.mark.parametrize("overrides,expected", [
-    (["model.tiny.num_key_value_heads=2"], "num_key_value_heads applies to model.tiny.family=llama only"),
+    (["model.tiny.num_key_value_heads=2"], "num_key_value_heads applies to grouped-query families, not bert"),
     (["model.tiny.family=llama", "model.tiny.num_key_value_heads=3"], "must be a multiple of model.tiny.num_key"),
     (["model.tiny.family=llama", "model.tiny.hidden_size=36"], "even head width"),
     (["model.tiny.family=llama"], "llama: pruning.sparsity.attention must be 0 (got 0.5)"),  # tiny.yaml prunes heads

@@ -233,3 +233,28 @@ def test_decoder_without_pad_token_is_evaluated(data_dirs, tmp_path):
     assert tuned["eval_examples"] == {"validation": 16} and probe["train_examples"] == 40
     assert 0.0 <= tuned["metrics"]["validation"]["accuracy"] <= 1.0
     assert F.load_tokenizer(str(tmp_path / "gpt2")).pad_token_id == tok.convert_tokens_to_ids("[SEP]")
+
+
+def test_a_run_config_without_evaluation_knobs_takes_the_quick_preset():
+    """config.EvaluateConfig leaves epochs, lr and max length to the evaluation's quick preset (their one
+    owner); what a compare page states is what ran."""
+    from homodistil.apps.compare import evaluation_record
+    from homodistil.config import EvaluateConfig, load_config
+
+    s = EvalSettings.from_config(EvaluateConfig())
+    quick = EvalSettings.quick()
+    assert (s.finetune.epochs, s.finetune.lr, s.finetune.max_length, s.probe.max_length) == \
+        (quick.finetune.epochs, quick.finetune.lr, quick.finetune.max_length, quick.probe.max_length) == (1, 5e-5, 64, 64)
+    assert (s.max_train, s.max_eval) == (1000, 500)  # the run config's caps
+    record = evaluation_record(load_config(None, ["evaluate.lr=1e-4"]))
+    assert (record["epochs"], record["lr"], record["max_length"], record["max_train"]) == (1, 1e-4, 64, 1000)
+    assert record["batch_size"] == s.finetune.batch_size == 32
+
+
+def test_the_compare_page_sizes_fine_tuning_by_the_recorded_batch():
+    from homodistil.apps.compare_page import _finetune_steps
+
+    e = {"finetune_tasks": None, "tasks": ["sst2", "mrpc"], "max_train": 1000, "epochs": 2}
+    sizes = {"sst2": 5000, "mrpc": 100}
+    assert _finetune_steps({**e, "batch_size": 16}, sizes) == (63 + 7) * 2  # ceil(1000/16), ceil(100/16)
+    assert _finetune_steps(e, sizes) == (32 + 4) * 2  # an older record: the batch of 32 it ran at

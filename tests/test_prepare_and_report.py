@@ -69,6 +69,36 @@ def test_preparation_stops_at_the_first_check_that_improves_by_less_than_delta(h
                                                                                          rel=1e-5)
 
 
+def test_an_interrupted_preparation_continues_from_its_snapshot_bit_for_bit(headless, tmp_path, monkeypatch,
+                                                                           caplog):
+    """Stopped right after the snapshot at step 4 of 8 (checks every 2), the next preparation of the
+    same entry trains only steps 4-7 and publishes exactly the teacher an uninterrupted one does."""
+    tok = AutoTokenizer.from_pretrained(headless)
+    data = BlockBatches(build_blocks("kjv", tok, 32, max_documents=20), tok, mlm_probability=0.15, seed=0,
+                        heldout_fraction=0.1)
+    cfg = PrepareConfig(steps=8, lr=1e-3, batch_size=8, plateau_every=2, plateau_delta=1e-9, plateau_blocks=4)
+    whole = prep.prepare_teacher(headless, tmp_path / "a" / "prepared", data, cfg, "cls", tok, progress=False)
+
+    save = prep._save_snapshot
+
+    def save_then_stop(partial, model, opt, sched, step, state):
+        save(partial, model, opt, sched, step, state)
+        if step == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(prep, "_save_snapshot", save_then_stop)
+    out = tmp_path / "b" / "prepared"
+    with pytest.raises(KeyboardInterrupt):
+        prep.prepare_teacher(headless, out, data, cfg, "cls", tok, progress=False)
+    assert not out.exists() and (out.parent / "prepared.partial" / "snapshot.pt").is_file()
+    monkeypatch.setattr(prep, "_save_snapshot", save)
+    caplog.set_level("INFO", logger="homodistil.prepare")
+    resumed = prep.prepare_teacher(headless, out, data, cfg, "cls", tok, progress=False)
+    assert "continuing from the snapshot after 4 steps" in caplog.text
+    assert resumed == whole  # same curve, scores and SHA-256 of every published file: the same weights
+    assert sorted(p.name for p in out.parent.iterdir()) == ["prepared"]  # the snapshot is gone
+
+
 def test_recipe_prepares_once_and_reuses_the_cache(headless, tmp_path, monkeypatch):
     args = [f"model.teacher={headless}", "model.prepare.steps=2", "model.prepare.batch_size=4",
             f"model.prepare.cache_dir={tmp_path / 'cache'}", "trainer.max_steps=2", "pruning.t_f=2"]
@@ -275,6 +305,5 @@ def test_a_pinned_headless_hub_teacher_is_refused_before_preparing(monkeypatch):
     monkeypatch.setattr(R, "missing_head", lambda source: ["cls.predictions.bias"])
     monkeypatch.setattr(R, "prepare_teacher", lambda *a, **k: pytest.fail("nothing is prepared"))
     run = R.Recipe(load_config(None, ["model.teacher=someone/headless-encoder", f"model.revision={sha}"]))
-    run.objective = "mlm"
     with pytest.raises(ConfigError, match="preparing one does not follow model.revision"):
-        run._teacher_path()
+        run._teacher_path(None, "mlm", None)  # refused before the tokenizer or the data are used

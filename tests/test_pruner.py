@@ -2,10 +2,12 @@
 import torch
 from transformers import BertConfig
 
-from homodistil.kernels.importance import importance_reference, init_state
+from homodistil.kernels.importance import importance_reference
+from homodistil.pruning.importance import METRICS, Magnitude, Platon, Sensitivity
 from homodistil.pruning.adapters import AdapterError, get_adapter, supported
 from homodistil.pruning.groups import Group, MaskPoint, Slice, live_numel, shrink_tensors
 from homodistil.pruning.pruner import Pruner, live_vectors, pieces, zero_dead
+from homodistil.pruning.schedule import cubic_sparsity
 
 import pytest
 from conftest import assert_close_at_scale
@@ -19,8 +21,7 @@ def _group(size=8, blocks=2):
 def test_sensitivity_scores_are_group_sums_of_abs_w_times_g():
     torch.manual_seed(0)
     w, gw, v, gv = torch.randn(8, 3), torch.randn(8, 3), torch.randn(5, 8), torch.randn(5, 8)
-    pruner = Pruner([_group()], lambda s: {"attention": 2}, metric="sensitivity", s_final={"attention": 0.5},
-                    t_i=0, t_f=4)
+    pruner = Pruner([_group()], lambda step: {"attention": 2}, importance=Sensitivity())
     pruner.observe({"w": (w, gw), "v": (v, gv)})
     pruner.observe({"w": (w, 3 * gw), "v": (v, 3 * gv)})
     one = (w * gw).abs().sum(1) + (v * gv).abs().sum(0)
@@ -30,9 +31,9 @@ def test_sensitivity_scores_are_group_sums_of_abs_w_times_g():
 def test_platon_state_matches_formula():
     torch.manual_seed(1)
     w, g1, g2 = torch.randn(4, 3), torch.randn(4, 3), torch.randn(4, 3)
-    state = init_state(w, "platon")
-    importance_reference(w, g1, "platon", state, 0.85, 0.95)
-    row, col = importance_reference(w, g2, "platon", state, 0.85, 0.95)
+    state = {"ema": torch.zeros(w.shape), "unc": torch.zeros(w.shape)}
+    importance_reference(w, g1, "ema_uncertainty", state, 0.85, 0.95)
+    row, col = importance_reference(w, g2, "ema_uncertainty", state, 0.85, 0.95)
     i1, i2 = (w * g1).abs(), (w * g2).abs()
     ema1 = 0.15 * i1
     unc1 = 0.05 * (i1 - ema1).abs()
@@ -47,8 +48,7 @@ def test_platon_window_folds_the_window_mean_once_per_window():
     torch.manual_seed(2)
     w, v = torch.randn(8, 3), torch.randn(5, 8)
     grads = [(torch.randn(8, 3), torch.randn(5, 8)) for _ in range(5)]
-    make = lambda window: Pruner([_group()], lambda s: {"attention": 2}, metric="platon",  # noqa: E731
-                                 s_final={"attention": 0.5}, t_i=0, t_f=9, platon_window=window)
+    make = lambda window: Pruner([_group()], lambda step: {"attention": 2}, importance=Platon(window=window))  # noqa: E731
     pruner = make(3)
     for k, (gw, gv) in enumerate(grads):  # windows: steps 1-3, then 4-5 (a partial window, folded early)
         pruner.observe({"w": (w, gw), "v": (v, gv)}, fold=k in (2, 4))
@@ -64,17 +64,17 @@ def test_platon_window_folds_the_window_mean_once_per_window():
     torch.testing.assert_close(pruner.state["w"]["ema"], ema[0].flatten())  # state is flat: the rank's fragment
     assert pruner.state["w"]["window"].eq(0).all() and pruner.window_steps == 0
     # window 1 is today's per-step PLATON, whatever fold says
-    one, ref = make(1), {"w": init_state(w, "platon"), "v": init_state(v, "platon")}
+    one, ref = make(1), {"w": {"ema": torch.zeros(w.shape), "unc": torch.zeros(w.shape)}, "v": {"ema": torch.zeros(v.shape), "unc": torch.zeros(v.shape)}}
     for gw, gv in grads:
         one.observe({"w": (w, gw), "v": (v, gv)}, fold=False)
-        row, _ = importance_reference(w, gw, "platon", ref["w"], 0.85, 0.95)
-        _, col = importance_reference(v, gv, "platon", ref["v"], 0.85, 0.95)
+        row, _ = importance_reference(w, gw, "ema_uncertainty", ref["w"], 0.85, 0.95)
+        _, col = importance_reference(v, gv, "ema_uncertainty", ref["v"], 0.85, 0.95)
     torch.testing.assert_close(one.scores["g"], row + col)
 
 
 def test_masks_keep_top_scored_per_block_and_only_shrink():
-    pruner = Pruner([_group()], lambda s: {"attention": 4 - round(4 * s["attention"])}, metric="magnitude",
-                    s_final={"attention": 0.5}, t_i=0, t_f=2)
+    pruner = Pruner([_group()], lambda step: {"attention": 4 - round(4 * cubic_sparsity(step, 0, 2, 0.5))},
+                    importance=Magnitude())
     pruner.scores["g"] = torch.tensor([4.0, 1.0, 3.0, 2.0, 0.5, 9.0, 9.0, 0.1])
     assert pruner.update_masks(1)  # s = 0.5·(1 − 0.125) = 0.4375 -> keep 4 − 2 = 2 per head
     assert pruner.masks["g"].tolist() == [True, False, True, False, False, True, True, False]
@@ -143,7 +143,8 @@ def test_masked_entries_score_as_if_shrunk(family, metric):
     shapes = {n: p.shape for n, p in adapter.build(config, config).named_parameters()}
 
     def make():
-        return Pruner(groups, lambda s: adapter.kept(config, s), metric=metric, s_final=sparsity, t_i=0, t_f=4)
+        return Pruner(groups, lambda step: adapter.kept(config, {k: cubic_sparsity(step, 0, 4, s) for k, s in
+                                                                  sparsity.items()}), importance=METRICS[metric]())
 
     masked, shrunk = make(), make()
     alive = {g.name: torch.arange(g.size) for g in groups}  # the shrunk pruner's units, as original indices
@@ -173,8 +174,7 @@ def test_resumed_importance_state_lives_where_it_is_asked_to():
     w, g, v, gv = torch.randn(8, 3), torch.randn(8, 3), torch.randn(5, 8), torch.randn(5, 8)
 
     def pruner():
-        return Pruner([_group()], lambda s: {"attention": 2}, metric="platon", s_final={"attention": 0.5},
-                      t_i=0, t_f=4)
+        return Pruner([_group()], lambda step: {"attention": 2}, importance=Platon())
 
     saved = pruner()
     saved.observe({"w": (w, g), "v": (v, gv)})
@@ -228,8 +228,8 @@ def test_fragments_split_among_ranks_give_the_whole_tensors_scores_and_reshard_a
     shapes = {"w": (8, 3), "v": (5, 8)}
 
     def make():
-        return Pruner([_group()], lambda s: {"attention": 4 - round(4 * s["attention"])}, metric=metric,
-                      s_final={"attention": 0.5}, t_i=0, t_f=4, platon_window=window)
+        return Pruner([_group()], lambda step: {"attention": 4 - round(4 * cubic_sparsity(step, 0, 4, 0.5))},
+                      importance=Platon(window=window) if metric == "platon" else METRICS[metric]())
 
     def split(shape, cuts):
         n = shape[0] * shape[1]
@@ -321,7 +321,7 @@ def test_a_saved_partitioned_state_loads_into_another_partitioning():
     saved = [{"shapes": {"w": shape}, "fragments": {"w": (a, b - a)}, "state": {"w": {"ema": ema[a:b]}}}
              for a, b in ((0, 13), (13, 27), (27, 40))]
     pruner = Pruner([Group("g", "attention", 5, slices=(Slice("w", 0),), points=(MaskPoint("m", "out"),))],
-                    lambda s: {"attention": 2}, metric="platon", s_final={"attention": 0.5}, t_i=0, t_f=4)
+                    lambda step: {"attention": 2}, importance=Platon())
     pruner.load_state_dict({**pruner.state_dict(), "partitioned": True})
     pruner.load_local_state(iter(saved), {"w": (9, 20)}, "cpu")
     assert torch.equal(pruner.state["w"]["ema"], ema[9:29]) and pruner.fragments["w"] == (9, 20)
@@ -329,7 +329,7 @@ def test_a_saved_partitioned_state_loads_into_another_partitioning():
 
 def test_masked_linear_is_the_shrunk_linear_scattered_back():
     """F.linear × mask: masked outputs (bias included) and their weight and bias gradients are exactly 0, the
-    live ones are the shrunk layer's, at an odd shape."""
+    live ones are the shrunk layer's (to rounding), at an odd shape."""
     from homodistil.pruning.masked import masked_linear
 
     gen = torch.Generator().manual_seed(4)
@@ -341,5 +341,6 @@ def test_masked_linear_is_the_shrunk_linear_scattered_back():
     y.sum().backward()
     shrunk = torch.nn.functional.linear(x, w[live], b[live])
     assert y.shape == (5, 3, 11) and y[..., ~keep].eq(0).all()
-    torch.testing.assert_close(y[..., live], shrunk, rtol=0, atol=0)
+    # the same dot products, but a GEMM of 11 outputs and one of 6 may block (and so sum) them in another order
+    assert_close_at_scale(y[..., live], shrunk, rtol=1e-6)
     assert leaves[1].grad[~keep].eq(0).all() and leaves[2].grad[~keep].eq(0).all()

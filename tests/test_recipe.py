@@ -225,8 +225,9 @@ def test_kept_units_name_the_teacher_units_the_student_kept(tmp_path):
     """kept_units.json through three shrinks is the exact cut of the teacher: a learning rate of 1e-30 moves no
     weight (every nonzero fp32 weight's ulp is far larger; zeros move by ~1e-30), so the student's tensors must
     equal the teacher's sliced to the listed units."""
+    # t_f 4: the widths move at steps 1, 2 and 3 (FFN 44, 36, 32 in multiples of 4; at t_f 3 the last step keeps 32)
     recipe = run_inprocess(tiny_overrides(tmp_path / "run") + STEPS + [
-        "trainer.export=true", "pruning.shrink_interval=1", "pruning.t_f=3", "optimizer.lr=1e-30"])
+        "trainer.export=true", "pruning.shrink_interval=1", "optimizer.lr=1e-30"])
     units = json.loads((tmp_path / "run" / "export" / KEPT_UNITS).read_text())
     groups = student_groups(recipe.adapter, recipe.tcfg, len(recipe.hidden_pairs))
     assert len(recipe.shrink_host_peaks) >= 3
@@ -239,6 +240,29 @@ def test_kept_units_name_the_teacher_units_the_student_kept(tmp_path):
         torch.testing.assert_close(student[name].detach(), want, atol=1e-25, rtol=0)
     recipe.close()
 
+
+
+def test_oneshot_calibration_scores_what_the_first_training_step_scores(tmp_path, monkeypatch):
+    """A one-shot run's calibration is the training's micro-step on the first batches: one calibration
+    step scores the units exactly as a HomoDistil run's step 1 does (fp32, world size 1, no dropout; two
+    micro-batches, so that the gradient is their mean in both)."""
+    from homodistil.pruning.pruner import Pruner  # noqa: PLC0415
+
+    scored = []  # the scores each mask update reads
+    update_masks = Pruner.update_masks
+    monkeypatch.setattr(Pruner, "update_masks", lambda self, step: (
+        scored.append({k: v.clone() for k, v in self.scores.items()}), update_masks(self, step))[1])
+    common = ["pruning.metric=sensitivity", "deepspeed.gradient_accumulation_steps=2", "trainer.max_steps=1",
+              "pruning.t_f=1"]
+    run_inprocess(tiny_overrides(tmp_path / "oneshot") + common + [
+        "pruning.schedule=oneshot", "pruning.calibration_steps=1"], train=False).close()
+    run_inprocess(tiny_overrides(tmp_path / "cubic") + common).close()
+    assert len(scored) == 2
+    calibrated, trained = scored
+    assert calibrated.keys() == trained.keys()
+    for name, score in calibrated.items():
+        assert score.abs().sum() > 0, name
+        assert torch.equal(score, trained[name]), name
 
 def test_teacher_partitioned_with_zero3_matches_replicated(tmp_path):
     replicated = run_inprocess(tiny_overrides(tmp_path / "r") + STEPS, train=False)

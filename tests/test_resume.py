@@ -153,3 +153,23 @@ def test_another_global_batch_or_a_streamed_run_at_another_world_size_is_one_lin
                               "size it was saved with (2), not 1 (each rank's place in the stream is its own): relaunch "
                               "with 2 processes, or train on pre-built blocks (data.streaming=false), which resume at "
                               "any world size")
+
+
+def test_a_checkpoint_from_other_pruning_settings_is_one_line(tmp_path, capsys):
+    """A checkpoint whose student widths are not those the config's schedule has at its step (here: another
+    pruning.width_multiple, as a checkpoint of an older version has) stops with one line, before any file is read."""
+    args = ["distill", "configs/tiny.yaml", "trainer.max_steps=8", "pruning.t_f=8", "pruning.shrink_interval=2",
+            "trainer.save_every=4"]
+    assert main([*args, *tiny_overrides(tmp_path / "run")]) == 0  # the FFN (64) shrinks in multiples of 4
+    out = tmp_path / "again"
+    copy_checkpoint(tmp_path / "run", out, "step00000004")  # mid-schedule
+    meta = checkpoint.read_meta(out / "checkpoints", "step00000004")
+    capsys.readouterr()
+    assert main([*args, *tiny_overrides(out), "pruning.width_multiple.ffn=16"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = [ln for ln in err.splitlines() if ln.startswith("homodistil: error: ")]
+    assert line.startswith(f"homodistil: error: {out / 'checkpoints' / 'step00000004'} holds a student "
+                           f"of widths {meta['kept']} at step 4, where this config's schedule has "), line
+    assert main([*args, *tiny_overrides(out)]) == 0  # the settings it was made with resume
+    assert "resumed from step 4" in capsys.readouterr().out

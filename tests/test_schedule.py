@@ -1,6 +1,10 @@
+import random
+
 import pytest
 
-from homodistil.pruning.schedule import cubic_sparsity, kept_units, largest_mask_interval, update_drops
+from homodistil.config import load_config
+from homodistil.pruning.schedule import (PruningSchedule, aligned_quantum, budget_cadence, cubic_sparsity, kept_units,
+                                         largest_mask_interval, update_drops)
 
 
 @pytest.mark.parametrize("t_i,t_f,s", [(0, 10, 0.5), (7, 31, 0.9), (100, 28000, 0.75)])
@@ -50,3 +54,131 @@ def test_largest_mask_interval_is_the_largest_within_the_drop(t_i, t_f, s, expec
 def test_largest_mask_interval_is_1_when_nothing_fits():
     assert largest_mask_interval(5, 30, 0.5, 0.02) == 1  # one step alone adds ~6%
     assert max(update_drops(5, 30, 0.5, 1)) > 0.05
+
+
+# ---------------------------------------------------------------------------------------------
+# Aligned widths (pruning.width_multiple)
+# ---------------------------------------------------------------------------------------------
+def test_kept_units_rounds_the_removed_units_to_the_quantum():
+    assert kept_units(3072, 846 / 3072, 64) == 2240  # 846 removed -> 13·64 = 832 (2226 unaligned)
+    assert kept_units(3072, 0.78515625, 64) == 640  # 2412 -> 38·64 = 2432 (660 unaligned)
+    assert kept_units(64, 0.99, 8) == 8  # at least one quantum
+    # quantum 1 is the former rule, bit for bit
+    for size in (1, 7, 40, 64, 3072, 14336):
+        for s in [i / 64 for i in range(64)] + [0.29, 0.4375, 0.99]:
+            assert kept_units(size, s) == max(1, size - int(round(size * s))), (size, s)
+
+
+@pytest.mark.parametrize("units,blocks,multiple,final,expected", [
+    (3072, 1, 64, 0.27, 64),  # HomoBERT FFN
+    (64, 12, 8, 0.6875, 2),  # BERT-base heads: lcm(12, 8) / 12
+    (64, 9, 8, 0.25, 8),  # SmolLM2 hidden per head: lcm(9, 8) / 9 = 8, 64 units -> 48
+    (128, 32, 8, 0.25, 1),  # Llama-3-8B hidden per head: 32 heads already make it a multiple of 8
+    (64, 1, 64, 0.5, 32),  # a tiny FFN: 64 would be all or nothing, 32 keeps the target of 32
+    (48, 1, 64, 0.5, 16),  # 64 and 32 do not divide 48; 16 does and is below the target of 24
+    (37, 1, 64, 0.5, 1),  # prime: unaligned
+    (40, 1, 64, 0.99, 1),  # a target of 1 unit
+    (10, 3, 8, 0.5, 2),  # 3 heads of 10: 8 and 4 (steps 8, 4) do not divide 10, 2 (lcm 6 / 3) does
+    (3072, 1, 1, 0.5, 1),  # width_multiple 1: unaligned
+    (3072, 1, 48, 0.5, 48),  # not a power of two: 48, then 24, 12, 6, 3, 1
+])
+def test_aligned_quantum(units, blocks, multiple, final, expected):
+    assert aligned_quantum(units, blocks, multiple, final) == expected
+
+
+def _schedule(overrides: list[str], teacher: str) -> tuple[PruningSchedule, object]:
+    """The schedule of a run of ``teacher`` (a known hub id: its config, no download) and the teacher config."""
+    from homodistil.cost import teacher_hf_config
+
+    cfg = load_config(None, [f"model.teacher={teacher}", *overrides])
+    config, adapter = teacher_hf_config(cfg)
+    return PruningSchedule.for_run(cfg, adapter, config), config
+
+
+@pytest.mark.parametrize("teacher,overrides,target,hidden_step", [
+    # BERT-base to the paper's unaligned HomoBERT-base FFN (2226) and a hidden of 0.3 (537.6): 12 heads, lcm 24
+    ("bert-base-uncased", ["pruning.sparsity.ffn=0.275390625", "pruning.sparsity.attention=0.3",
+                           "pruning.sparsity.hidden=0.3"], {"ffn": 2226, "hidden": 537.6}, 24),
+    # Llama-3-8B at 0.3 (FFN 10035.2, hidden 2867.2): 32 heads, lcm 32
+    ("meta-llama/Meta-Llama-3-8B", ["pruning.sparsity.ffn=0.3", "pruning.sparsity.attention=0",
+                                    "pruning.sparsity.hidden=0.3"], {"ffn": 10035.2, "hidden": 2867.2}, 32),
+])
+def test_kept_widths_at_every_mask_update_are_multiples_and_end_within_one_of_the_target(teacher, overrides, target,
+                                                                                        hidden_step):
+    schedule, config = _schedule(["trainer.max_steps=1000", "pruning.t_i=10", "pruning.t_f=700",
+                                  "pruning.mask_interval=7", *overrides], teacher)
+    heads = config.num_attention_heads
+    updates = [s for s in range(1, 1001) if schedule.masks(s)]
+    assert len(updates) == 99 and updates[-1] == 700  # 14, 21, …, 700 (7 is not past t_i = 10)
+    widths = [schedule.kept(s) for s in updates]
+    hidden = [w["hidden"] for w in widths]
+    assert all(w["ffn"] % 64 == 0 for w in widths) and all(h % hidden_step == 0 for h in hidden)
+    assert hidden_step % 8 == 0 and hidden_step % heads == 0
+    assert len({w["ffn"] for w in widths}) > 10 and len(set(hidden)) > 3  # it did move, step by step
+    final = widths[-1]
+    # rounded to the nearest multiple: within half of one
+    assert abs(final["ffn"] - target["ffn"]) <= 64 / 2 and abs(final["hidden"] - target["hidden"]) <= hidden_step / 2
+    assert final == schedule.widths(schedule.final) == schedule.segments()[-1][2]
+
+
+# ---------------------------------------------------------------------------------------------
+# PruningSchedule: the recipe's former inline rule, the planner's segments
+# ---------------------------------------------------------------------------------------------
+def _former_rule(schedule: PruningSchedule) -> tuple[list[int], list[int], list[int], list[int]]:
+    """The steps that Recipe.train scored, folded, masked (where a mask could change) and shrank at before the
+    schedule owned them, with its inline arithmetic and a pruner's masks simulated (each mask update keeps
+    ``kept(step)`` per block; a shrink happens where the masks are not dense)."""
+    p = schedule
+    scored, folded, masked, shrunk = [], [], [], []
+    live = shrunk_to = p.kept(0)
+    for step in range(p.max_steps):  # ``step``: Recipe.step before the optimizer step
+        if p.prunes and step < p.t_f and step + 1 >= max(p.t_i - p.mask_interval, p.score_after + 1):
+            scored.append(step + 1)
+        step += 1
+        if step % p.platon_window == 0 or step == p.t_f:
+            folded.append(step)
+        if (step % p.mask_interval == 0 or step == p.t_f) and p.widths(p.sparsity(step)) != live:
+            masked.append(step)
+            live = p.widths(p.sparsity(step))
+        if (step % p.shrink_interval == 0 or step >= p.t_f) and live != shrunk_to:
+            shrunk.append(step)
+            shrunk_to = live
+    return scored, folded, masked, shrunk
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_schedule_is_the_recipes_former_rule(seed):
+    """Random schedules (and one-shot, scratch, no-sparsity runs): the decisions equal the recipe's former inline
+    arithmetic step for step, and the planner no longer counts a shrink before t_i, as its own rule did."""
+    rng = random.Random(seed)
+    t_i = rng.choice([0, 0, 3, 10])
+    t_f = t_i + rng.randint(1, 40)
+    s = rng.choice([0.0, 0.3, 0.5, 0.9])
+    overrides = [f"trainer.max_steps={t_f + rng.randint(0, 20)}", f"pruning.t_i={t_i}", f"pruning.t_f={t_f}",
+                 f"pruning.mask_interval={rng.randint(1, 7)}", f"pruning.shrink_interval={rng.randint(1, 12)}",
+                 f"pruning.score_after={rng.randint(0, t_i)}", f"pruning.platon_window={rng.randint(1, 4)}",
+                 f"pruning.sparsity.ffn={s}", f"pruning.sparsity.attention={s}", f"pruning.sparsity.hidden={s}",
+                 "model.tiny.hidden_size=48", "model.tiny.intermediate_size=96",
+                 *rng.choice([[], [], ["pruning.schedule=oneshot"], ["model.init=scratch"]])]
+    schedule, _ = _schedule(overrides, "tiny")
+    scored, folded, masked, shrunk = _former_rule(schedule)
+    steps = range(1, schedule.max_steps + 1)
+    assert [t for t in steps if schedule.scores(t)] == scored
+    assert [t for t in steps if schedule.folds(t)] == folded
+    assert set(masked) <= {t for t in steps if schedule.masks(t)}  # it also asks where nothing changes
+    assert [t for t in steps if schedule.shrinks(t)] == list(schedule.shrunk) == shrunk
+    assert all(t_i < t <= t_f for t in shrunk)
+    segments = schedule.segments()
+    assert segments[0][0] == 0 and segments[-1][1] == schedule.max_steps
+    assert all(a[1] == b[0] for a, b in zip(segments, segments[1:]))
+    # what a checkpoint saved after step t holds: the widths the steps after t train at
+    assert [schedule.widths_after(t) for t in range(schedule.max_steps)] == [
+        width for start, end, width in segments for _ in range(start, end)]
+    if schedule.oneshot:
+        assert segments == [(0, schedule.max_steps, schedule.widths(schedule.final))] and not shrunk
+
+
+def test_budget_cadence_is_the_largest_mask_interval_and_a_twentieth_of_the_window():
+    assert budget_cadence(5, 250, 0.5, 0.02) == (3, 12)
+    assert budget_cadence(5, 150, 0.5, 0.02) == (1, 7)  # configs/demo.yaml
+    assert budget_cadence(1, 3, 0.5, 0.4) == (1, 1)

@@ -25,11 +25,13 @@ from conftest import tiny_overrides
 from recipe_runs import REPO
 from shrink_runs import record
 
+UNALIGNED = ["pruning.width_multiple.ffn=1", "pruning.width_multiple.hidden=1"]  # any width, odd ones included
 FAMILIES = {  # 3 heads of width 10: every hidden-sized tensor has an odd size at an odd head width
     "bert": ["model.tiny.family=bert", "model.tiny.hidden_size=30", "model.tiny.num_attention_heads=3",
-             "model.tiny.intermediate_size=40"],
+             "model.tiny.intermediate_size=40", *UNALIGNED],
     "llama": ["model.tiny.family=llama", "model.tiny.hidden_size=30", "model.tiny.num_attention_heads=3",
-              "model.tiny.num_key_value_heads=1", "model.tiny.intermediate_size=40", "pruning.sparsity.attention=0"],
+              "model.tiny.num_key_value_heads=1", "model.tiny.intermediate_size=40", "pruning.sparsity.attention=0",
+              *UNALIGNED],
 }
 ONCE = 1000  # shrink_interval past the run: the only shrink is at t_f
 

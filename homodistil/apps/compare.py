@@ -64,24 +64,27 @@ ABLATIONS: dict[str, Variant] = {
 ROWS: dict[str, Variant] = {**VARIANTS, **ABLATIONS}
 
 
+# a run's schedule (results.json "schedules", the variants' "{...}" templates): its keys and their config keys
+SCHEDULE_KEYS = {"max_steps": "trainer.max_steps", "t_i": "pruning.t_i", "t_f": "pruning.t_f",
+                 "mask_interval": "pruning.mask_interval", "shrink_interval": "pruning.shrink_interval",
+                 "eval_every": "trainer.eval_every"}
+
+
 def budget_schedule(steps: int, tf_ratio: float, t_i: int, s_final: float, max_drop: float) -> dict[str, int]:
-    """A run of ``steps`` total steps: t_f = tf_ratio · steps, the largest mask interval whose every update adds at
-    most ``max_drop`` of each width (pruning.schedule.largest_mask_interval), a shrink every ~5% of the pruning
-    window (a multiple of the mask interval: shrinking is invisible, it only saves time) and ~10 held-out
-    evaluations."""
-    from homodistil.pruning.schedule import largest_mask_interval  # noqa: PLC0415
+    """A run of ``steps`` total steps: t_f = tf_ratio · steps, the cadence of pruning.schedule.budget_cadence and
+    ~10 held-out evaluations."""
+    from homodistil.pruning.schedule import budget_cadence  # noqa: PLC0415
 
     t_f = round(tf_ratio * steps)
-    mask = largest_mask_interval(t_i, t_f, s_final, max_drop)
-    return {"max_steps": steps, "t_i": t_i, "t_f": t_f, "mask_interval": mask,
-            "shrink_interval": mask * max(1, round((t_f - t_i) / 20 / mask)), "eval_every": max(1, steps // 10)}
+    mask, shrink = budget_cadence(t_i, t_f, s_final, max_drop)
+    return {"max_steps": steps, "t_i": t_i, "t_f": t_f, "mask_interval": mask, "shrink_interval": shrink,
+            "eval_every": max(1, steps // 10)}
 
 
 def base_schedule(cfg) -> dict[str, int]:
-    """The base config's own schedule (runs without a budget), in :func:`budget_schedule`'s keys."""
-    p = cfg.pruning
-    return {"max_steps": cfg.trainer.max_steps, "t_i": p.t_i, "t_f": p.t_f, "mask_interval": p.mask_interval,
-            "shrink_interval": p.shrink_interval, "eval_every": cfg.trainer.eval_every}
+    """The base config's own schedule (runs without a budget), in :data:`SCHEDULE_KEYS`."""
+    return {key: getattr(getattr(cfg, dotted.split(".")[0]), dotted.split(".")[1])
+            for key, dotted in SCHEDULE_KEYS.items()}
 
 
 def run_dir(root: Path, size: float, variant: str, seed: int, budget: int | None = None) -> Path:
@@ -93,10 +96,7 @@ def run_overrides(root: Path, size: float, variant: str, seed: int, extra: list[
     """The overrides of one run: the user's, then size, seed, output dir (exported: it is evaluated), the shared
     block cache, the budget's schedule (budget runs), and last the variant's (its templates filled from
     ``schedule``)."""
-    steps = [f"trainer.max_steps={schedule['max_steps']}", f"pruning.t_f={schedule['t_f']}",
-             f"pruning.mask_interval={schedule['mask_interval']}",
-             f"pruning.shrink_interval={schedule['shrink_interval']}",
-             f"trainer.eval_every={schedule['eval_every']}"] if budget else []
+    steps = [f"{SCHEDULE_KEYS[key]}={value}" for key, value in schedule.items()] if budget else []
     return [*extra, f"pruning.sparsity.ffn={size}", f"pruning.sparsity.attention={size}",
             f"pruning.sparsity.hidden={size}", f"trainer.seed={seed}",
             f"trainer.output_dir={run_dir(root, size, variant, seed, budget)}", "trainer.export=true",
@@ -112,6 +112,16 @@ def probe_export(model_dir: str, cfg, out_dir: Path) -> dict:
     probe = evaluate_models({"model": model_dir}, cfg.evaluate.tasks, out_dir / "probe", settings=settings)
     probe = probe["models"]["model"]
     return {"params": probe["params"], "probe": {t: (r["probe"] or {}).get("main") for t, r in probe["tasks"].items()}}
+
+
+def evaluation_record(cfg) -> dict:
+    """``cfg.evaluate`` as the evaluation runs it: its null knobs (epochs, lr, max length) filled with the
+    quick preset's (``EvalSettings``, their owner), and the fine-tuning batch, so that the page states what ran."""
+    from homodistil.eval.report import EvalSettings  # noqa: PLC0415
+
+    ft = EvalSettings.from_config(cfg.evaluate).finetune
+    return {**json.loads(cfg.evaluate.model_dump_json()), "epochs": ft.epochs, "lr": ft.lr, "max_length": ft.max_length,
+            "batch_size": ft.batch_size}
 
 
 def finetune_export(model_dir: str, cfg, out_dir: Path) -> dict[str, float | None]:
@@ -452,7 +462,8 @@ def collect(root: Path, args, base, plan: list[Run], argv: list[str]) -> dict:
     results = {"command": " ".join(argv), "root": str(root),
                "config": args.config, "overrides": args.overrides, "sizes": args.sizes, "seeds": args.seeds,
                "variants": {v: ROWS[v].description for v in variants}, "jobs": args.jobs,
-               "machine": machine(), "base": json.loads(base.model_dump_json()), "teacher": teacher,
+               "machine": machine(), "base": {**json.loads(base.model_dump_json()), "evaluate": evaluation_record(base)},
+               "teacher": teacher,
                "floor": majority_floor(base), "floor_sizes": train_sizes(base), "planned": len(plan), "runs": runs}
     if args.budgets:
         results.update({

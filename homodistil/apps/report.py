@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .decoder_eval import DECODER_MD
+
 LOSS_TERMS = ("total", "lm", "kl", "hidden", "attention")
 
 
@@ -165,7 +167,10 @@ def write_report(run_dir: str | Path, eval_dir: str | Path | None = None, heldou
         lines += [f"| {m} | {v['mlm_loss']:.3f} | {100 * v['masked_accuracy']:.1f}% | {v['kl_to_teacher']:.3f} |"
                   for m, v in heldout.items()]
         lines.append("")
-    if eval_dir is not None:
+    if eval_dir is not None and (Path(eval_dir) / DECODER_MD).is_file():  # a causal LM: homodistil evaluate's figures
+        lines += ["## Held-out text, latency and greedy continuations", "",
+                  (Path(eval_dir) / DECODER_MD).read_text().strip(), ""]
+    if eval_dir is not None and (Path(eval_dir) / "eval_results.json").is_file():
         eval_dir = Path(eval_dir)
         results = json.loads((eval_dir / "eval_results.json").read_text())
         lines += ["## Downstream tasks", "", (eval_dir / "eval_results.md").read_text().strip(), ""]

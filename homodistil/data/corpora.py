@@ -184,17 +184,18 @@ def _sdist_link(page_url: str, page: str, filename: str) -> tuple[str, str | Non
     raise DataError(f"{page_url}: no {filename} listed")
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes, read in 16 MiB chunks."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
+        for chunk in iter(lambda: handle.read(1 << 24), b""):
             digest.update(chunk)
     return digest.hexdigest()
 
 
 def verify_vader(path: Path) -> None:
     """Raise a DataError unless ``path`` is the pinned VADER sdist (its sha256 is :data:`VADER_SHA256`)."""
-    got = _sha256(path)
+    got = file_sha256(path)
     if got != VADER_SHA256:
         raise DataError(f"{path}: sha256 {got} is not the pinned {VADER_SHA256} of {VADER_SDIST}: not kept")
 

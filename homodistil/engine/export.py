@@ -8,11 +8,12 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
+from homodistil.lm.forward import auto_lm_class
 from homodistil.pruning.adapters import get_adapter
 from homodistil.pruning.groups import shrink_tensors
 
 from . import checkpoint
-from .models import auto_lm_class, student_groups
+from .models import student_groups
 
 log = logging.getLogger("homodistil.export")
 KEPT_UNITS = "kept_units.json"  # beside the model: per pruning group, the teacher's indices of the kept units
@@ -40,7 +41,7 @@ def export_dense(params: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]
     state = {k.removeprefix("lm."): v for k, v in lm_params.items() if k.startswith("lm.")}
     state = adapter.export_state(state, final, teacher_config)
     final._attn_implementation = None
-    model = auto_lm_class(adapter).from_config(final)
+    model = auto_lm_class(adapter.objective).from_config(final)
     allowed_missing = set(model.state_dict()) - {n for n, _ in model.named_parameters()}
     result = model.load_state_dict(state, strict=False)
     if result.unexpected_keys or set(result.missing_keys) - allowed_missing:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_grad
+from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_grad, safe_get_local_optimizer_state
 
 
 def _split(numel: int, part: int, rank: int) -> tuple[int, int]:
@@ -30,36 +30,100 @@ def _split(numel: int, part: int, rank: int) -> tuple[int, int]:
     return start, min(part, numel - start)
 
 
-def fragment_range(param, rank: int, world: int) -> tuple[int, int]:
-    """(start, numel) of this rank's fragment of ``param``."""
-    if hasattr(param, "ds_id"):
+class _Zero3:
+    """ZeRO-3: the local shard ``[r·part, (r+1)·part)`` clipped to the parameter, padding dropped."""
+
+    @staticmethod
+    def range(param, rank: int, world: int) -> tuple[int, int]:
         return _split(param.ds_numel, param.partition_numel(), dist.get_rank(group=param.ds_process_group))
-    if hasattr(param, "_hp_mapping"):
+
+    @staticmethod
+    def values(param, key: str, start: int, numel: int, optimizer) -> torch.Tensor:
+        local = safe_get_local_fp32_param(param) if key == "param" else safe_get_local_optimizer_state(param, key)
+        return local.view(-1)[:numel]
+
+    @staticmethod
+    def grad(param, start: int, numel: int) -> torch.Tensor:
+        return safe_get_local_grad(param).view(-1)[:numel]
+
+
+class _Mapped:
+    """ZeRO-1/2 and the bf16 optimizer: the fp32 fragment this rank's optimizer owns (``_hp_mapping``,
+    None where it owns none of the parameter)."""
+
+    @staticmethod
+    def range(param, rank: int, world: int) -> tuple[int, int]:
         mapping = param._hp_mapping
         return (0, 0) if mapping is None else (mapping.lp_fragment_address.start, mapping.lp_fragment_address.numel)
-    return _split(param.numel(), -(-param.numel() // world), rank)
+
+    @staticmethod
+    def values(param, key: str, start: int, numel: int, optimizer) -> torch.Tensor:
+        mapping = param._hp_mapping
+        if mapping is None:
+            return torch.zeros(0, dtype=torch.float32, device=param.device)
+        return (mapping.get_hp_fragment() if key == "param" else mapping.get_optim_state_fragment(key)).view(-1)
+
+    @staticmethod
+    def grad(param, start: int, numel: int) -> torch.Tensor:
+        mapping = param._hp_mapping
+        if mapping is None:
+            return torch.zeros(0, dtype=torch.float32, device=param.device)
+        grad = mapping.get_lp_grad_fragment(param._index_in_param_group).view(-1)
+        if grad.numel() == param.numel() and numel != param.numel():  # the bf16 optimizer's full buffer
+            grad = grad.narrow(0, start, numel)
+        return grad
+
+
+class _Replicated:
+    """Plain stage 0: the module and torch's optimizer state are whole on every rank; split as ZeRO-3
+    splits, so the ranks share the work evenly."""
+
+    @staticmethod
+    def range(param, rank: int, world: int) -> tuple[int, int]:
+        return _split(param.numel(), -(-param.numel() // world), rank)
+
+    @staticmethod
+    def values(param, key: str, start: int, numel: int, optimizer) -> torch.Tensor:
+        value = param.detach() if key == "param" else optimizer.state.get(param, {}).get(key)
+        if value is None:  # no optimizer step yet: Adam's moments are zero
+            return torch.zeros(numel)
+        return value.float().view(-1)[start:start + numel]
+
+    @staticmethod
+    def grad(param, start: int, numel: int) -> torch.Tensor:
+        return param.grad.view(-1)[start:start + numel]
+
+
+def layout(param):
+    """How ``param``'s fp32 values, optimizer state and gradient are laid out over the ranks: the one
+    place that tells ZeRO-3, ZeRO-1/2 and plain stage 0 apart (``range``, ``values``, ``grad``)."""
+    if hasattr(param, "ds_id"):
+        return _Zero3
+    if hasattr(param, "_hp_mapping"):
+        return _Mapped
+    return _Replicated
+
+
+def fragment_range(param, rank: int, world: int) -> tuple[int, int]:
+    """(start, numel) of this rank's fragment of ``param``."""
+    return layout(param).range(param, rank, world)
+
+
+def local_values(param, key: str, optimizer=None) -> tuple[int, torch.Tensor]:
+    """(start, fp32 values (n,)) of this rank's fragment of ``param`` (``key`` "param") or of its
+    optimizer state ``key`` (``exp_avg``, ``exp_avg_sq``; ``optimizer``: the base torch optimizer,
+    read at plain stage 0)."""
+    place = layout(param)
+    start, numel = place.range(param, dist.get_rank(), dist.get_world_size())
+    return start, place.values(param, key, start, numel, optimizer)
 
 
 def fragment(param, rank: int, world: int, with_grad: bool) -> tuple[int, torch.Tensor, torch.Tensor | None]:
     """(start, fp32 master values (n,), rank-averaged gradient (n,) or None) of this rank's fragment."""
-    start, numel = fragment_range(param, rank, world)
-    if hasattr(param, "ds_id"):
-        weight = safe_get_local_fp32_param(param).view(-1)[:numel]
-        grad = safe_get_local_grad(param).view(-1)[:numel] if with_grad else None
-    elif hasattr(param, "_hp_mapping"):
-        mapping = param._hp_mapping
-        if mapping is None:
-            empty = torch.zeros(0, dtype=torch.float32, device=param.device)
-            return start, empty, empty if with_grad else None
-        weight = mapping.get_hp_fragment().view(-1)
-        grad = None
-        if with_grad:
-            grad = mapping.get_lp_grad_fragment(param._index_in_param_group).view(-1)
-            if grad.numel() == param.numel() and numel != param.numel():  # the bf16 optimizer's full buffer
-                grad = grad.narrow(0, start, numel)
-    else:
-        weight = param.detach().view(-1)[start:start + numel]
-        grad = param.grad.view(-1)[start:start + numel] if with_grad else None
+    place = layout(param)
+    start, numel = place.range(param, rank, world)
+    weight = place.values(param, "param", start, numel, None)
+    grad = place.grad(param, start, numel) if with_grad else None
     return start, weight.detach(), None if grad is None else grad.detach()  # the fp32 master is a leaf that needs grad
 
 

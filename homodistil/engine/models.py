@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer, PretrainedConfig
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 
 from homodistil.config import ModelConfig
-from homodistil.lm.forward import scored_forward
+from homodistil.lm.forward import auto_lm_class, scored_forward
 from homodistil.pruning.adapters import get_adapter
 from homodistil.pruning.groups import Group, Slice
 
@@ -36,6 +36,10 @@ def teacher_source(cfg: ModelConfig) -> str | None:
     """Where the teacher's weights come from (None for the tiny teacher built on the spot)."""
     if cfg.teacher == "tiny":
         return None
+    from .gguf_teacher import is_gguf_teacher, teacher_dir  # noqa: PLC0415 (it imports ModelError from here)
+
+    if is_gguf_teacher(cfg.teacher):  # dequantized once into a plain folder, cached
+        return str(teacher_dir(cfg.teacher, cfg.prepare.cache_dir))
     source = str(minilm_dir()) if cfg.teacher == "minilm" else cfg.teacher
     _check_local(source, "model.teacher")
     return source
@@ -56,18 +60,10 @@ def teacher_config(source: str, revision: str | None = None):
     return config
 
 
-def longest_sequence(adapter, config) -> int | None:
-    """The longest sequence a teacher's learned position embeddings cover (RoBERTa's start past
-    the padding index); None for rotary positions (Llama family), which have no table to overrun."""
-    arch = adapter.arch(config)
-    if arch.family == "llama":
-        return None
-    offset = adapter.positions(0, config.pad_token_id or 0) if hasattr(adapter, "positions") else 0
-    return arch.max_position - offset
-
-
 def tokenizer_name(cfg: ModelConfig) -> str:
-    return cfg.tokenizer or (str(minilm_dir()) if cfg.teacher in ("tiny", "minilm") else cfg.teacher)
+    if cfg.tokenizer:
+        return cfg.tokenizer
+    return str(minilm_dir()) if cfg.teacher in ("tiny", "minilm") else teacher_source(cfg)
 
 
 def load_tokenizer(cfg: ModelConfig):
@@ -88,11 +84,6 @@ def tiny_config(cfg: ModelConfig, vocab_size: int, pad_token_id: int | None) -> 
     return config
 
 
-def auto_lm_class(adapter):
-    """The Auto class that loads a plain model of the adapter's objective."""
-    return {"mlm": AutoModelForMaskedLM, "causal": AutoModelForCausalLM}[adapter.objective]
-
-
 def load_teacher(cfg: ModelConfig, vocab_size: int, path: str | None, pad_token_id: int | None) -> nn.Module:
     """The frozen teacher LM in eval mode, fp32 on CPU (the engine moves and casts it).
 
@@ -107,7 +98,7 @@ def load_teacher(cfg: ModelConfig, vocab_size: int, path: str | None, pad_token_
         torch.random.set_rng_state(rng)
     else:
         adapter = get_adapter(teacher_config(path, cfg.revision).model_type)
-        model = auto_lm_class(adapter).from_pretrained(path, attn_implementation=cfg.attn_implementation,
+        model = auto_lm_class(adapter.objective).from_pretrained(path, attn_implementation=cfg.attn_implementation,
                                                        dtype=torch.float32, **hub_revision(path, cfg.revision))
     model.eval().requires_grad_(False)
     return model
@@ -141,10 +132,12 @@ class Student(nn.Module):
 
 def teacher_outputs(teacher: nn.Module, head: str, batch: dict, want_hidden: bool, want_attentions: bool,
                     hidden_pairs, attention_pairs) -> dict:
+    """The teacher's logits at the batch's scored positions (``batch["scored"]``: (M,) flat positions, gathered by
+    index so the host never waits to count them) and the hidden states and attention maps its pairs name."""
     module = getattr(teacher, "module", teacher)  # a ZeRO-3 engine or the model itself
     with torch.no_grad():
-        out = scored_forward(module, head, batch["input_ids"], batch["attention_mask"], batch["labels"] != -100,
-                                want_hidden, want_attentions)
+        out = scored_forward(module, head, batch["input_ids"], batch["attention_mask"], batch["scored"],
+                             want_hidden, want_attentions)
     return {"logits": out["logits"],
             "hidden": [out["hidden_states"][t] for t, _ in hidden_pairs] if want_hidden else [],
             "attentions": [out["attentions"][t] for t, _ in attention_pairs] if out["attentions"] else []}

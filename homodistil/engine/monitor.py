@@ -62,8 +62,8 @@ class Monitor:
         if log_line:
             terms = " ".join(f"{k.split('/')[1]}={v:.4f}" for k, v in scalars.items() if k.startswith("loss/"))
             self.bar.write(f"step {step}/{self.bar.total} {terms} sparsity={scalars['prune/sparsity']:.3f} "
-                           f"live_params={int(scalars['prune/live_params'])} step_time={scalars['time/step_s']:.3f}s "
-                           f"tokens/s={self.tokens_per_s:.0f}")
+                           f"live_params={int(scalars['prune/live_params'])} step_time={scalars['time/step_s']:.3f}s"
+                           + (f" tokens/s={self.tokens_per_s:.0f}" if self.tokens_per_s else ""))  # none before perf_every
 
     def heldout(self, step: int, values: dict[str, float]) -> None:
         """Held-out figures at ``step`` (``trainer.eval_every``): TensorBoard ``heldout/*`` and heldout.jsonl."""

@@ -94,8 +94,8 @@ class Perf:
         self.cfg, self.device, self.rank = cfg, device, rank
         self.cuda = device.type == "cuda"
         self.every = cfg.trainer.perf_every
-        self.tokens_per_step = cfg.micro_batch_size * cfg.grad_accum * world * cfg.data.max_seq_length
-        self.samples_per_step = cfg.micro_batch_size * cfg.grad_accum * world
+        self.samples_per_step = cfg.global_batch(world)
+        self.tokens_per_step = self.samples_per_step * cfg.data.max_seq_length
         self.world = world
         self.peak, self.peak_source = device_peak(cfg, device) if self.every else (None, "trainer.perf_every=0")
         self.kernels = KernelStats()

@@ -6,6 +6,11 @@ word embeddings, as in BERT) and the *whole* model is trained by continued MLM o
 text (loss on the masked positions only). The result is cached by everything that defines it,
 so a second run reuses it. A teacher that already has a head is returned as it is.
 
+A long preparation (thousands of steps on a CPU) is not lost to an interruption: at every plateau
+check the model, optimizer, schedule, RNG and curve are saved beside the cache entry
+(``<entry>.partial``), and the next preparation of the same entry continues from there, bit for bit
+as if it had not stopped (:func:`_save_snapshot`, :func:`_load_snapshot`).
+
 The cache entry is owner-only (``tempfile.mkdtemp`` makes it 0700, the rename keeps it) and its
 marker records the SHA-256 of every file published beside it: a run checks them before using the
 teacher, and a changed, added or missing file stops it with one line (:func:`verify_prepared`).
@@ -20,6 +25,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import os
+
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -28,6 +35,7 @@ from transformers import AutoModelForMaskedLM
 from homodistil.config import PrepareConfig
 from homodistil.data.batches import BlockBatches
 
+from .checkpoint import safe_load
 from .models import ModelError
 from .private import private_dir
 
@@ -140,10 +148,11 @@ def prepare_teacher(source: str, out: Path, data: BlockBatches, cfg: PrepareConf
     preparations (``compare --jobs 2`` on a cold cache) cannot mix files; the first to finish wins.
     The marker, written last, records the SHA-256 of every other file (:func:`verify_prepared`).
     """
+    private_dir(out.parent)
+    partial = private_dir(out.parent / f"{out.name}.partial")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        info, model = _train_head(source, data, cfg, head, progress)
-    private_dir(out.parent)
+        info, model = _train_head(source, data, cfg, head, progress, partial)
     tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))  # mode 0700
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
@@ -156,6 +165,7 @@ def prepare_teacher(source: str, out: Path, data: BlockBatches, cfg: PrepareConf
         if not (out / PREP_FILE).exists():
             raise
         info = json.loads((out / PREP_FILE).read_text())
+    shutil.rmtree(partial, ignore_errors=True)
     log.info("prepared teacher %s: held-out masked-token accuracy %.1f%% -> %.1f%%", source,
              100 * info["heldout_masked_accuracy_before"], 100 * info["heldout_masked_accuracy"])
     return info
@@ -208,11 +218,35 @@ def load_headless(source: str, head: str):
     return model
 
 
-def _train_head(source: str, data: BlockBatches, cfg: PrepareConfig, head: str, progress: bool):
-    """(info, model): continued MLM training of ``source`` with a new head, on the caller's RNG."""
+def _save_snapshot(partial: Path, model, opt, sched, step: int, state: dict) -> None:
+    """Everything :func:`_train_head` needs to continue after ``step`` steps (weights, optimizer and
+    schedule state, the RNG, the curve: tensors and plain data), replaced atomically: a process
+    killed while writing leaves the previous snapshot."""
+    tmp = partial / "snapshot.pt.tmp"
+    torch.save({"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "schedule": sched.state_dict(), "rng": torch.get_rng_state(), **state}, tmp)
+    os.replace(tmp, partial / "snapshot.pt")
+
+
+def _load_snapshot(partial: Path, model, opt, sched) -> dict | None:
+    """Restore the snapshot in ``partial`` into ``model``, ``opt``, ``sched`` and the RNG; its plain
+    data (``step``, ``curve``, the scores before training), or None when there is none. The file is
+    read as untrusted: tensors and plain data only (:func:`checkpoint.safe_load`)."""
+    if not (partial / "snapshot.pt").is_file():
+        return None
+    state = safe_load(partial / "snapshot.pt")
+    model.load_state_dict(state.pop("model"))
+    opt.load_state_dict(state.pop("optimizer"))
+    sched.load_state_dict(state.pop("schedule"))
+    torch.set_rng_state(state.pop("rng"))
+    log.info("teacher preparation: continuing from the snapshot after %d steps in %s", state["step"], partial)
+    return state
+
+
+def _train_head(source: str, data: BlockBatches, cfg: PrepareConfig, head: str, progress: bool, partial: Path):
+    """(info, model): continued MLM training of ``source`` with a new head, on the caller's RNG,
+    continued from the snapshot in ``partial`` if an earlier preparation left one."""
     model = load_headless(source, head)
-    acc_before, loss_before = masked_accuracy(model, head, data, cfg.batch_size)
-    model.train()
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
@@ -220,12 +254,22 @@ def _train_head(source: str, data: BlockBatches, cfg: PrepareConfig, head: str, 
     warmup = max(1, cfg.steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / cfg.steps))))
-    bar = tqdm(range(cfg.steps), desc="preparing teacher (MLM head)", unit="step", disable=not progress)
-    curve: list[tuple[int, float]] = []  # (steps trained, held-out MLM loss) at each plateau check
+    resumed = _load_snapshot(partial, model, opt, sched)
+    if resumed is None:
+        acc_before, loss_before = masked_accuracy(model, head, data, cfg.batch_size)
+        start, curve = 0, []  # curve: (steps trained, held-out MLM loss) at each plateau check
+    else:  # the snapshot was taken right after the check at its step, which found no plateau
+        acc_before, loss_before, start, curve = (resumed["acc_before"], resumed["loss_before"], resumed["step"],
+                                                 [tuple(c) for c in resumed["curve"]])
+    model.train()
+    bar = tqdm(range(start, cfg.steps), desc="preparing teacher (MLM head)", unit="step", disable=not progress,
+               initial=start, total=cfg.steps)
     for step in bar:
-        if cfg.plateau_every and step and step % cfg.plateau_every == 0 and _plateaued(model, head, data, cfg, curve,
-                                                                                        step):
-            break
+        if cfg.plateau_every and step and step % cfg.plateau_every == 0 and step != start:
+            if _plateaued(model, head, data, cfg, curve, step):
+                break
+            _save_snapshot(partial, model, opt, sched, step,
+                           {"curve": curve, "acc_before": acc_before, "loss_before": loss_before})
         batch = data.batch(step, 0, grad_accum=1, micro_batch=cfg.batch_size, rank=0, world=1)
         logits, labels = _masked_logits(model, head, batch)
         loss = F.cross_entropy(logits.float(), labels)

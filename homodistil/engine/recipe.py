@@ -29,14 +29,16 @@ from homodistil.pruning.adapters import get_adapter
 from homodistil.pruning.groups import KINDS, live_numel, shrink_tensors
 from homodistil.pruning.masked import apply_masks, make_maskable
 from homodistil.cost import arch_from_hf_config
+from homodistil.pruning.importance import from_config as importance_from_config
 from homodistil.pruning.pruner import Pruner
+from homodistil.pruning.schedule import PruningSchedule
 
 from . import checkpoint, faults, hostmem, numerics
 from .dist import device, init_distributed
 from .export import export_dense
 from .fragments import fragment, fragment_range, gather_fragments
 from .losses import distill_losses
-from .models import (Student, hub_revision, load_teacher, load_tokenizer, longest_sequence, student_config,
+from .models import (Student, hub_revision, load_teacher, load_tokenizer, student_config,
                      student_groups, teacher_config, teacher_outputs, teacher_source, tiny_config, tokenizer_name)
 from .prepare import PREP_FILE, missing_head, prepare_teacher
 from .prepare import cache_dir as prepare_cache_dir
@@ -76,18 +78,9 @@ def materialize(module: nn.Module, device: torch.device | str) -> None:
                 sub._parameters[name] = made[id(prm)]
 
 
-class _ScoredLabels:
-    """Stands in for ``batch["labels"]`` in the batch handed to ``models.teacher_outputs``, which finds
-    the scored positions as ``labels != -100``: it answers with the batch's precomputed (M,) positions,
-    so the teacher's head gathers them instead of indexing with a boolean mask on the device (which
-    makes the host wait for the device to count them)."""
-
-    def __init__(self, scored: torch.Tensor):
-        self.scored = scored  # (M,) int64 flat positions (data.batches.scored_positions)
-
-    def __ne__(self, other) -> torch.Tensor:
-        assert other == -100, other
-        return self.scored
+def _untimed(name: str):
+    """Stands in for ``Perf.phase`` where no timers run yet (a one-shot run's calibration, in set-up)."""
+    return contextlib.nullcontext()
 
 
 class Recipe:
@@ -97,145 +90,161 @@ class Recipe:
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> "Recipe":
-        """Every step below checks what it can before the expensive ones run (config and paths,
-        then tokenizer, targets and data, then models), so a user mistake costs seconds."""
-        armed = self._setup_process()
-        self._setup_tokenizer_and_targets()
-        self.data = self._load_data()
-        check_global_batch(self.data, self.cfg.micro_batch_size * self.cfg.grad_accum * self.world, self.cfg.data)
-        teacher = self._setup_teacher()
-        tag, meta, damaged = self._find_checkpoint()
-        student = self._setup_student(teacher, meta)
+        """The run's parts in the order they are needed, each made by one step from the arguments it is
+        given; what the loop and the helpers around it use is kept on ``self``. Every step checks what it
+        can before the expensive ones run (config and paths, then tokenizer, targets and data, then
+        models), so a user mistake costs seconds."""
+        cfg = self.cfg
+        self.rank, self.world, self.device, self.host_group = self._setup_process()
+        armed = faults.configure(self.rank)  # the faults a test injects (faults.py); none unless asked for
+        self.out = self._setup_output_dir()
+        self.ckpt_root = self.out / "checkpoints"
+        self.tokenizer, self.objective = self._setup_tokenizer_and_targets()
+        self.data = self._load_data(self.tokenizer, self.objective)
+        check_global_batch(self.data, cfg.global_batch(self.world), cfg.data)
+
+        teacher, self.teacher_dir = self._setup_teacher(self.tokenizer, self.objective, self.data)
+        self.tcfg = teacher.config
+        self.adapter = get_adapter(self.tcfg.model_type)
+        self.teacher_arch = arch_from_hf_config(self.tcfg.to_dict())  # for the FLOPs of perf/mfu
+        self.hidden_pairs = self.adapter.hidden_pairs(self.tcfg) if cfg.loss.alpha_hidden else []
+        self.attention_pairs = self.adapter.attention_pairs(self.tcfg) if cfg.loss.alpha_attention else []
+        self.needs_teacher = bool(cfg.loss.alpha_pred or cfg.loss.alpha_hidden or cfg.loss.alpha_attention)
+        # when to score, mask and shrink, and the (aligned) widths; scratch and one-shot students are at the final
+        # widths from step 0: nothing to prune while training
+        self.schedule = PruningSchedule.for_run(cfg, self.adapter, self.tcfg)
+
+        # the checkpoint to resume from (its meta: step, widths, ...), if any; damaged ones are set aside
+        self.resumed_tag, meta, damaged = self._find_checkpoint(self.tcfg)
+        # the student's widths: the checkpoint's, else the teacher's (a scratch student: the final ones)
+        start = cfg.pruning.sparsity.model_dump() if cfg.model.init == "scratch" else dict.fromkeys(KINDS, 0.0)
+        self.kept = meta["kept"] if meta else self.schedule.widths(start)
+        expected = self.schedule.widths_after(meta["step"]) if meta else None
+        if meta and meta["kept"] != expected:
+            raise ConfigError(
+                f"{self.ckpt_root / self.resumed_tag} holds a student of widths {meta['kept']} at step {meta['step']}, "
+                f"where this config's schedule has {expected} (were pruning.* "
+                "settings, pruning.width_multiple included, changed since it was saved, or was it saved by an older "
+                "version?): resume with the settings it was made with, or use a new trainer.output_dir")
+        # a new HomoDistil student starts as the teacher; a resumed one gets the checkpoint's weights
+        copy_of = teacher if not meta and cfg.model.init == "teacher" else None
+        student, self.groups, self.ckpt_bytes = self._setup_student(self.kept, copy_of)
         self.teacher = self._host_teacher(teacher)
-        self.pruner = self._make_pruner()
-        if not meta and self.cfg.pruning.schedule == "oneshot":
-            student = self._prune_at_start(student)
-        resized = self._world_change(tag, meta) if tag else None
+        self.pruner = self._make_pruner(self.groups)
+        if not meta and cfg.pruning.schedule == "oneshot":
+            student, self.groups, self.kept = self._prune_at_start(student)
+        resized = self._world_change(self.resumed_tag, meta) if self.resumed_tag else None
         if resized is not None:  # the module holds the weights when the engine is built (as after a shrink)
             with torch.no_grad():
                 for name, prm in student.named_parameters():
                     prm.copy_(resized[0][name])
         self.engine = self._init_engine(student)
-        self.heldout = (HeldoutProbe(self.data, self.teacher, self.adapter.head, self.cfg.evaluate.heldout_blocks,
-                                     self.cfg.micro_batch_size, self.device) if self.cfg.trainer.eval_every else None)
+        self.heldout = (HeldoutProbe(self.data, self.teacher, self.adapter.head, cfg.evaluate.heldout_blocks,
+                                     cfg.micro_batch_size, self.device) if cfg.trainer.eval_every else None)
+
+        # the loop's state
         self.step = 0
         self.shrink_host_peaks: list[list[tuple[int, int]]] = []  # per shrink and rank (_shrink)
         self.bad_steps = 0  # consecutive steps skipped for a non-finite loss or gradient
         self.held: list[tuple[int, dict[str, float], torch.Tensor]] = []  # steps not yet logged (_log)
         removed = checkpoint.remove_incomplete(self.ckpt_root) if self.rank == 0 else []
-        if tag:
-            self._resume(tag, meta, resized)
+        if self.resumed_tag:
+            self._resume(self.resumed_tag, resized)
+            self.step = self._last_saved = meta["step"]
         elif self.rank == 0:
-            (self.out / "config.yaml").write_text(dump_config(self.cfg))
+            (self.out / "config.yaml").write_text(dump_config(cfg))
         self.live_params = self._param_count(live=True)  # the masked model's size; recounted where masks change
-        self._setup_monitoring(tag, removed, armed, damaged)
+        # progress bar, TensorBoard and metrics files; perf timers (each on self as soon as made: close() closes it)
+        self.monitor = Monitor(self.out, self.rank, cfg.trainer.max_steps, self.step, cfg.trainer.progress)
+        self.perf = Perf(cfg, self.device, self.world, self.out, self.rank)
+        self._note_start(self.resumed_tag, removed, armed, damaged)
         return self
 
-    def _setup_process(self) -> list:
-        """Distributed init, the output directory, seeds; returns the injected faults (if any)."""
-        cfg = self.cfg
-        self.rank, self.world, _ = init_distributed()
-        self.device = device()
+    def _setup_process(self) -> tuple[int, int, torch.device, dist.ProcessGroup | None]:
+        """Distributed init and seeds: (rank, world size, device, the host group of the stop flag)."""
+        rank, world, _ = init_distributed()
         # the stop flag's collective runs on the host: a gloo group beside NCCL, so reading it waits for no device
-        self.host_group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
-        armed = faults.configure(self.rank)
-        self.out = Path(cfg.trainer.output_dir)
-        if self.rank == 0:
-            _check_writable(self.out)
-        dist.barrier()
-        self.ckpt_root = self.out / "checkpoints"
-        set_seed(cfg.trainer.seed + self.rank)  # torch, numpy, random; dropout differs per rank, as in any DP run
-        return armed
+        host_group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        set_seed(self.cfg.trainer.seed + rank)  # torch, numpy, random; dropout differs per rank, as in any DP run
+        return rank, world, device(), host_group
 
-    def _setup_tokenizer_and_targets(self) -> None:
-        """The tokenizer, and the target widths checked against the teacher's declared config
-        before any data or model work; the objective (MLM or next token) picks the batches."""
+    def _setup_output_dir(self) -> Path:
+        """``trainer.output_dir``, found writable by rank 0 before any rank goes on."""
+        out = Path(self.cfg.trainer.output_dir)
+        if self.rank == 0:
+            _check_writable(out)
+        dist.barrier()
+        return out
+
+    def _setup_tokenizer_and_targets(self) -> tuple:
+        """(tokenizer, objective): the target widths are checked against the teacher's declared config
+        before any data or model work; the objective ("mlm" or "causal") picks the batches."""
         cfg = self.cfg
-        self.tokenizer = load_tokenizer(cfg.model)
+        tokenizer = load_tokenizer(cfg.model)
         source = teacher_source(cfg.model)
-        declared = teacher_config(source, cfg.model.revision) if source else tiny_config(cfg.model, len(self.tokenizer),
-                                                                    self.tokenizer.pad_token_id)
+        declared = teacher_config(source, cfg.model.revision) if source else tiny_config(cfg.model, len(tokenizer),
+                                                                    tokenizer.pad_token_id)
         declared_adapter = get_adapter(declared.model_type)
         declared_adapter.check_targets(declared, cfg.pruning.sparsity.model_dump())
-        longest = longest_sequence(declared_adapter, declared)
+        longest = declared_adapter.longest_sequence(declared)
         if longest is not None and cfg.data.max_seq_length > longest:  # else an index error at step 1
             raise ConfigError(f"data.max_seq_length ({cfg.data.max_seq_length}) is longer than the teacher's "
                               f"position embeddings allow ({longest} tokens)")
-        self.objective = declared_adapter.objective
+        return tokenizer, declared_adapter.objective
 
-    def _setup_teacher(self):
-        """The teacher model (prepared if it lacks an MLM head), its adapter, and what the losses
-        need of it; a tiny teacher is saved so that evaluation can compare with it."""
-        cfg = self.cfg
-        self.teacher_dir = self._teacher_path()
-        teacher = self._load_teacher(self.teacher_dir)
-        self.tcfg = teacher.config
-        if self.teacher_dir is None:
-            self.teacher_dir = str(self.out / "teacher")
+    def _setup_teacher(self, tokenizer, objective: str, data: BatchSource) -> tuple:
+        """(teacher model, its directory): prepared first if it lacks an MLM head; a tiny teacher is saved
+        so that evaluation can compare with it."""
+        path = self._teacher_path(tokenizer, objective, data)
+        teacher = self._load_teacher(path, tokenizer)
+        if path is None:
+            path = str(self.out / "teacher")
             if self.rank == 0:
-                teacher.save_pretrained(self.teacher_dir, safe_serialization=True)
-                self.tokenizer.save_pretrained(self.teacher_dir)
-        self.adapter = get_adapter(self.tcfg.model_type)
-        self.teacher_arch = arch_from_hf_config(self.tcfg.to_dict())  # for the FLOPs of perf/mfu
-        self.hidden_pairs = self.adapter.hidden_pairs(self.tcfg) if cfg.loss.alpha_hidden else []
-        self.attention_pairs = self.adapter.attention_pairs(self.tcfg) if cfg.loss.alpha_attention else []
-        # scratch and one-shot students are at the final widths from step 0: nothing to prune while training
-        self.prunes = (cfg.model.init == "teacher" and cfg.pruning.schedule == "cubic"
-                       and any(s > 0 for s in cfg.pruning.sparsity.model_dump().values()))
-        self.needs_teacher = bool(cfg.loss.alpha_pred or cfg.loss.alpha_hidden or cfg.loss.alpha_attention)
-        return teacher
+                teacher.save_pretrained(path, safe_serialization=True)
+                tokenizer.save_pretrained(path)
+        return teacher, path
 
-    def _find_checkpoint(self) -> tuple[str | None, dict | None, list[str]]:
-        """(tag, meta, damaged): the checkpoint to resume from, if any; damaged ones are set aside
-        here and reported once the monitor is up."""
+    def _find_checkpoint(self, tcfg) -> tuple[str | None, dict | None, list[str]]:
+        """(tag, meta, damaged): the checkpoint to resume from, if any, made with teacher config ``tcfg``;
+        damaged ones are set aside here and reported once the monitor is up."""
         tag, damaged = checkpoint.find_resumable(self.ckpt_root) if self.cfg.trainer.resume else (None, [])
         if tag:
             checkpoint.check_loadable(self.ckpt_root / tag)  # before DeepSpeed's loader, which unpickles without the weights-only guard
-        self.resumed_tag = tag
         meta = checkpoint.read_meta(self.ckpt_root, tag) if tag else None
-        if meta and _architecture(meta["teacher_config"]) != _architecture(self.tcfg.to_dict()):
+        if meta and _architecture(meta["teacher_config"]) != _architecture(tcfg.to_dict()):
             raise ConfigError(f"{self.ckpt_root / tag} was made with another teacher: use a new trainer.output_dir")
         return tag, meta, damaged
 
-    def _setup_student(self, teacher, meta: dict | None) -> Student:
-        """The student at the checkpoint's widths (or the teacher's; a scratch student at the final
-        ones), with room for its checkpoints; a new HomoDistil student starts as the teacher."""
+    def _setup_student(self, kept: dict[str, int], copy_of) -> tuple[Student, list, int]:
+        """(student, its groups, the bytes of one checkpoint): the student at widths ``kept``, with room for
+        its checkpoints, and the weights of ``copy_of`` (a teacher) if given."""
         cfg = self.cfg
-        scratch = cfg.model.init == "scratch"
-        final = cfg.pruning.sparsity.model_dump() if scratch else dict.fromkeys(KINDS, 0.0)
-        self.kept = meta["kept"] if meta else self.adapter.kept(self.tcfg, final)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.trainer.seed)  # a scratch student's init: the same on every rank, seeded
-            student, self.groups = self._build_student(self.kept)
-        self.ckpt_bytes = checkpoint.estimate_bytes(sum(p.numel() for p in student.parameters()), cfg.bf16)
-        problem = checkpoint.space_problem(self.ckpt_root, self.ckpt_bytes)
+            student, groups = self._build_student(kept)
+        ckpt_bytes = checkpoint.estimate_bytes(sum(p.numel() for p in student.parameters()), cfg.bf16)
+        problem = checkpoint.space_problem(self.ckpt_root, ckpt_bytes)
         if problem:
             raise checkpoint.CheckpointError(f"trainer.output_dir: {problem}")
-        if not meta and not scratch:
-            with zero.GatheredParameters(list(teacher.parameters()), enabled=cfg.model.teacher_zero3):
-                student.lm.load_state_dict(teacher.state_dict())  # the student starts as the teacher
-        return student
+        if copy_of is not None:
+            with zero.GatheredParameters(list(copy_of.parameters()), enabled=cfg.model.teacher_zero3):
+                student.lm.load_state_dict(copy_of.state_dict())
+        return student, groups, ckpt_bytes
 
-    def _make_pruner(self) -> Pruner:
+    def _make_pruner(self, groups) -> Pruner:
         p = self.cfg.pruning
-        # what the logged target sparsity follows
-        self.schedule = "oneshot" if self.cfg.model.init == "scratch" else p.schedule
-        pruner = Pruner(self.groups, lambda s: self.adapter.kept(self.tcfg, s), metric=p.metric,
-                        s_final=p.sparsity.model_dump(), t_i=p.t_i, t_f=p.t_f, beta1=p.beta1, beta2=p.beta2,
-                        schedule=self.schedule, platon_window=p.platon_window)
+        pruner = Pruner(groups, self.schedule.kept, importance=importance_from_config(p))
         if self.cfg.model.init == "scratch":
             pruner.origin = None  # a scratch student's units are none of the teacher's: no kept_units.json
         return pruner
 
-    def _setup_monitoring(self, tag: str | None, removed: list[str], armed: list, damaged: list[str]) -> None:
-        """Progress bar, TensorBoard, metrics files and perf timers; the run's opening lines."""
+    def _note_start(self, tag: str | None, removed: list[str], armed: list, damaged: list[str]) -> None:
+        """The run's opening lines: what runs where, from which checkpoint, what was cleaned up or injected."""
         cfg = self.cfg
-        self.monitor = Monitor(self.out, self.rank, cfg.trainer.max_steps, self.step, cfg.trainer.progress)
-        self.perf = Perf(cfg, self.device, self.world, self.out, self.rank)
         self.monitor.note(f"world size {self.world}, ZeRO stage {cfg.zero_stage}, "
                           f"{'bf16' if cfg.bf16 else 'fp32'}, teacher {cfg.model.teacher} "
                           f"({self._param_count() / 1e6:.2f}M student parameters, init {cfg.model.init}, "
-                          f"schedule {self.schedule}), data: {self.data.describe()}"
+                          f"schedule {'oneshot' if self.schedule.oneshot else 'cubic'}), data: {self.data.describe()}"
                           + (f"; resumed from step {self.step} ({tag})" if tag else "")
                           + (f"; removed incomplete checkpoint(s) {', '.join(removed)}" if removed else "")
                           + (f"; injected faults {armed}" if armed else ""))
@@ -244,16 +253,16 @@ class Recipe:
         for line in damaged:
             self.monitor.note(line)
 
-    def _teacher_path(self) -> str | None:
-        """The teacher's weights; a teacher without an MLM head is prepared first (rank 0, cached)."""
+    def _teacher_path(self, tokenizer, objective: str, data: BatchSource) -> str | None:
+        """The teacher's weights; a teacher without an MLM head is prepared first (rank 0, cached), on ``data``."""
         m = self.cfg.model
         source = teacher_source(m)
-        if source is None or m.prepare.steps == 0 or self.objective == "causal" or not missing_head(source):
+        if source is None or m.prepare.steps == 0 or objective == "causal" or not missing_head(source):
             return source  # preparing gives a head-less encoder an MLM head; a causal LM is used as it is
         if hub_revision(source, m.revision):  # the preparation and its cache know the teacher by name only
             raise ConfigError(f"teacher '{m.teacher}' has no MLM head, and preparing one does not follow "
                               f"model.revision yet: download that revision to a directory and set model.teacher to it")
-        if not self.data.prebuilt:
+        if not data.prebuilt:
             raise ConfigError(f"teacher '{m.teacher}' has no MLM head and preparing one needs pre-built blocks: "
                               f"set data.streaming=false, or give a teacher with a head")
         d = self.cfg.data
@@ -261,7 +270,7 @@ class Recipe:
                                                     fingerprint(tokenizer_name(m))]), m.prepare)
         if self.rank == 0 and not (out / PREP_FILE).exists():
             head = get_adapter(teacher_config(source, m.revision).model_type).head
-            info = prepare_teacher(source, out, self.data, m.prepare, head, self.tokenizer, self.cfg.trainer.progress)
+            info = prepare_teacher(source, out, data, m.prepare, head, tokenizer, self.cfg.trainer.progress)
             print(f"prepared the teacher's MLM head ({info['steps']} steps): held-out masked-token accuracy "
                   f"{100 * info['heldout_masked_accuracy_before']:.1f}% -> {100 * info['heldout_masked_accuracy']:.1f}%; "
                   f"cached in {out}", flush=True)
@@ -269,25 +278,25 @@ class Recipe:
         verify_prepared(out)  # every rank: each reads the files (a node may have its own cache)
         return str(out)
 
-    def _load_teacher(self, path: str | None):
+    def _load_teacher(self, path: str | None, tokenizer):
         if not self.cfg.model.teacher_zero3 or path is None:
-            return load_teacher(self.cfg.model, len(self.tokenizer), path, self.tokenizer.pad_token_id)
+            return load_teacher(self.cfg.model, len(tokenizer), path, tokenizer.pad_token_id)
         from transformers.integrations import HfDeepSpeedConfig  # noqa: PLC0415
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config  # noqa: PLC0415
 
         keep_alive = HfDeepSpeedConfig(self._teacher_ds_config())  # partitions weights while loading
         try:
-            return load_teacher(self.cfg.model, len(self.tokenizer), path, self.tokenizer.pad_token_id)
+            return load_teacher(self.cfg.model, len(tokenizer), path, tokenizer.pad_token_id)
         finally:
             unset_hf_deepspeed_config()
             del keep_alive
 
-    def _load_data(self) -> BatchSource:
+    def _load_data(self, tokenizer, objective: str) -> BatchSource:
         d = self.cfg.data
         cache = Path(d.cache_dir) if d.cache_dir else self.out / "cache"
 
         def build():
-            return data_from_config(d, self.tokenizer, seed=self.cfg.trainer.seed, objective=self.objective,
+            return data_from_config(d, tokenizer, seed=self.cfg.trainer.seed, objective=objective,
                                     rank=self.rank, world=self.world, cache_dir=cache,
                                     heldout_blocks=self.cfg.evaluate.heldout_blocks)
 
@@ -363,8 +372,7 @@ class Recipe:
 
     # ------------------------------------------------------------------ training
     def train(self) -> None:
-        cfg, p = self.cfg, self.cfg.pruning
-        want_hidden, want_attn = bool(self.hidden_pairs), bool(self.attention_pairs)
+        cfg, schedule = self.cfg, self.schedule
         previous = signal.signal(signal.SIGTERM, self._on_sigterm) if self._main_thread() else None
         try:
             self.perf.start()  # the first step's time includes the step-0 evaluation
@@ -374,40 +382,28 @@ class Recipe:
             while self.step < cfg.trainer.max_steps:
                 started = time.perf_counter()
                 self.perf.begin_step(self.step + 1)
-                # 1. forward teacher and student on the same batch, 2. losses, 3. backward
+                # the step of docs/design.md §1: 1. batch, 2. forward teacher and student on it, 3. losses, 4. backward
                 terms_sum: dict[str, torch.Tensor] = {}  # fp64 () on the device: read at log steps only
                 for micro in range(cfg.grad_accum):
-                    batch = self._batch(micro)
-                    with phase("student"):
-                        student = self.engine(batch["input_ids"], batch["attention_mask"], batch["scored"],
-                                              want_hidden, want_attn)
-                    with phase("teacher"):
-                        teacher = teacher_outputs(self.teacher, self.adapter.head,
-                                                  {**batch, "labels": _ScoredLabels(batch["scored"])}, want_hidden,
-                                                  want_attn, self.hidden_pairs, self.attention_pairs
-                                                  ) if self.needs_teacher else {}
-                    with phase("student"):
-                        terms = distill_losses(cfg.loss, batch["targets"], student, teacher)
-                        terms["loss"] = faults.loss(terms["loss"], self.step + 1)
-                        self.engine.backward(terms["loss"])
-                        for k, v in terms.items():
-                            terms_sum[k] = terms_sum.get(k, 0.0) + v.detach().double() / cfg.grad_accum
-                        if micro < cfg.grad_accum - 1:
-                            self.engine.step()  # counts the micro-batch; DeepSpeed updates only at the boundary
-                # 4. importance, measured on this rank's fragments of this step's gradients (before the optimizer uses
+                    terms = self._forward_backward(self.engine, self._batch(micro), self.engine.backward, phase,
+                                                   fault_step=self.step + 1)
+                    for k, v in terms.items():
+                        terms_sum[k] = terms_sum.get(k, 0.0) + v.detach().double() / cfg.grad_accum
+                    if micro < cfg.grad_accum - 1:
+                        self.engine.step()  # counts the micro-batch; DeepSpeed updates only at the boundary
+                # 4. then importance, measured on this rank's fragments of this step's gradients (before the optimizer uses
                 # them), committed after it if it applied the step
-                if self.prunes and self.step < p.t_f and self.step + 1 >= max(p.t_i - p.mask_interval,
-                                                                               p.score_after + 1):
+                if schedule.scores(self.step + 1):
                     self._observe()
-                with phase("optimizer"):
+                with phase("optimizer"):  # 5. the optimizer step
                     self.engine.step()
                 self.step += 1
                 skipped = self._skipped_update(terms_sum)
                 self._commit_importance(skipped)
-                # 5. masks follow the cubic schedule, 6. masked units are removed for real
-                if self.step % p.mask_interval == 0 or self.step == p.t_f:
+                # 6. masks follow the cubic schedule, 7. masked units are removed for real, 8. log, probe, checkpoint
+                if schedule.masks(self.step):
                     self._update_masks()
-                if (self.step % p.shrink_interval == 0 or self.step >= p.t_f) and not self.pruner.is_dense():
+                if schedule.shrinks(self.step):
                     self._shrink()
                 self._log(terms_sum, time.perf_counter() - started, skipped)
                 self._evaluate_heldout()
@@ -428,10 +424,34 @@ class Recipe:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
 
+    def _forward_backward(self, model, batch: dict[str, torch.Tensor], backward, phase=_untimed,
+                          fault_step: int | None = None) -> dict[str, torch.Tensor]:
+        """One micro-batch: forward the student (``model``: the engine, or the bare student that a one-shot
+        run calibrates) and the teacher on the same batch (input_ids, attention_mask (B, T); scored, targets
+        (M,): :meth:`_device_batch`), the loss terms (each a () tensor), then ``backward(terms["loss"])``.
+        ``fault_step``: the optimizer step whose loss an injected fault may corrupt (faults.py); the
+        calibration has none."""
+        want_hidden, want_attn = bool(self.hidden_pairs), bool(self.attention_pairs)
+        with phase("student"):
+            student = model(batch["input_ids"], batch["attention_mask"], batch["scored"], want_hidden, want_attn)
+        with phase("teacher"):
+            teacher = teacher_outputs(self.teacher, self.adapter.head, batch, want_hidden, want_attn,
+                                      self.hidden_pairs, self.attention_pairs) if self.needs_teacher else {}
+        with phase("student"):
+            terms = distill_losses(self.cfg.loss, batch["targets"], student, teacher)
+            if fault_step is not None:
+                terms["loss"] = faults.loss(terms["loss"], fault_step)
+            backward(terms["loss"])
+        return terms
+
     @timed("data")
     def _batch(self, micro: int) -> dict[str, torch.Tensor]:
-        batch = self.data.batch(self.step, micro, grad_accum=self.cfg.grad_accum,
-                                micro_batch=self.cfg.micro_batch_size, rank=self.rank, world=self.world)
+        return self._device_batch(self.step, micro)
+
+    def _device_batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
+        """This rank's micro-batch ``micro`` of 0-based step ``step`` on the device, with its scored positions."""
+        batch = self.data.batch(step, micro, grad_accum=self.cfg.grad_accum, micro_batch=self.cfg.micro_batch_size,
+                                rank=self.rank, world=self.world)
         batch.update(scored_positions(batch["labels"]))  # on the host, before the batch moves
         return {k: v.to(self.device) for k, v in batch.items()}
 
@@ -442,26 +462,22 @@ class Recipe:
         if every and (self.step % every == 0 or self.step == self.cfg.trainer.max_steps):
             self.monitor.heldout(self.step, self.heldout(self.engine.module.lm))
 
-    def _prune_at_start(self, student: Student) -> Student:
-        """One-shot: score the dense student on ``calibration_steps`` batches with the run's metric (no
-        optimizer step; the batches are the first training batches), mask to the final sparsity at once
-        and return the student rebuilt at the final widths."""
+    def _prune_at_start(self, student: Student) -> tuple[Student, list, dict[str, int]]:
+        """One-shot: score the dense student on ``calibration_steps`` batches with the run's metric (the
+        training's micro-steps without an optimizer step; the batches are the first training batches), mask to
+        the final sparsity at once; returns the student rebuilt at the final widths, its groups and widths."""
         cfg = self.cfg
-        want_hidden, want_attn = bool(self.hidden_pairs), bool(self.attention_pairs)
         wanted = set(self.pruner.params)
         student.to(self.device).train()
+
+        def backward(loss):  # the plain module's gradients: the mean over the micro-batches, as the engine's
+            (loss / cfg.grad_accum).backward()
+
         with torch.random.fork_rng(devices=[]):  # calibration must not move the training's dropout stream
             for k in range(cfg.pruning.calibration_steps):
                 student.zero_grad(set_to_none=True)
                 for micro in range(cfg.grad_accum):
-                    batch = {n: v.to(self.device) for n, v in self.data.batch(
-                        k, micro, grad_accum=cfg.grad_accum, micro_batch=cfg.micro_batch_size, rank=self.rank,
-                        world=self.world).items()}
-                    out = student(batch["input_ids"], batch["attention_mask"], batch["labels"] != -100,
-                                  want_hidden, want_attn)
-                    teacher = teacher_outputs(self.teacher, self.adapter.head, batch, want_hidden, want_attn,
-                                              self.hidden_pairs, self.attention_pairs) if self.needs_teacher else {}
-                    (distill_losses(cfg.loss, batch["labels"], out, teacher)["loss"] / cfg.grad_accum).backward()
+                    self._forward_backward(student, self._device_batch(k, micro), backward)
                 tensors = {}
                 for name, prm in student.named_parameters():
                     if name in wanted:
@@ -473,23 +489,14 @@ class Recipe:
         student.zero_grad(set_to_none=True)
         self.pruner.update_masks(0)
         params = {n: prm.detach().cpu() for n, prm in student.named_parameters()}
-        student, *_ = self._slice_student(params)
-        return student
-
-    def _slice_student(self, params: dict[str, torch.Tensor]):
-        """Build the student at the pruner's mask widths and load ``params`` sliced to the kept units.
-
-        Returns (student, sliced params, (groups before, kept indices per group)) so that the caller can slice
-        other per-parameter state alike; the pruner's own state is sliced here."""
-        old_groups, kept = self.groups, self._mask_widths()
-        student, self.groups = self._build_student(kept, empty=True)  # every parameter is copied in below
-        keep = self.pruner.shrink(self.groups)
-        params = shrink_tensors(params, old_groups, keep)
+        kept = self._mask_widths()
+        student, groups = self._build_student(kept, empty=True)  # every parameter is copied in below
+        keep = self.pruner.shrink(groups)  # the pruner's own state is cut here
+        params = shrink_tensors(params, self.groups, keep)  # self.groups: still the dense student's
         with torch.no_grad():
             for name, prm in student.named_parameters():
                 prm.copy_(params[name])
-        self.kept = kept
-        return student, params, (old_groups, keep)
+        return student, groups, kept
 
     def _mask_widths(self) -> dict[str, int]:
         """The units per block each kind keeps under the current masks (the widths to shrink to)."""
@@ -500,7 +507,7 @@ class Recipe:
         """Measure importance on this rank's own fragment of every scored parameter (its fp32 master
         values and its slice of the rank-averaged gradient; engine/fragments.py): no gather, no
         collective. The measurement waits for :meth:`_commit_importance`, after the optimizer's step."""
-        scored, need_grad = set(self.pruner.params), self.cfg.pruning.metric != "magnitude"
+        scored, need_grad = set(self.pruner.params), self.pruner.importance.needs_grad
         for name, prm in self.engine.module.named_parameters():
             if name in scored:
                 start, weight, grad = fragment(prm, self.rank, self.world, need_grad)
@@ -510,15 +517,13 @@ class Recipe:
     def _commit_importance(self, skipped: bool) -> None:
         """Fold the measured step in (one all-reduce of every partial row/column sum), unless the
         optimizer skipped the step for a non-finite gradient: its own overflow check decides, the
-        same on every rank, so no pass over the gradients is added (magnitude needs none)."""
+        same on every rank, so no pass over the gradients is added (a metric without gradient needs none)."""
         if not self.pruner.pending:
             return
-        if skipped and self.cfg.pruning.metric != "magnitude":
+        if skipped and self.pruner.importance.needs_grad:
             self.pruner.discard()
             return
-        p = self.cfg.pruning
-        fold = self.step % p.platon_window == 0 or self.step == p.t_f  # a PLATON window ends (always, at window 1)
-        self.pruner.commit(fold, reduce=dist.all_reduce)
+        self.pruner.commit(self.schedule.folds(self.step), reduce=dist.all_reduce)
 
     def _skipped_update(self, terms: dict[str, float]) -> bool:
         """Whether the optimizer skipped this step for a non-finite gradient norm (numerics.py).
@@ -563,6 +568,8 @@ class Recipe:
         started = time.perf_counter()
         before = hostmem.start_peak()
         old_groups, kept = self.groups, self._mask_widths()
+        planned = self.schedule.shrunk[self.step]  # what the planner charged: the masks must agree
+        assert all(planned[k] == n for k, n in kept.items()), (self.step, kept, planned)
         config = student_config(self.adapter, self.tcfg, kept, self.cfg.model)
         keep = self.pruner.shrink(student_groups(self.adapter, config, len(self.hidden_pairs)))  # the pruner's own state
         pieces, adam_step = stream_pieces(self.engine, old_groups, keep)
@@ -620,7 +627,7 @@ class Recipe:
     def _log(self, terms: dict[str, torch.Tensor], step_time: float, skipped: bool) -> None:
         """Hold the step's scalars; its loss terms stay on the device until a log step (``trainer.log_every``),
         where every held step is reduced over the ranks and read at once: a step's only host sync."""
-        sparsity = self.pruner.sparsity(self.step)
+        sparsity = self.schedule.sparsity(self.step)
         scalars: dict[str, float] = {}
         scalars.update({f"prune/sparsity_{k}": v for k, v in sparsity.items()})
         scalars["prune/sparsity"] = max(sparsity.values())
@@ -653,7 +660,7 @@ class Recipe:
         return {"step": self.step, "kept": self.kept, "teacher_config": self.tcfg.to_dict(),
                 "model_type": self.tcfg.model_type, "tokenizer": tokenizer, "n_proj": len(self.hidden_pairs),
                 "world_size": self.world, "zero_stage": self.cfg.zero_stage,
-                "global_batch": self.cfg.micro_batch_size * self.cfg.grad_accum * self.world}
+                "global_batch": self.cfg.global_batch(self.world)}
 
     @timed("checkpoint")
     def save(self) -> str:
@@ -672,7 +679,7 @@ class Recipe:
         one-line error where it cannot resume here (another global batch; a stream; another stage)."""
         directory = self.ckpt_root / tag
         saved_world = meta["world_size"]
-        global_batch = self.cfg.micro_batch_size * self.cfg.grad_accum * self.world
+        global_batch = self.cfg.global_batch(self.world)
         if meta.get("global_batch", global_batch) != global_batch:
             raise ConfigError(
                 f"{directory} was saved with a global batch of {meta['global_batch']} (micro-batch x "
@@ -694,9 +701,10 @@ class Recipe:
             return None  # stage 0 files hold whole tensors: DeepSpeed's own loader reads them at any world size
         return checkpoint.world_free_state(directory)
 
-    def _resume(self, tag: str, meta: dict, resized: tuple | None) -> None:
-        """Continue from checkpoint ``tag``: DeepSpeed's own loader, or ``resized`` (full tensors of a
-        checkpoint from another world size, already in the module: ``setup``) written into the optimizer."""
+    def _resume(self, tag: str, resized: tuple | None) -> None:
+        """Load checkpoint ``tag`` into the engine, pruner, data and RNG: DeepSpeed's own loader, or ``resized``
+        (full tensors of a checkpoint from another world size, already in the module: ``setup``) written into
+        the optimizer."""
         if resized is None:
             load_path, _ = self.engine.load_checkpoint(str(self.ckpt_root), tag=tag, load_optimizer_states=True,
                                                        load_lr_scheduler_states=True)
@@ -716,7 +724,6 @@ class Recipe:
             self.data.load_state_dict(rank_state.get("data", {}))
             checkpoint.set_rng_state(rank_state["rng"])
         apply_masks(self.engine.module, self.groups, {k: m.to(self.device) for k, m in self.pruner.masks.items()})
-        self.step = self._last_saved = meta["step"]
 
     def export(self, out_dir: Path) -> None:
         params, _, _ = gather(self.engine)
@@ -762,7 +769,7 @@ def ready_teacher(cfg: Config) -> str | None:
     """Only the set-up that prepares (and caches) the teacher, and its path: ``compare`` calls it once, in a process
     of its own, before its workers start, so that they do not each prepare the same teacher at the same time."""
     recipe = Recipe(cfg)
-    recipe._setup_process()
-    recipe._setup_tokenizer_and_targets()
-    recipe.data = recipe._load_data()
-    return recipe._teacher_path()
+    recipe.rank, recipe.world, recipe.device, _ = recipe._setup_process()
+    recipe.out = recipe._setup_output_dir()
+    tokenizer, objective = recipe._setup_tokenizer_and_targets()
+    return recipe._teacher_path(tokenizer, objective, recipe._load_data(tokenizer, objective))

@@ -29,12 +29,11 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state, safe_get_local_fp32_param,
-                             safe_get_local_optimizer_state, safe_set_full_fp32_param, safe_set_full_optimizer_state,
-                             safe_set_local_fp32_param, safe_set_local_optimizer_state)
+from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state, safe_set_full_fp32_param,
+                             safe_set_full_optimizer_state, safe_set_local_fp32_param, safe_set_local_optimizer_state)
 
 from homodistil.cost import SHRINK_CHUNK_BYTES
-from homodistil.engine.fragments import fragment_range
+from homodistil.engine.fragments import local_values
 from homodistil.pruning.groups import Group, kept_indices, slice_tensor
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -162,25 +161,6 @@ def _cut(full: torch.Tensor, dims: dict[int, tuple[int, torch.Tensor]], name: st
     return full
 
 
-def _local_fragment(engine, param, key: str) -> tuple[int, torch.Tensor]:
-    """(start, values (n,)) of this rank's fragment of one :data:`STATE` tensor of ``param``, flat
-    elements ``[start, start + n)`` (engine/fragments.py's ranges; disjoint across ranks, covering)."""
-    start, numel = fragment_range(param, dist.get_rank(), dist.get_world_size())
-    if hasattr(param, "ds_id"):  # ZeRO-3: the local partition, padding dropped
-        local = safe_get_local_fp32_param(param) if key == "param" else safe_get_local_optimizer_state(param, key)
-        return start, local.view(-1)[:numel]
-    if hasattr(param, "_hp_mapping"):  # ZeRO-1/2, the bf16 optimizer: the fp32 fragment this rank's optimizer owns
-        mapping = param._hp_mapping
-        if mapping is None:
-            return start, torch.zeros(0)
-        return start, (mapping.get_hp_fragment() if key == "param" else mapping.get_optim_state_fragment(key)).view(-1)
-    # plain stage 0: the module and torch's optimizer state are replicated; split as ZeRO-3 splits
-    value = param.detach() if key == "param" else _base_optimizer(engine).state.get(param, {}).get(key)
-    if value is None:  # no optimizer step yet: Adam's moments are zero
-        return start, torch.zeros(numel)
-    return start, value.float().view(-1)[start:start + numel]
-
-
 def _copy_overlap(dst: torch.Tensor, dst_start: int, src: torch.Tensor, src_start: int) -> None:
     """Copy into flat ``dst`` (elements ``[dst_start, …)`` of some tensor) the elements of flat ``src``
     (``[src_start, …)`` of the same tensor) that both hold."""
@@ -213,7 +193,7 @@ def chunked_piece(engine, param, key: str, dims: dict[int, tuple[int, torch.Tens
     world, rank = dist.get_world_size(), dist.get_rank()
     part = -(-kept_rows.numel() * new_cols // world)
     piece = torch.zeros(part)  # (part,) host: flat [rank·part, (rank+1)·part) of the cut tensor, zero-padded
-    start, local = _local_fragment(engine, param, key)
+    start, local = local_values(param, key, _base_optimizer(engine))
     step = max(1, CHUNK_BYTES // (4 * cols))  # old rows per chunk
     written = 0  # kept rows before the chunk: its cut rows are new rows [written, written + k)
     for r0 in range(0, rows, step):

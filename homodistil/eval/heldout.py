@@ -6,9 +6,7 @@ for every model), so the figures compare like with like.
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
-
-from homodistil.lm.forward import head_name
+from homodistil.lm.forward import auto_lm_class, head_name
 from homodistil.lm.probe import HeldoutProbe
 
 
@@ -19,7 +17,7 @@ def heldout_metrics(model_dirs: dict[str, str], teacher_dir: str, data, *, batch
     ``homodistil.data.batches.from_config``, the run's own), and ``kl_to_teacher`` =
     KL(p_teacher ‖ p_model) there (nats per token, τ = 1) — the training-time
     :class:`HeldoutProbe`, applied to exported directories."""
-    auto = AutoModelForCausalLM if objective == "causal" else AutoModelForMaskedLM
+    auto = auto_lm_class(objective)
     teacher = auto.from_pretrained(teacher_dir).eval()
     probe = HeldoutProbe(data, teacher, head_name(teacher), max_blocks, batch_size, torch.device("cpu"))
     results = {}

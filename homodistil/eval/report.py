@@ -80,7 +80,8 @@ class EvalSettings:
     @classmethod
     def from_config(cls, e, **overrides) -> EvalSettings:
         """The quick preset with a run config's ``evaluate`` section (``config.EvaluateConfig``:
-        caps, epochs, lr, max length for fine-tuning and probe) and ``overrides`` on top."""
+        caps, epochs, lr, max length for fine-tuning and probe; a null knob keeps the preset's) and
+        ``overrides`` on top."""
         return cls.quick(max_train=e.max_train or 0, max_eval=e.max_eval or 0, epochs=e.epochs, lr=e.lr,  # 0: whole
                          max_length=e.max_length, probe_max_length=e.max_length, **overrides)
 

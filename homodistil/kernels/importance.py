@@ -1,12 +1,13 @@
 """Importance accumulation: one pass over a weight and its gradient -> row and column scores.
 
-Element scores ``S`` per metric (all in fp32):
-- ``magnitude``:   S = w²                         (the group score is sqrt of the group's sum)
-- ``sensitivity``: S = |w · g|                    (first-order loss change, Molchanov et al.)
-- ``platon``:      I = |w · g|;  Ī ← β1·Ī + (1−β1)·I;  U ← β2·U + (1−β2)·|I − Ī|;  S = Ī · U
-                   (Zhang et al., PLATON, ICML 2022; Ī and U live in ``state``; the new values
-                   are written in place, or into ``out`` so that the old ones survive a step the
-                   optimizer skips)
+Element scores ``S`` (all in fp32), named by formula; which metric uses which, its state and
+how it folds the sums into group scores is ``homodistil.pruning.importance``'s business:
+- ``square``:          S = w²
+- ``abs_product``:     S = |w · g|
+- ``ema_uncertainty``: I = |w · g|;  Ī ← β1·Ī + (1−β1)·I;  U ← β2·U + (1−β2)·|I − Ī|;  S = Ī · U
+                       (Zhang et al., PLATON, ICML 2022; Ī and U live in ``state``; the new values
+                       are written in place, or into ``out`` so that the old ones survive a step the
+                       optimizer skips)
 Returned: ``row[i] = Σ_j S[i, j]`` and ``col[j] = Σ_i S[i, j]``. A 1-D tensor is treated as
 an (n, 1) matrix, so ``row`` is its element scores.
 
@@ -14,7 +15,7 @@ Dead entries: ``rows`` (N,) and ``cols`` (K,) are optional fp32 live vectors (1 
 an entry in a masked row or column counts with w = 0, as if it were shrunk away. They are
 vectors, not a weight-sized mask: a mask update costs O(N + K) per matrix, not O(N·K).
 
-PLATON with ``out`` (the pruner's per-step path) allocates no weight-sized temporary beyond a
+``ema_uncertainty`` with ``out`` (the pruner's per-step path) allocates no weight-sized temporary beyond a
 bounded block: the Triton kernel fuses everything into one pass (read w, g and the PLATON state once, write the state once) and is deterministic (each
 program sums its tile into per-tile partial row and column sums, which torch then reduces in a
 fixed order, no atomics); the torch reference's PLATON works in the ``out`` buffers and forms
@@ -29,19 +30,11 @@ import triton.language as tl
 
 from homodistil.kernels._dispatch import check_launchable, kernel_backend, kernel_range
 
-METRICS = ("magnitude", "sensitivity", "platon")
+SCORES = ("square", "abs_product", "ema_uncertainty")  # the Triton kernel's SCORE index
 # elements per row block of the reference's S = Ī·U (64 MiB of fp32): bounded, yet few blocks, since on a
 # loaded CPU each op's thread hand-off costs milliseconds (1 Mi-element blocks made a 31M-element PLATON
 # pass 3x slower than whole-tensor ops)
 CHUNK = 1 << 24
-
-
-def init_state(weight: torch.Tensor, metric: str) -> dict[str, torch.Tensor]:
-    """Per-element state a metric carries between steps (empty unless PLATON)."""
-    if metric != "platon":
-        return {}
-    zeros = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-    return {"ema": zeros, "unc": zeros.clone()}
 
 
 def _matrix(t: torch.Tensor, n: int, k: int) -> torch.Tensor:
@@ -52,7 +45,7 @@ def _matrix(t: torch.Tensor, n: int, k: int) -> torch.Tensor:
 def importance_reference(
     weight: torch.Tensor,
     grad: torch.Tensor | None,
-    metric: str,
+    score: str,
     state: dict[str, torch.Tensor],
     beta1: float = 0.85,
     beta2: float = 0.95,
@@ -62,25 +55,25 @@ def importance_reference(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-torch reference. weight/grad (N, K) or (N,), any float dtype -> fp32 (N,), (K,).
 
-    ``rows``/``cols``: fp32 live vectors (N,), (K,) or None (all live). ``out``: PLATON only,
+    ``rows``/``cols``: fp32 live vectors (N,), (K,) or None (all live). ``out``: ``ema_uncertainty`` only,
     ``{"ema", "unc"}`` buffers shaped like the state that receive the new state (None: ``state``
-    is updated in place). With ``out``, PLATON's I lives in ``out["unc"]`` until U replaces it, and
+    is updated in place). With ``out``, its I lives in ``out["unc"]`` until U replaces it, and
     S = Ī·U is formed in row blocks of at most ``CHUNK`` elements for its sums. Elementwise results
     and row sums are bitwise those of whole-tensor ops; column sums of a weight above ``CHUNK``
     elements add per-block partials.
     """
-    if metric not in METRICS:
-        raise ValueError(f"unknown importance metric {metric!r} (known: {', '.join(METRICS)})")
-    if metric != "magnitude" and grad is None:
-        raise ValueError(f"metric {metric!r} needs a gradient")
+    if score not in SCORES:
+        raise ValueError(f"unknown element score {score!r} (known: {', '.join(SCORES)})")
+    if score != "square" and grad is None:
+        raise ValueError(f"score {score!r} needs a gradient")
     n = weight.shape[0]
     k = weight.shape[1] if weight.dim() == 2 else 1
     w = _matrix(weight, n, k).float()
-    if metric == "platon" and out is not None:
+    if score == "ema_uncertainty" and out is not None:
         ipt = _matrix(out["unc"], n, k)  # I, then U
     else:
         ipt = torch.empty((n, k), dtype=torch.float32, device=weight.device)
-    if metric == "magnitude":
+    if score == "square":
         torch.mul(w, w, out=ipt)
     else:
         torch.mul(w, _matrix(grad, n, k).float(), out=ipt)
@@ -88,9 +81,9 @@ def importance_reference(
         ipt.mul_(rows.view(-1, 1))
     if cols is not None:
         ipt.mul_(cols.view(1, -1))
-    if metric != "platon":
-        score = ipt if metric == "magnitude" else ipt.abs_()
-        return score.sum(dim=1), score.sum(dim=0)
+    if score != "ema_uncertainty":
+        s = ipt if score == "square" else ipt.abs_()
+        return s.sum(dim=1), s.sum(dim=0)
     ipt.abs_()  # I = |w·g|
     new = state if out is None else out
     ema0, unc0 = _matrix(state["ema"], n, k), _matrix(state["unc"], n, k)
@@ -99,8 +92,8 @@ def importance_reference(
     ipt.sub_(ema1).abs_()  # |I − Ī|
     torch.lerp(unc0, ipt, 1 - beta2, out=unc1)  # U (into I's buffer when ``out`` is given)
     if out is None:  # I's own buffer is free: S in one pass, as before
-        score = torch.mul(ema1, unc1, out=ipt)
-        return score.sum(dim=1), score.sum(dim=0)
+        s = torch.mul(ema1, unc1, out=ipt)
+        return s.sum(dim=1), s.sum(dim=0)
     row_sum = torch.empty(n, dtype=torch.float32, device=weight.device)
     col_sum = torch.zeros(k, dtype=torch.float32, device=weight.device)
     step = max(1, CHUNK // max(k, 1))  # whole rows per block
@@ -116,9 +109,9 @@ def importance_reference(
 @triton.jit
 def _importance_kernel(
     w_ptr,  # (N, K) weight, contiguous, any float dtype
-    g_ptr,  # (N, K) gradient, contiguous, any float dtype (placeholder for magnitude)
-    ema_ptr,  # (N, K) fp32 PLATON EMA Ī, read (placeholder unless platon)
-    unc_ptr,  # (N, K) fp32 PLATON uncertainty U, read (placeholder unless platon)
+    g_ptr,  # (N, K) gradient, contiguous, any float dtype (placeholder for square)
+    ema_ptr,  # (N, K) fp32 PLATON EMA Ī, read (placeholder unless ema_uncertainty)
+    unc_ptr,  # (N, K) fp32 PLATON uncertainty U, read (placeholder unless ema_uncertainty)
     ema_out_ptr,  # (N, K) fp32 new Ī, written (may be ema_ptr: in place)
     unc_out_ptr,  # (N, K) fp32 new U, written (may be unc_ptr)
     rows_ptr,  # (N,) fp32 live rows, 1 or 0 (placeholder unless HAS_ROWS)
@@ -127,7 +120,7 @@ def _importance_kernel(
     col_part_ptr,  # (cdiv(N, BLOCK_N), K) fp32 out: column sums of each row tile
     N, K,
     beta1, one_minus_beta1, beta2, one_minus_beta2,  # fp32; 1 − β precomputed, as torch's alpha
-    METRIC: tl.constexpr,  # index into METRICS: 0 magnitude, 1 sensitivity, 2 platon
+    SCORE: tl.constexpr,  # index into SCORES: 0 square, 1 abs_product, 2 ema_uncertainty
     HAS_ROWS: tl.constexpr, HAS_COLS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -143,12 +136,12 @@ def _importance_kernel(
         w = w * tl.load(rows_ptr + r, mask=r < N, other=0.0)[:, None]
     if HAS_COLS:
         w = w * tl.load(cols_ptr + c, mask=c < K, other=0.0)[None, :]
-    if METRIC == 0:
+    if SCORE == 0:
         score = w * w
     else:
         g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         ipt = tl.abs(w * g)
-        if METRIC == 1:
+        if SCORE == 1:
             score = ipt
         else:
             ema = tl.load(ema_ptr + offs, mask=ok, other=0.0) * beta1 + one_minus_beta1 * ipt
@@ -194,7 +187,7 @@ def _check_live(live: torch.Tensor | None, size: int, w: torch.Tensor, what: str
 def importance_triton(
     weight: torch.Tensor,
     grad: torch.Tensor | None,
-    metric: str,
+    score: str,
     state: dict[str, torch.Tensor],
     beta1: float = 0.85,
     beta2: float = 0.95,
@@ -206,25 +199,25 @@ def importance_triton(
 
     An empty weight goes to the reference (a Triton grid cannot be empty).
     """
-    if metric not in METRICS:
-        raise ValueError(f"unknown importance metric {metric!r} (known: {', '.join(METRICS)})")
+    if score not in SCORES:
+        raise ValueError(f"unknown element score {score!r} (known: {', '.join(SCORES)})")
     if weight.dim() not in (1, 2) or not weight.is_floating_point():
         raise ValueError(f"weight must be a 1-D or 2-D float tensor, got {weight.dtype} "
                          f"{tuple(weight.shape)}")
     if weight.numel() == 0:
-        return importance_reference(weight, grad, metric, state, beta1, beta2, rows, cols, out)
+        return importance_reference(weight, grad, score, state, beta1, beta2, rows, cols, out)
     interpreted = check_launchable(_importance_kernel, weight)
     n, k = weight.shape if weight.dim() == 2 else (weight.shape[0], 1)
     w = weight.contiguous()
-    g = ema = unc = ema_out = unc_out = w  # placeholders for the operands this metric does not touch
-    if metric != "magnitude":
+    g = ema = unc = ema_out = unc_out = w  # placeholders for the operands this score does not touch
+    if score != "square":
         if grad is None:
-            raise ValueError(f"metric {metric!r} needs a gradient")
+            raise ValueError(f"score {score!r} needs a gradient")
         if grad.numel() != w.numel() or grad.device != w.device or not grad.is_floating_point():
             raise ValueError(f"grad ({grad.dtype} {tuple(grad.shape)} on {grad.device}) does not "
                              f"match weight ({tuple(weight.shape)} on {weight.device})")
         g = grad.reshape(w.shape).contiguous()
-    if metric == "platon":
+    if score == "ema_uncertainty":
         _check_state(state, w, "state")
         _check_state(state if out is None else out, w, "out")
         ema, unc = state["ema"], state["unc"]
@@ -237,16 +230,16 @@ def importance_triton(
     col_part = torch.empty((grid[0], k), dtype=torch.float32, device=w.device)
     _importance_kernel[grid](w, g, ema, unc, ema_out, unc_out, w if rows is None else rows,
                              w if cols is None else cols, row_part, col_part, n, k,
-                             beta1, 1 - beta1, beta2, 1 - beta2, METRIC=METRICS.index(metric),
+                             beta1, 1 - beta1, beta2, 1 - beta2, SCORE=SCORES.index(score),
                              HAS_ROWS=rows is not None, HAS_COLS=cols is not None,
                              BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8)
     return row_part.sum(dim=0), col_part.sum(dim=0)
 
 
-def importance(weight, grad, metric, state, beta1=0.85, beta2=0.95, rows=None, cols=None, out=None):
+def importance(weight, grad, score, state, beta1=0.85, beta2=0.95, rows=None, cols=None, out=None):
     """Dispatching entry point: the fused Triton kernel on CUDA (or when forced), else the
     reference."""
     with kernel_range("importance", weight):
         if kernel_backend(weight) == "torch":
-            return importance_reference(weight, grad, metric, state, beta1, beta2, rows, cols, out)
-        return importance_triton(weight, grad, metric, state, beta1, beta2, rows, cols, out)
+            return importance_reference(weight, grad, score, state, beta1, beta2, rows, cols, out)
+        return importance_triton(weight, grad, score, state, beta1, beta2, rows, cols, out)

@@ -3,6 +3,12 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+
+def auto_lm_class(objective: str):
+    """The Auto class that loads a plain LM of ``objective`` ("mlm" or "causal", an adapter's)."""
+    return {"mlm": AutoModelForMaskedLM, "causal": AutoModelForCausalLM}[objective]
 
 
 def at_positions(hidden: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,15 @@ Plain data, no torch: ``homodistil plan`` imports it without importing torch; th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
+
+
+class ParamCounts(NamedTuple):
+    """Parameters of an LM with its head (an adapter's :meth:`Adapter.param_counts`)."""
+
+    total: int  # tied weights counted once
+    embedding_lookup: int  # token/position/type embeddings: looked up, not multiplied
+    layer: int  # one transformer layer
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
-"""The pruner state machine: observe (importance) → mask (schedule) → shrink (slice).
+"""The pruner state machine: measure → commit (importance) → mask (schedule) → shrink (slice).
 
 It works on plain tensors handed to it by the caller, so it is usable without the training
-loop and without DeepSpeed. Importance is measured on *fragments*: flat element ranges
+loop and without DeepSpeed. The metric is an :class:`~homodistil.pruning.importance.Importance`;
+the pruner drives it and knows no metric. Importance is measured on *fragments*: flat element ranges
 ``[start, start + n)`` of a row-major parameter. Under ZeRO each rank measures its own
 partition, the partial row and column sums of all parameters go through one caller-given
 reduction (a sum over ranks), and every rank ends with the same scores (docs/design.md §5).
@@ -11,13 +12,15 @@ tensors to :meth:`observe`.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-from homodistil.kernels.importance import importance, init_state
+from homodistil.kernels.importance import importance
 
 from .groups import Group, dead_entries, shrink_tensors
-from .schedule import cubic_sparsity
+from .importance import Importance, Sums
 
 
 def pieces(shape: tuple[int, ...], start: int, numel: int) -> list[tuple[int, int, int, int, int]]:
@@ -63,22 +66,55 @@ def zero_dead(flat: torch.Tensor, shape: tuple[int, ...], start: int,
             block.mul_(cols[col:col + n_cols].view(1, -1))
 
 
+@dataclass(frozen=True)
+class Fragment:
+    """Flat elements ``[start, start + numel)`` of a parameter of full ``shape``, as a metric sees them,
+    with the parameter's ``live`` rows and columns (:func:`live_vectors`)."""
+
+    shape: tuple[int, ...]
+    start: int
+    numel: int
+    live: tuple[torch.Tensor | None, torch.Tensor | None]
+
+    def sums(self, score: str, weight: torch.Tensor, grad: torch.Tensor | None,
+             state: dict[str, torch.Tensor] | None = None, out: dict[str, torch.Tensor] | None = None,
+             betas: tuple[float, float] = (0.85, 0.95), masked: bool = True) -> Sums:
+        """Row (R,) and column (C,) sums of the element ``score`` (``kernels.importance.SCORES``) over the
+        fragment (its other rows/columns 0), one kernel call per block of :func:`pieces` on views of the
+        flat ``weight``, ``grad``, ``state`` and ``out`` buffers; at ``masked`` a dead entry counts with
+        w = 0, as if shrunk away."""
+        state = state or {}
+        rows = torch.zeros(self.shape[0], dtype=torch.float32, device=weight.device)
+        cols = torch.zeros(self.shape[1] if len(self.shape) == 2 else 1, dtype=torch.float32, device=weight.device)
+        live_rows, live_cols = self.live if masked else (None, None)
+        for offset, row, n_rows, col, n_cols in pieces(self.shape, self.start, self.numel):
+            span = slice(offset, offset + n_rows * n_cols)
+            r, c = importance(weight[span].view(n_rows, n_cols), None if grad is None else grad[span], score,
+                              {k: t[span] for k, t in state.items()}, *betas,
+                              None if live_rows is None else live_rows[row:row + n_rows],
+                              None if live_cols is None else live_cols[col:col + n_cols],
+                              None if out is None else {k: t[span] for k, t in out.items()})
+            rows[row:row + n_rows] += r
+            cols[col:col + n_cols] += c
+        return rows, cols
+
+    def zero_dead(self, flat: torch.Tensor) -> None:
+        """Zero the fragment's dead entries of ``flat`` (numel,) in place (:func:`zero_dead`)."""
+        zero_dead(flat, self.shape, self.start, self.live)
+
+
 class Pruner:
     """Holds masks and scores (identical on all ranks) and the importance state of this rank's
     fragments for ``groups``.
 
-    ``kept_fn(sparsity: dict[kind, float]) -> dict[kind, int]`` gives the units kept per block
-    at given per-kind sparsities (the adapter's ``kept`` bound to the teacher config).
+    ``kept(step) -> dict[kind, int]`` gives the units kept per block at a step (the run's
+    ``schedule.PruningSchedule.kept``: the schedule owns the widths).
     """
 
-    def __init__(self, groups: list[Group], kept_fn, *, metric: str, s_final: dict[str, float],
-                 t_i: int, t_f: int, beta1: float = 0.85, beta2: float = 0.95, schedule: str = "cubic",
-                 platon_window: int = 1):
+    def __init__(self, groups: list[Group], kept: Callable[[int], dict[str, int]], *, importance: Importance):
         self.groups = groups
-        self.kept_fn = kept_fn
-        self.metric, self.beta1, self.beta2 = metric, beta1, beta2
-        self.windowed = metric == "platon" and platon_window > 1  # |w·g| averaged per window, EMAs once per window
-        self.s_final, self.t_i, self.t_f, self.schedule = dict(s_final), t_i, t_f, schedule
+        self.kept = kept
+        self.importance = importance
         self.params = sorted({s.param for g in groups for s in g.slices})
         self.masks = {g.name: torch.ones(g.size, dtype=torch.bool) for g in groups}
         self.scores = {g.name: torch.zeros(g.size) for g in groups}  # fp32 (size,)
@@ -86,34 +122,28 @@ class Pruner:
         # None for a scratch student (the recipe clears it) or after resuming a checkpoint that predates it
         self.origin: dict[str, torch.Tensor] | None = {g.name: torch.arange(g.size) for g in groups}
         self.observed = 0  # observations folded into ``scores`` since the last mask update
-        self.window_steps = 0  # windowed PLATON: steps in the current window's running mean
+        self.window_steps = 0  # steps committed since the last fold (a windowed metric holds them back)
         self.partitioned = False  # state holds this rank's fragments only (measured with a reduction)
         # per parameter: its full shape, this rank's fragment (start, numel), the metric's flat state
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.fragments: dict[str, tuple[int, int]] = {}
-        self.state: dict[str, dict[str, torch.Tensor]] = {}  # {name: {ema, unc[, window]: fp32 (numel,)}}
-        # PLATON (per step): the measured step's new ema/unc, written beside the state and swapped in at
-        # commit (a skipped step keeps the old state); allocated once, reused every step
+        self.state: dict[str, dict[str, torch.Tensor]] = {}  # the metric's, e.g. PLATON's {ema, unc[, window]}
+        # the metric's buffers kept from step to step (PLATON: the measured step's new ema/unc, written
+        # beside the state and swapped in at commit); dropped when the fragments change
         self.spare: dict[str, dict[str, torch.Tensor]] = {}
-        self.pending: dict[str, tuple] = {}  # measured, not yet committed (the optimizer has not decided)
+        # measured, not yet committed (the optimizer has not decided): name -> (Fragment, the measurement)
+        self.pending: dict[str, tuple[Fragment, tuple]] = {}
         self.unsliced = None  # partitioned state between shrink() and reshard()
         self.dead: dict = {}  # dead_entries of the current masks, rebuilt where masks change (_masks_changed)
         self.live: dict[str, tuple] = {}  # per parameter: live_vectors on its device (cleared with ``dead``)
         self._masks_changed()
 
-    # --- schedule -------------------------------------------------------------------------
-    def sparsity(self, step: int) -> dict[str, float]:
-        """Target sparsity per kind: the cubic schedule, or the final sparsity from step 0 (``oneshot``)."""
-        if self.schedule == "oneshot":
-            return dict(self.s_final)
-        return {k: cubic_sparsity(step, self.t_i, self.t_f, s) for k, s in self.s_final.items()}
-
     # --- observe --------------------------------------------------------------------------
     def observe(self, tensors, fold: bool = True) -> None:
         """Measure and commit one step from full tensors, identical wherever this is called.
 
-        ``tensors``: ``{name: (weight, grad)}`` or ``(name, (weight, grad))`` pairs (grad None for
-        ``magnitude``) covering ``self.params``; others are ignored.
+        ``tensors``: ``{name: (weight, grad)}`` or ``(name, (weight, grad))`` pairs (grad None where the
+        metric does not need it) covering ``self.params``; others are ignored.
         """
         for name, (weight, grad) in (tensors.items() if isinstance(tensors, dict) else tensors):
             if name in self.params:
@@ -128,30 +158,17 @@ class Pruner:
         ``[start, start + n)`` of parameter ``name`` (full ``shape``), any float dtype.
 
         Kept pending until :meth:`commit` (the step was applied) or :meth:`discard` (it was not):
-        ``sensitivity``/``magnitude`` as partial row and column sums, PLATON as I = |w·g| (its
-        state is only updated by a step the optimizer applied). Dead entries (a masked row or
-        column) count with w = 0, as if shrunk away.
+        the metric's measurement (:meth:`Importance.measure`; its state only moves with a step the
+        optimizer applied). Dead entries (a masked row or column) count with w = 0, as if shrunk away.
         """
         numel = weight.numel()
         if name not in self.fragments:
             self.shapes[name], self.fragments[name] = tuple(shape), (start, numel)
-            self.state[name] = init_state(weight, self.metric)
-            if self.windowed:  # running mean of |w·g| over the window so far
-                self.state[name]["window"] = torch.zeros(numel, dtype=torch.float32, device=weight.device)
+            self.state[name] = self.importance.new_state(numel, weight.device)
         assert self.fragments[name] == (start, numel), (name, self.fragments[name], (start, numel))
-        live = self._live(name, weight.device)  # (cached: no host work per step)
-        if self.metric != "platon":
-            self.pending[name] = self._partial(name, weight, grad, self.metric, {}, live)
-        elif not self.windowed:  # the new EMAs go beside the state: the optimizer may still skip this step
-            state = self.state[name]
-            spare = self.spare.get(name)
-            if spare is None:
-                spare = self.spare[name] = {k: torch.empty_like(state[k]) for k in ("ema", "unc")}
-            self.pending[name] = self._partial(name, weight, grad, "platon", state, live, spare)
-        else:
-            ipt = torch.mul(weight.float(), grad.float()).abs_()  # I, fp32 (numel,); the window's mean takes it
-            zero_dead(ipt, self.shapes[name], start, live)
-            self.pending[name] = (ipt,)
+        frag = Fragment(self.shapes[name], start, numel, self._live(name, weight.device))  # (live: cached)
+        self.pending[name] = (frag, self.importance.measure(frag, weight, grad, self.state[name],
+                                                           self.spare.setdefault(name, {})))
 
     def _masks_changed(self) -> None:
         """The masks changed (a mask update, a shrink, a resume): rebuild which rows and columns are dead
@@ -170,27 +187,6 @@ class Pruner:
             self.live[name] = (None, None) if units is None else live_vectors(units, self.shapes[name], device)
         return self.live[name]
 
-    def _partial(self, name: str, weight: torch.Tensor, grad: torch.Tensor | None, metric: str,
-                 state: dict[str, torch.Tensor], live: tuple = (None, None),
-                 out: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Row (R,) and column (C,) sums of a fragment's element scores (its other rows/columns 0),
-        one kernel call per block of :func:`pieces` on views of the flat tensors, state, ``out``
-        buffers and live vectors ``live`` (a dead entry counts with w = 0, as if shrunk away)."""
-        shape, (start, numel) = self.shapes[name], self.fragments[name]
-        rows = torch.zeros(shape[0], dtype=torch.float32, device=weight.device)
-        cols = torch.zeros(shape[1] if len(shape) == 2 else 1, dtype=torch.float32, device=weight.device)
-        live_rows, live_cols = live
-        for offset, row, n_rows, col, n_cols in pieces(shape, start, numel):
-            span = slice(offset, offset + n_rows * n_cols)
-            r, c = importance(weight[span].view(n_rows, n_cols), None if grad is None else grad[span], metric,
-                              {k: t[span] for k, t in state.items()}, self.beta1, self.beta2,
-                              None if live_rows is None else live_rows[row:row + n_rows],
-                              None if live_cols is None else live_cols[col:col + n_cols],
-                              None if out is None else {k: t[span] for k, t in out.items()})
-            rows[row:row + n_rows] += r
-            cols[col:col + n_cols] += c
-        return rows, cols
-
     def discard(self) -> None:
         """Forget the measured step (the optimizer skipped it: no importance state moves)."""
         self.pending = {}
@@ -201,38 +197,22 @@ class Pruner:
 
         ``reduce(t)``: sums a 1-D fp32 tensor over the ranks in place (None: the fragments are
         whole tensors, identical wherever this runs); one call per committed step, on the partial
-        sums of every parameter concatenated. ``sensitivity`` averages |w·g| over the steps since
-        the last mask update; ``platon`` and ``magnitude`` use the latest value (PLATON smooths in
-        its own EMA state).
-
-        Windowed PLATON (``platon_window`` > 1): each step's I goes into a running mean per entry
-        (state ``window``); ``fold`` (the caller's: this step ends a window) folds that mean into
-        the two EMAs, as one PLATON step with I = the window's mean, and updates the scores.
-        Without ``fold`` the scores stay those of the last fold (and nothing is reduced).
+        sums of every parameter concatenated. The metric moves its state (:meth:`Importance.commit`)
+        and folds the group sums into the scores (:meth:`Importance.fold`). A windowed metric (PLATON
+        with ``platon_window`` > 1) folds only at ``fold`` (the caller's: this step ends a window);
+        until then the scores stay those of the last fold (and nothing is reduced).
         """
         assert set(self.pending) == set(self.params), sorted(set(self.params) - set(self.pending))[:3]
         self.partitioned = reduce is not None
         pending, self.pending = self.pending, {}
-        if self.metric == "platon" and not self.windowed:  # measure wrote the new EMAs beside the state
-            for name in pending:
-                state, spare = self.state[name], self.spare[name]
-                self.state[name], self.spare[name] = dict(spare), dict(state)
-        elif self.metric == "platon":
-            for name, (ipt,) in pending.items():
-                state = self.state[name]
-                if self.windowed:
-                    k = self.window_steps  # steps already in the mean
-                    state["window"].mul_(k / (k + 1)).add_(ipt, alpha=1 / (k + 1))
-                    if not fold:
-                        continue
-                    ipt = state["window"]
-                ema = {"ema": state["ema"], "unc": state["unc"]}  # the kernel with w = I, g = 1: |w·g| = I
-                ones = torch.ones((), dtype=ipt.dtype, device=ipt.device).expand(ipt.shape)  # once per window
-                pending[name] = self._partial(name, ipt, ones, "platon", ema)
-                state["window"].zero_()
-            self.window_steps = 0 if fold else self.window_steps + 1
-            if not fold:
-                return
+        sums = {name: self.importance.commit(frag, measured, self.state[name], self.spare.setdefault(name, {}),
+                                             self.window_steps, fold)
+                for name, (frag, measured) in pending.items()}
+        if any(s is None for s in sums.values()):  # held back: the window goes on
+            self.window_steps += 1
+            return
+        self.window_steps = 0
+        pending = sums
         flat = torch.cat([t for name in self.params for t in pending[name]])  # (Σ R + C,)
         if reduce is not None:
             reduce(flat)
@@ -245,13 +225,7 @@ class Pruner:
             score = torch.zeros(g.size, device=flat.device)
             for s in g.slices:
                 score += (rows if s.dim == 0 else cols)[s.param][s.span(g.size)]
-            if self.metric == "magnitude":
-                score = score.sqrt()
-            if self.metric == "sensitivity":
-                previous = self.scores[g.name].to(score.device)  # on the host after a resume
-                self.scores[g.name] = (previous * self.observed + score) / (self.observed + 1)
-            else:
-                self.scores[g.name] = score
+            self.scores[g.name] = self.importance.fold(self.scores[g.name], score, self.observed)
         self.observed += 1
 
     # --- mask -----------------------------------------------------------------------------
@@ -261,7 +235,7 @@ class Pruner:
         Masks only ever shrink; within a group every block (head) keeps the same width,
         ties broken by the lower index. Returns whether any mask changed.
         """
-        kept = self.kept_fn(self.sparsity(step))
+        kept = self.kept(step)
         changed = False
         for g in self.groups:
             mask = self.masks[g.name].view(g.blocks, g.block_size)

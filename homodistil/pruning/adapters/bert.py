@@ -18,9 +18,19 @@ import math
 
 from transformers import BertConfig, BertForMaskedLM
 
+from ..arch import ParamCounts
 from ..groups import Group, MaskPoint, Slice
 from . import Arch, register
-from .common import TiedHeadWidth, lin, norm
+from .common import TiedHeadWidth, lin, norm, refuse_kv_heads
+
+KNOWN = {  # well-known hub teachers: config.json fields that differ from BertConfig's defaults
+    "bert-base-uncased": {"model_type": "bert"},
+    "bert-base-cased": {"model_type": "bert", "vocab_size": 28996},
+    "bert-large-uncased": {"model_type": "bert", "hidden_size": 1024, "num_hidden_layers": 24,
+                           "num_attention_heads": 16, "intermediate_size": 4096},
+}
+ALIASES = {"google-bert/bert-base-uncased": "bert-base-uncased", "google-bert/bert-base-cased": "bert-base-cased",
+           "google-bert/bert-large-uncased": "bert-large-uncased"}
 
 
 class BertAdapter(TiedHeadWidth):
@@ -29,10 +39,12 @@ class BertAdapter(TiedHeadWidth):
     base = "bert"  # the encoder's attribute
     head = "cls"  # maps the last hidden state to vocabulary logits
     drop_ins: dict[type, type] = {}  # only torch layers
+    ffn_activations = 2  # GELU's input and output
     head_transform = ("cls.predictions.transform.dense", "cls.predictions.transform.LayerNorm")
     config_class, model_class = BertConfig, BertForMaskedLM
 
     def tiny_config(self, vocab_size: int, pad_token_id: int, tiny):
+        refuse_kv_heads(self.model_type, tiny)
         return self.config_class(vocab_size=vocab_size, hidden_size=tiny.hidden_size,
                                  num_hidden_layers=tiny.num_hidden_layers, num_attention_heads=tiny.num_attention_heads,
                                  intermediate_size=tiny.intermediate_size, pad_token_id=pad_token_id,
@@ -42,6 +54,9 @@ class BertAdapter(TiedHeadWidth):
     def positions(tokens: int, pad_token_id: int) -> int:
         """Position-embedding rows for sequences of ``tokens``."""
         return tokens
+
+    def longest_sequence(self, config) -> int:
+        return config.max_position_embeddings - self.positions(0, config.pad_token_id or 0)
 
     def ffn_size(self, config) -> int:
         return config.intermediate_size
@@ -91,6 +106,23 @@ class BertAdapter(TiedHeadWidth):
                     config.num_attention_heads, config.intermediate_size, config.max_position_embeddings,
                     config.type_vocab_size, tie_word_embeddings=getattr(config, "tie_word_embeddings", True),
                     dropout=max(config.hidden_dropout_prob, config.attention_probs_dropout_prob))
+
+    @staticmethod
+    def _head(a: Arch) -> int:
+        """The MLM head: transform, LayerNorm, decoder bias (and decoder weight unless tied)."""
+        h, V = a.hidden_size, a.vocab_size
+        return (h * h + h) + 2 * h + V + (0 if a.tie_word_embeddings else V * h)
+
+    def param_counts(self, a: Arch) -> ParamCounts:
+        h, f, ha = a.hidden_size, a.intermediate_size, a.attn_width
+        emb = a.vocab_size * h + a.max_position * h + a.type_vocab_size * h
+        layer = (2 * (h * ha + ha) + (h * ha + ha) + (ha * h + h) + 2 * h  # Q, K, V, O, LayerNorm
+                 + (h * f + f) + (f * h + h) + 2 * h)  # FFN, LayerNorm
+        return ParamCounts(emb + 2 * h + a.num_layers * layer + self._head(a), emb, layer)  # + embedding LayerNorm
+
+    def backbone_params(self, a: Arch) -> int:
+        """``BertModel``'s count: without the MLM head, with the pooler (BERT-base "110M" = 109,482,240)."""
+        return self.param_counts(a).total - self._head(a) + (a.hidden_size * a.hidden_size + a.hidden_size)
 
     def shrunk_config(self, teacher_config, kept: dict[str, int]):
         cfg = self.config_class.from_dict(teacher_config.to_dict())

@@ -6,7 +6,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 from ..groups import Slice
-from ..schedule import kept_units
+from ..schedule import aligned_quantum, kept_units
 from . import AdapterError
 
 
@@ -17,6 +17,12 @@ def lin(name: str, dim: int, bias: bool) -> tuple[Slice, ...]:
 
 def norm(name: str, bias: bool = True) -> tuple[Slice, ...]:
     return (Slice(f"{name}.weight", 0),) + ((Slice(f"{name}.bias", 0),) if bias else ())
+
+
+def refuse_kv_heads(model_type: str, tiny) -> None:
+    """A family without grouped-query attention: ``model.tiny.num_key_value_heads`` must stay unset."""
+    if tiny.num_key_value_heads is not None:
+        raise AdapterError(f"model.tiny.num_key_value_heads applies to grouped-query families, not {model_type}")
 
 
 class SameDepth:
@@ -43,9 +49,17 @@ class TiedHeadWidth(SameDepth, ABC):
     def ffn_size(self, config) -> int:
         """FFN units per layer."""
 
-    def kept(self, config, sparsity: dict[str, float]) -> dict[str, int]:
-        head_kept = kept_units(self.head_width(config), sparsity["attention"])
-        return {"ffn": kept_units(self.ffn_size(config), sparsity["ffn"]),
+    def quanta(self, config, final: dict[str, float], multiple: dict[str, int]) -> dict[str, int]:
+        # hidden = heads × head width: the hidden multiple is asked of the head width, lcm(heads, m) / heads per head
+        head = aligned_quantum(self.head_width(config), config.num_attention_heads, multiple["hidden"],
+                               final["attention"])
+        return {"ffn": aligned_quantum(self.ffn_size(config), 1, multiple["ffn"], final["ffn"]),
+                "attention": head, "hidden": head}
+
+    def kept(self, config, sparsity: dict[str, float], quanta: dict[str, int] | None = None) -> dict[str, int]:
+        q = quanta or dict.fromkeys(("ffn", "attention"), 1)
+        head_kept = kept_units(self.head_width(config), sparsity["attention"], q["attention"])
+        return {"ffn": kept_units(self.ffn_size(config), sparsity["ffn"], q["ffn"]),
                 "attention": head_kept,
                 "hidden": head_kept * config.num_attention_heads}
 

@@ -28,10 +28,14 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
+from ..arch import ParamCounts
 from ..groups import Group, MaskPoint, Slice
 from ..masked import OutMasked, masked_linear
 from . import AdapterError, Arch, register
-from .common import TiedHeadWidth, norm
+from .common import TiedHeadWidth, norm, refuse_kv_heads
+
+KNOWN = {"gpt2": {"model_type": "gpt2"}}  # well-known hub teachers: config.json fields beside GPT2Config's defaults
+ALIASES = {"openai-community/gpt2": "gpt2"}
 
 
 def _qkv(name: str, part: int) -> tuple[Slice, ...]:
@@ -59,8 +63,10 @@ class GPT2Adapter(TiedHeadWidth):
     objective = "causal"
     head = "lm_head"
     drop_ins = {Conv1D: MaskedConv1D}
+    ffn_activations = 2  # GELU's input and output
 
     def tiny_config(self, vocab_size: int, pad_token_id: int, tiny) -> GPT2Config:
+        refuse_kv_heads(self.model_type, tiny)
         # GPT-2's own bos/eos ids (50256) lie outside a small tokenizer's vocabulary
         return GPT2Config(vocab_size=vocab_size, n_embd=tiny.hidden_size, n_layer=tiny.num_hidden_layers,
                           n_head=tiny.num_attention_heads, n_inner=tiny.intermediate_size,
@@ -69,6 +75,19 @@ class GPT2Adapter(TiedHeadWidth):
 
     def ffn_size(self, config) -> int:
         return config.n_inner or 4 * config.n_embd
+
+    def longest_sequence(self, config) -> int:
+        return config.n_positions
+
+    def param_counts(self, a: Arch) -> ParamCounts:
+        h, f, ha = a.hidden_size, a.intermediate_size, a.attn_width
+        emb = a.vocab_size * h + a.max_position * h
+        layer = 2 * h + (h * 3 * ha + 3 * ha) + (ha * h + h) + 2 * h + (h * f + f) + (f * h + h)
+        head = 0 if a.tie_word_embeddings else a.vocab_size * h
+        return ParamCounts(emb + a.num_layers * layer + 2 * h + head, emb, layer)  # + ln_f
+
+    def backbone_params(self, a: Arch) -> None:
+        return None
 
     def check_targets(self, config, sparsity: dict[str, float]) -> None:
         if config.add_cross_attention:

@@ -29,6 +29,8 @@ exported config loads with plain ``AutoModelForCausalLM``. One constraint remain
 ``LlamaConfig`` (transformers 5) refuses to save or load a ``hidden_size`` that is not a
 multiple of ``num_attention_heads``, so the kept hidden width is rounded to such a multiple
 (for every family here, so that the three behave alike): Minitron's 3072 = 32 × 96 is one.
+``quanta`` combines it with ``pruning.width_multiple.hidden`` (lcm): at 8, SmolLM2's 9 heads
+keep multiples of 72 (its 432 = 72 × 6 is never a multiple of 64: lcm(9, 64) = 576, the full width).
 """
 from __future__ import annotations
 
@@ -39,11 +41,22 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from transformers.models.mistral.modeling_mistral import MistralRMSNorm
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
+from ..arch import ParamCounts
 from ..groups import Group, MaskPoint, Slice
 from ..masked import NormMasked
-from ..schedule import kept_units
+from ..schedule import aligned_quantum, kept_units
 from . import AdapterError, Arch, register
 from .common import SameDepth, lin, norm
+
+KNOWN = {  # well-known hub teachers: config.json fields that differ from LlamaConfig's defaults
+    "meta-llama/Meta-Llama-3-8B": {"model_type": "llama", "vocab_size": 128256, "hidden_size": 4096,
+                                   "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+                                   "intermediate_size": 14336, "max_position_embeddings": 8192, "head_dim": 128,
+                                   "tie_word_embeddings": False},
+}
+ALIASES = {"Meta-Llama-3-8B": "meta-llama/Meta-Llama-3-8B", "Llama-3-8B": "meta-llama/Meta-Llama-3-8B",
+           "meta-llama/Llama-3.1-8B": "meta-llama/Meta-Llama-3-8B",
+           "meta-llama/Meta-Llama-3.1-8B": "meta-llama/Meta-Llama-3-8B"}
 
 
 class MaskedRMSNorm(NormMasked):
@@ -65,17 +78,24 @@ class MaskedRMSNorm(NormMasked):
 class LlamaAdapter(SameDepth):
     objective = "causal"
     head = "lm_head"
+    ffn_activations = 4  # SwiGLU: gate, up, the activation, the product
 
     def __init__(self, model_type: str, rms_norm: type):
         self.model_type = model_type
         self.drop_ins = {rms_norm: MaskedRMSNorm}
 
     def tiny_config(self, vocab_size: int, pad_token_id: int, tiny):
+        kv_heads = tiny.num_key_value_heads or tiny.num_attention_heads
+        if tiny.num_attention_heads % kv_heads:
+            raise AdapterError("model.tiny.num_attention_heads must be a multiple of model.tiny.num_key_value_heads")
+        if (tiny.hidden_size // tiny.num_attention_heads) % 2:
+            raise AdapterError(f"model.tiny: {self.model_type}'s rotary embeddings need an even head width "
+                               "(hidden_size / num_attention_heads)")
         return AutoConfig.for_model(
             self.model_type, vocab_size=vocab_size, hidden_size=tiny.hidden_size,
             intermediate_size=tiny.intermediate_size, num_hidden_layers=tiny.num_hidden_layers,
             num_attention_heads=tiny.num_attention_heads,
-            num_key_value_heads=tiny.num_key_value_heads or tiny.num_attention_heads,
+            num_key_value_heads=kv_heads,
             max_position_embeddings=tiny.max_position_embeddings, pad_token_id=pad_token_id)
 
     @staticmethod
@@ -112,11 +132,17 @@ class LlamaAdapter(SameDepth):
                             points=tuple(hidden_points)))
         return groups
 
-    def kept(self, config, sparsity: dict[str, float]) -> dict[str, int]:
-        heads = config.num_attention_heads
-        return {"ffn": kept_units(config.intermediate_size, sparsity["ffn"]),
-                "attention": kept_units(self.head_dim(config), sparsity["attention"]),
-                "hidden": kept_units(config.hidden_size // heads, sparsity["hidden"]) * heads}  # see module doc
+    def quanta(self, config, final: dict[str, float], multiple: dict[str, int]) -> dict[str, int]:
+        heads = config.num_attention_heads  # the hidden width is heads × (its units per head): see module doc
+        return {"ffn": aligned_quantum(config.intermediate_size, 1, multiple["ffn"], final["ffn"]),
+                "attention": 1,  # not pruned (check_targets)
+                "hidden": aligned_quantum(config.hidden_size // heads, heads, multiple["hidden"], final["hidden"])}
+
+    def kept(self, config, sparsity: dict[str, float], quanta: dict[str, int] | None = None) -> dict[str, int]:
+        heads, q = config.num_attention_heads, quanta or dict.fromkeys(("ffn", "attention", "hidden"), 1)
+        return {"ffn": kept_units(config.intermediate_size, sparsity["ffn"], q["ffn"]),
+                "attention": kept_units(self.head_dim(config), sparsity["attention"], q["attention"]),
+                "hidden": kept_units(config.hidden_size // heads, sparsity["hidden"], q["hidden"]) * heads}
 
     def check_targets(self, config, sparsity: dict[str, float]) -> None:
         if config.hidden_size % config.num_attention_heads:
@@ -127,6 +153,19 @@ class LlamaAdapter(SameDepth):
                 f"{self.model_type}: pruning.sparsity.attention must be 0 (got {sparsity['attention']}): a narrower "
                 f"head changes the rotary frequencies, and fewer heads would break the one-to-one attention loss; "
                 f"prune ffn and hidden (heads kept, as Minitron does)")
+
+    def longest_sequence(self, config) -> None:
+        return None  # rotary positions: no table to overrun
+
+    def param_counts(self, a: Arch) -> ParamCounts:
+        h, f = a.hidden_size, a.intermediate_size
+        emb = a.vocab_size * h
+        layer = h * a.attn_width + 2 * h * a.kv_width + a.attn_width * h + 3 * h * f + 2 * h  # Q, K, V, O, MLP, norms
+        head = 0 if a.tie_word_embeddings else a.vocab_size * h
+        return ParamCounts(emb + a.num_layers * layer + h + head, emb, layer)  # + the final norm
+
+    def backbone_params(self, a: Arch) -> None:
+        return None
 
     def arch(self, config) -> Arch:
         return Arch("llama", config.vocab_size, config.hidden_size, config.num_hidden_layers,
@@ -153,5 +192,6 @@ class LlamaAdapter(SameDepth):
         return state  # same head_dim: same attention scale and rotary frequencies
 
 
-for _model_type, _rms_norm in (("llama", LlamaRMSNorm), ("mistral", MistralRMSNorm), ("qwen2", Qwen2RMSNorm)):
+RMS_NORMS = {"llama": LlamaRMSNorm, "mistral": MistralRMSNorm, "qwen2": Qwen2RMSNorm}  # the family's model types
+for _model_type, _rms_norm in RMS_NORMS.items():
     register(LlamaAdapter(_model_type, _rms_norm))

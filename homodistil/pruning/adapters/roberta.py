@@ -12,6 +12,15 @@ from transformers import RobertaConfig, RobertaForMaskedLM
 from . import register
 from .bert import BertAdapter
 
+_ROBERTA = {"model_type": "roberta", "vocab_size": 50265, "max_position_embeddings": 514, "type_vocab_size": 1,
+            "pad_token_id": 1}
+KNOWN = {  # well-known hub teachers: config.json fields that differ from RobertaConfig's defaults
+    "roberta-base": _ROBERTA,
+    "roberta-large": {**_ROBERTA, "hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
+                      "intermediate_size": 4096},
+}
+ALIASES = {"FacebookAI/roberta-base": "roberta-base", "FacebookAI/roberta-large": "roberta-large"}
+
 
 class RobertaAdapter(BertAdapter):
     model_type = "roberta"
