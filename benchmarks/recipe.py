@@ -15,10 +15,14 @@ Reports, on the machine it runs on:
    set): streaming the state, and the whole shrink with DeepSpeed's rebuild;
 4. the cost of the perf/* and kernels/* scalars: configs/tiny.yaml as it is, trained with
    ``trainer.perf_every=1`` vs ``0`` (goal: within 2%), ``--perf-cost-only`` runs just this;
-5. a distill step with PLATON importance every step vs one without importance (goal ≤ 1.05),
-   alternating the two runs; ``--importance-only`` runs just this, ends with the line
-   ``importance overhead: R``, and under ``torchrun --nproc_per_node 2`` measures it at world
-   size 2 (rank 0 prints).
+5. a distill step with PLATON importance vs one without importance (goal ≤ 1.05), two ways:
+   interleaved in one run (PLATON scores the odd steps only, so each step with importance has a
+   step without it beside it: the median of those pairs' ratios; the machine's drift over minutes,
+   up to 25% between runs on a shared 2-core VM, cancels), and as alternating whole runs
+   (``--importance-pairs``, the median of their ratios; drift included). ``--importance-only`` runs
+   just this, ends with the line ``importance overhead: R`` (R: the interleaved figure), and under
+   ``torchrun --nproc_per_node 2`` measures it at world size 2 (rank 0 prints). PLATON forms its
+   scores only where a mask update reads them: in both runs that is the last step, which is not timed.
 ``--family llama`` times a tiny Llama teacher of the given shape instead of BERT (grouped-query
 attention with ``--kv-heads``, default a quarter of the heads, which default to hidden / 64;
 attention is not pruned in the Llama family, so its sparsity is 0).
@@ -105,21 +109,61 @@ def perf_cost(tmp: Path, steps: int, pairs: int) -> tuple[float, list[float]]:
     return statistics.median(ratios), ratios
 
 
+def _scored_overrides(total: int) -> list[str]:
+    """PLATON scored on every step of a ``total``-step run, its one mask update (and fold) at the last step."""
+    return ["pruning.metric=platon", f"pruning.t_i={total - 1}", f"pruning.t_f={total}",
+            f"pruning.mask_interval={total}", "pruning.shrink_interval=100000"]
+
+
 def importance_cost(base: list[str], tmp: Path, warmup: int, total: int, pairs: int) -> tuple[float, list]:
     """Median over ``pairs`` of (distill step with PLATON every step) / (distill step without importance),
-    each the median ``time/step_s`` after ``warmup`` steps; the two runs alternate (a shared machine
-    slows both alike)."""
-    with_imp = base + ["pruning.metric=platon", f"pruning.t_i={total - 1}", f"pruning.t_f={total}",
-                       f"pruning.mask_interval={total}", "pruning.shrink_interval=100000"]
+    each the median ``time/step_s`` of the steps after ``warmup`` but the last; the two runs alternate (a
+    shared machine slows both alike, if it stays as loaded from one run to the next)."""
+    with_imp = base + _scored_overrides(total)
     without = base + ["pruning.sparsity.ffn=0", "pruning.sparsity.attention=0", "pruning.sparsity.hidden=0",
                       "pruning.t_i=0", f"pruning.t_f={total}"]
     pairs_s = []
     for k in range(pairs):
         a, _, _ = run(with_imp + [f"data.cache_dir={tmp / 'cache'}"], tmp / f"imp{k}")
         b, _, _ = run(without + [f"data.cache_dir={tmp / 'cache'}"], tmp / f"noimp{k}")
-        pairs_s.append((statistics.median(r["time/step_s"] for r in a[warmup:]),
-                        statistics.median(r["time/step_s"] for r in b[warmup:])))
+        pairs_s.append((statistics.median(r["time/step_s"] for r in a[warmup:-1]),
+                        statistics.median(r["time/step_s"] for r in b[warmup:-1])))
     return statistics.median(x / y for x, y in pairs_s), pairs_s
+
+
+class OddSteps:
+    """A run's schedule that scores only its odd steps (everything else as it was)."""
+
+    def __init__(self, schedule):
+        self.schedule = schedule
+
+    def __getattr__(self, name):
+        return getattr(self.schedule, name)
+
+    def scores(self, step: int) -> bool:
+        return step % 2 == 1 and self.schedule.scores(step)
+
+
+def interleaved_importance(base: list[str], tmp: Path, warmup: int, pairs: int) -> tuple[float, list]:
+    """One run of ``warmup`` + 2·``pairs`` + 1 steps, PLATON scored on the odd steps only: the median over the
+    timed (odd, even) step pairs of (step with importance) / (the next step, without), and those pairs (s).
+    Neighbouring steps see the same machine, so drift over minutes cancels; the last step (the mask update and
+    PLATON's one fold) is not timed."""
+    from homodistil.config import load_config
+    from homodistil.engine.recipe import Recipe
+
+    warmup += warmup % 2  # the timed pairs start on an odd step
+    total = warmup + 2 * pairs + 1
+    overrides = [*base, *_scored_overrides(total), f"trainer.max_steps={total}", f"data.cache_dir={tmp / 'cache'}",
+                 f"trainer.output_dir={tmp / 'interleaved'}"]
+    recipe = Recipe(load_config(REPO / "configs" / "tiny.yaml", overrides)).setup()
+    recipe.schedule = OddSteps(recipe.schedule)
+    recipe.train()
+    recipe.close()
+    rows = [json.loads(line) for line in (tmp / "interleaved" / "metrics.jsonl").read_text().splitlines()]
+    seconds = {r["step"]: r["time/step_s"] for r in rows}
+    timed = [(seconds[s], seconds[s + 1]) for s in range(warmup + 1, total - 1, 2)]
+    return statistics.median(a / b for a, b in timed), timed
 
 
 def main() -> int:
@@ -140,7 +184,10 @@ def main() -> int:
     ap.add_argument("--perf-cost-only", action="store_true", help="measure only the cost of the perf scalars")
     ap.add_argument("--importance-only", action="store_true",
                     help="measure only distill with PLATON every step / without importance (any world size)")
-    ap.add_argument("--importance-pairs", type=int, default=2, help="alternating with/without importance pairs")
+    ap.add_argument("--importance-pairs", type=int, default=1, help="alternating with/without importance runs "
+                    "(0: only the interleaved run)")
+    ap.add_argument("--interleaved-pairs", type=int, default=8, help="timed (with, without) step pairs of the "
+                    "interleaved importance run")
     args = ap.parse_args()
     if args.perf_cost_only:
         with tempfile.TemporaryDirectory() as tmp:
@@ -180,12 +227,19 @@ def main() -> int:
         out = Path(tempfile.mkdtemp(prefix="bench-importance-")) if rank == 0 else None
         shared = [str(out)]
         dist.broadcast_object_list(shared, src=0)
-        ratio, pairs = importance_cost(base, Path(shared[0]), args.warmup, total, args.importance_pairs)
+        tmp = Path(shared[0])
+        base = [b for b in base if not b.startswith("trainer.max_steps=")]
+        ratio, steps = interleaved_importance(base, tmp, args.warmup, args.interleaved_pairs)
+        runs = importance_cost(base + [f"trainer.max_steps={total}"], tmp, args.warmup, total,
+                               args.importance_pairs) if args.importance_pairs else None
         if rank == 0:
             print(f"\nshape: {args.family}, hidden {args.hidden}, {args.layers} layers, {args.heads} heads, FFN {args.ffn}; "
                   f"batch {args.batch} x {args.seq} tokens per rank; world size {world}")
-            print(f"{'distill step, PLATON every step / without importance':62s} {ratio:8.3f} {'<= 1.05':>14s}"
-                  f"   (seconds: {', '.join(f'{a:.3f}/{b:.3f}' for a, b in pairs)})")
+            print(f"{'step with PLATON / next step without, one interleaved run':62s} {ratio:8.3f} {'<= 1.05':>14s}"
+                  f"   (seconds: {', '.join(f'{a:.2f}/{b:.2f}' for a, b in steps)})")
+            if runs:
+                print(f"{'distill step, PLATON every step / without, alternating runs':62s} {runs[0]:8.3f} "
+                      f"{'(drift incl.)':>14s}   (seconds: {', '.join(f'{a:.3f}/{b:.3f}' for a, b in runs[1])})")
             print(f"importance overhead: {ratio:.3f}")
         return 0
 

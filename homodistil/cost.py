@@ -292,7 +292,8 @@ def teacher_shapes(cfg: Config) -> tuple[dict[str, tuple[int, ...]], set[str]]:
 
 
 def importance_traffic(shapes: dict[str, tuple[int, ...]]) -> tuple[float, float]:
-    """(bytes, bytes) per rank per importance step: one all-reduce of the score vectors (a row and
+    """(bytes, bytes) per rank per fold (``PruningSchedule.folds``: PLATON's scores are formed only where they
+    are read; the other metrics fold every scored step): one all-reduce of the score vectors (a row and
     a column fp32 score per row and column of each scored (N, K) parameter; (N,) counts as (N, 1)),
     and the full gather it replaces (each scored parameter's full fp32 weight once and its full
     gradient twice — the finiteness check, then the scores — on every rank)."""
@@ -391,7 +392,7 @@ class Plan:
     overhead_s: float
     max_micro_batch: int
     shrink_host: tuple[float, float]  # host bytes per rank at a shrink: (streamed, the old full gather)
-    importance_traffic: tuple[float, float]  # bytes per rank per importance step: (score all-reduce, full gather)
+    importance_traffic: tuple[float, float]  # bytes per rank per fold: (score all-reduce, full gather)
     shrink_steps: tuple[int, ...]  # the steps the run shrinks at (PruningSchedule.shrunk), each charged SHRINK_SECONDS
     target_problem: str | None  # why the final widths are no standard model (the adapter's check_targets), or None
 

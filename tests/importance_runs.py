@@ -60,8 +60,7 @@ def record(overrides: list[str]) -> dict:
         commit(skipped)
         if not pending or skipped:
             return
-        p = recipe.cfg.pruning
-        reference.observe(full, fold=recipe.step % p.platon_window == 0 or recipe.step == p.t_f)
+        reference.observe(full, fold=recipe.schedule.folds(recipe.step))
         out["commits"] += 1
         for name, ref in reference.scores.items():
             got = recipe.pruner.scores[name]

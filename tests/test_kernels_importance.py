@@ -111,6 +111,43 @@ def test_live_vectors_and_out_buffers(force_triton, score, shape):
             torch.testing.assert_close(out[key], want_state[key], rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.parametrize("shape", SHAPES, ids=["2d", "1d"])
+def test_product_and_state_only_pass(force_triton, shape):
+    """``product`` sums w·g (signs kept), against the formula, on both paths, also past a CHUNK boundary of
+    the reference; PLATON with ``sums=False`` moves the state exactly as with sums and returns None."""
+    weight, grads = make_steps(shape, torch.float32, seed=23)
+    n = shape[0]
+    k = shape[1] if len(shape) == 2 else 1
+    s = (weight * grads[0]).view(n, k)
+    for fn in (importance, importance_reference):
+        row, col = fn(weight, grads[0], "product", {})
+        torch.testing.assert_close(row, s.sum(1), rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(col, s.sum(0), rtol=RTOL, atol=ATOL)
+        summed, moved = init_state(weight, "ema_uncertainty"), init_state(weight, "ema_uncertainty")
+        for g in grads:
+            fn(weight, g, "ema_uncertainty", summed, 0.8, 0.9)
+            assert fn(weight, g, "ema_uncertainty", moved, 0.8, 0.9, sums=False) is None
+        for key in summed:
+            assert torch.equal(summed[key], moved[key])
+    with pytest.raises(ValueError, match="only moves PLATON"):
+        importance_reference(weight, grads[0], "abs_product", {}, sums=False)
+
+
+def test_product_blocks_add_up(monkeypatch):
+    """The reference's row blocks (CHUNK elements) give the whole-tensor row sums bitwise and the column sums
+    to rounding."""
+    import homodistil.kernels.importance as imp
+
+    gen = torch.Generator().manual_seed(3)
+    a, b = torch.rand(37, 29, generator=gen), torch.rand(37, 29, generator=gen)
+    whole = imp.importance_reference(a, b, "product", {})
+    monkeypatch.setattr(imp, "CHUNK", 29 * 5)  # 5 rows a block: 8 blocks, the last ragged
+    blocked = imp.importance_reference(a, b, "product", {})
+    assert torch.equal(whole[0], blocked[0])
+    torch.testing.assert_close(whole[1], blocked[1], rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(blocked[1], (a * b).sum(0), rtol=RTOL, atol=ATOL)
+
+
 @pytest.mark.parametrize("score", SCORES)
 def test_deterministic(force_triton, score):
     """Two runs from the same state are bitwise equal (no atomics in the reductions)."""
@@ -160,14 +197,15 @@ signature = dict(w_ptr="*bf16", g_ptr="*fp32", ema_ptr="*fp32", unc_ptr="*fp32",
                  ema_out_ptr="*fp32", unc_out_ptr="*fp32", rows_ptr="*fp32", cols_ptr="*fp32",
                  row_part_ptr="*fp32", col_part_ptr="*fp32", N="i32", K="i32", beta1="fp32",
                  one_minus_beta1="fp32", beta2="fp32", one_minus_beta2="fp32",
-                 SCORE="constexpr", HAS_ROWS="constexpr", HAS_COLS="constexpr",
+                 SCORE="constexpr", SUMS="constexpr", HAS_ROWS="constexpr", HAS_COLS="constexpr",
                  BLOCK_N="constexpr", BLOCK_K="constexpr")
 for score in range(len(imp.SCORES)):
-    for shape, masked in [((768, 3072), True), ((768, 3072), False), ((3072, 1), True)]:
-        block_n, block_k = imp._blocks(*shape, interpreted=False)
-        triton.compile(ASTSource(fn, signature, dict(SCORE=score, HAS_ROWS=masked, HAS_COLS=masked,
-                                                     BLOCK_N=block_n, BLOCK_K=block_k)),
-                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8))
+    for sums in (True, False) if imp.SCORES[score] == "ema_uncertainty" else (True,):
+        for shape, masked in [((768, 3072), True), ((768, 3072), False), ((3072, 1), True)]:
+            block_n, block_k = imp._blocks(*shape, interpreted=False)
+            triton.compile(ASTSource(fn, signature, dict(SCORE=score, SUMS=sums, HAS_ROWS=masked, HAS_COLS=masked,
+                                                         BLOCK_N=block_n, BLOCK_K=block_k)),
+                           target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8))
 """
 
 

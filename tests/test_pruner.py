@@ -63,13 +63,28 @@ def test_platon_window_folds_the_window_mean_once_per_window():
     torch.testing.assert_close(pruner.scores["g"], (ema[0] * unc[0]).sum(1) + (ema[1] * unc[1]).sum(0))
     torch.testing.assert_close(pruner.state["w"]["ema"], ema[0].flatten())  # state is flat: the rank's fragment
     assert pruner.state["w"]["window"].eq(0).all() and pruner.window_steps == 0
-    # window 1 is today's per-step PLATON, whatever fold says
+    # window 1 is per-step PLATON: the EMAs move every step; S's sums are formed only at a fold (where the
+    # scores are read), and then are those of the latest step, as if every step had folded
     one, ref = make(1), {"w": {"ema": torch.zeros(w.shape), "unc": torch.zeros(w.shape)}, "v": {"ema": torch.zeros(v.shape), "unc": torch.zeros(v.shape)}}
-    for gw, gv in grads:
-        one.observe({"w": (w, gw), "v": (v, gv)}, fold=False)
+    for k, (gw, gv) in enumerate(grads):
+        one.observe({"w": (w, gw), "v": (v, gv)}, fold=k == 3)
         row, _ = importance_reference(w, gw, "ema_uncertainty", ref["w"], 0.85, 0.95)
         _, col = importance_reference(v, gv, "ema_uncertainty", ref["v"], 0.85, 0.95)
+        if k == 2:
+            assert one.scores["g"].eq(0).all()  # no fold yet: nothing summed
+        if k == 3:
+            torch.testing.assert_close(one.scores["g"], row + col)
+    scores = one.scores["g"].clone()
+    one.observe({"w": (w, grads[0][0]), "v": (v, grads[0][1])}, fold=False)
+    assert torch.equal(one.scores["g"], scores)  # a step without a fold leaves the scores
+    # a fold due at a step the optimizer skipped: the sums of the state as it stands (the last applied step's)
+    row, _ = importance_reference(w, grads[0][0], "ema_uncertainty", ref["w"], 0.85, 0.95)
+    _, col = importance_reference(v, grads[0][1], "ema_uncertainty", ref["v"], 0.85, 0.95)
+    one.measure("w", tuple(w.shape), 0, w.reshape(-1), grads[1][0].reshape(-1))
+    one.measure("v", tuple(v.shape), 0, v.reshape(-1), grads[1][1].reshape(-1))
+    one.discard(fold=True)
     torch.testing.assert_close(one.scores["g"], row + col)
+    torch.testing.assert_close(one.state["w"]["ema"], ref["w"]["ema"].flatten())  # the skipped step moved nothing
 
 
 def test_masks_keep_top_scored_per_block_and_only_shrink():

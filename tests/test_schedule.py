@@ -127,7 +127,8 @@ def test_kept_widths_at_every_mask_update_are_multiples_and_end_within_one_of_th
 def _former_rule(schedule: PruningSchedule) -> tuple[list[int], list[int], list[int], list[int]]:
     """The steps that Recipe.train scored, folded, masked (where a mask could change) and shrank at before the
     schedule owned them, with its inline arithmetic and a pruner's masks simulated (each mask update keeps
-    ``kept(step)`` per block; a shrink happens where the masks are not dense)."""
+    ``kept(step)`` per block; a shrink happens where the masks are not dense). Folds: the later rule, which
+    adds no fold at window 1 where no mask update reads the scores."""
     p = schedule
     scored, folded, masked, shrunk = [], [], [], []
     live = shrunk_to = p.kept(0)
@@ -135,8 +136,9 @@ def _former_rule(schedule: PruningSchedule) -> tuple[list[int], list[int], list[
         if p.prunes and step < p.t_f and step + 1 >= max(p.t_i - p.mask_interval, p.score_after + 1):
             scored.append(step + 1)
         step += 1
-        if step % p.platon_window == 0 or step == p.t_f:
-            folded.append(step)
+        mask_step = p.prunes and p.t_i < step <= p.t_f and (step % p.mask_interval == 0 or step == p.t_f)
+        if mask_step or step == p.t_f or (p.platon_window > 1 and step % p.platon_window == 0):
+            folded.append(step)  # since PLATON forms S only where it is read: every step at window 1 before
         if (step % p.mask_interval == 0 or step == p.t_f) and p.widths(p.sparsity(step)) != live:
             masked.append(step)
             live = p.widths(p.sparsity(step))

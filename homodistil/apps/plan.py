@@ -67,7 +67,8 @@ def describe(plan: Plan, cfg: Config) -> str:
                  f"at a time, weights above {SHRINK_CHUNK_BYTES // 2**20} MiB in row chunks: {_gib(streamed).strip()} of host memory per rank ({_gib(streamed * plan.gpus_per_node).strip()} "
                  f"per node; a full gather on every rank would need {_gib(full).strip()} per rank)")
     reduced, gathered = plan.importance_traffic
-    lines.append(f"importance one all-reduce of the score vectors per step: {reduced / 2**20:.2f} MiB per rank "
+    lines.append(f"importance one all-reduce of the score vectors per fold (PLATON: only where a mask update reads "
+                 f"them; other metrics: every scored step): {reduced / 2**20:.2f} MiB per rank "
                  f"(gathering full weights and gradients would move {_gib(gathered).strip()})")
     if not plan.fits:
         lines.append("WARNING: " + _advice(plan, cfg))

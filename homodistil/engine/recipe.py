@@ -31,7 +31,7 @@ from homodistil.pruning.masked import apply_masks, make_maskable
 from homodistil.cost import arch_from_hf_config
 from homodistil.pruning.importance import from_config as importance_from_config
 from homodistil.pruning.pruner import Pruner
-from homodistil.pruning.schedule import PruningSchedule
+from homodistil.pruning.schedule import PruningSchedule, folds_at
 
 from . import checkpoint, faults, hostmem, numerics
 from .dist import device, init_distributed
@@ -484,8 +484,8 @@ class Recipe:
                         grad = prm.grad if prm.grad is not None else torch.zeros_like(prm)
                         dist.all_reduce(grad)  # the global batch's mean gradient, as in training
                         tensors[name] = (prm.detach(), grad / self.world)
-                last = k == cfg.pruning.calibration_steps - 1  # the mask is cut after it: a PLATON window ends
-                self.pruner.observe(tensors, fold=last or (k + 1) % cfg.pruning.platon_window == 0)
+                last = k == cfg.pruning.calibration_steps - 1  # the mask is cut after it: the scores are read
+                self.pruner.observe(tensors, fold=folds_at(k + 1, cfg.pruning.platon_window, read=last))
         student.zero_grad(set_to_none=True)
         self.pruner.update_masks(0)
         params = {n: prm.detach().cpu() for n, prm in student.named_parameters()}
@@ -521,7 +521,7 @@ class Recipe:
         if not self.pruner.pending:
             return
         if skipped and self.pruner.importance.needs_grad:
-            self.pruner.discard()
+            self.pruner.discard(self.schedule.folds(self.step), reduce=dist.all_reduce)
             return
         self.pruner.commit(self.schedule.folds(self.step), reduce=dist.all_reduce)
 

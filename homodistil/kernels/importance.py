@@ -8,19 +8,23 @@ how it folds the sums into group scores is ``homodistil.pruning.importance``'s b
                        (Zhang et al., PLATON, ICML 2022; Ī and U live in ``state``; the new values
                        are written in place, or into ``out`` so that the old ones survive a step the
                        optimizer skips)
+- ``product``:         S = w · g (no absolute value: for operands that are never negative, such as
+                       PLATON's Ī and U, whose S the pruner forms only where the scores are read)
 Returned: ``row[i] = Σ_j S[i, j]`` and ``col[j] = Σ_i S[i, j]``. A 1-D tensor is treated as
-an (n, 1) matrix, so ``row`` is its element scores.
+an (n, 1) matrix, so ``row`` is its element scores. ``ema_uncertainty`` with ``sums=False`` only
+moves the state and returns None: on CPU, S and its two sums are a third of the pass, and the
+scores of a step the masks never read are overwritten unread.
 
 Dead entries: ``rows`` (N,) and ``cols`` (K,) are optional fp32 live vectors (1 live, 0 masked);
 an entry in a masked row or column counts with w = 0, as if it were shrunk away. They are
 vectors, not a weight-sized mask: a mask update costs O(N + K) per matrix, not O(N·K).
 
-``ema_uncertainty`` with ``out`` (the pruner's per-step path) allocates no weight-sized temporary beyond a
-bounded block: the Triton kernel fuses everything into one pass (read w, g and the PLATON state once, write the state once) and is deterministic (each
+``ema_uncertainty`` with ``out`` (the pruner's per-step path) and ``product`` allocate no weight-sized temporary
+beyond a bounded block: the Triton kernel fuses everything into one pass (read w, g and the PLATON state once, write the state once) and is deterministic (each
 program sums its tile into per-tile partial row and column sums, which torch then reduces in a
 fixed order, no atomics); the torch reference's PLATON works in the ``out`` buffers and forms
-Ī·U for its sums in blocks of at most ``CHUNK`` elements (64 MiB; its other uses take one fp32
-buffer of the weight's size, as before).
+Ī·U (and ``product``'s w·g) for its sums in blocks of at most ``CHUNK`` elements (64 MiB; its other uses
+take one fp32 buffer of the weight's size, as before).
 """
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ import triton.language as tl
 
 from homodistil.kernels._dispatch import check_launchable, kernel_backend, kernel_range
 
-SCORES = ("square", "abs_product", "ema_uncertainty")  # the Triton kernel's SCORE index
+SCORES = ("square", "abs_product", "ema_uncertainty", "product")  # the Triton kernel's SCORE index
 # elements per row block of the reference's S = Ī·U (64 MiB of fp32): bounded, yet few blocks, since on a
 # loaded CPU each op's thread hand-off costs milliseconds (1 Mi-element blocks made a 31M-element PLATON
 # pass 3x slower than whole-tensor ops)
@@ -52,23 +56,24 @@ def importance_reference(
     rows: torch.Tensor | None = None,
     cols: torch.Tensor | None = None,
     out: dict[str, torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    sums: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Plain-torch reference. weight/grad (N, K) or (N,), any float dtype -> fp32 (N,), (K,).
 
     ``rows``/``cols``: fp32 live vectors (N,), (K,) or None (all live). ``out``: ``ema_uncertainty`` only,
     ``{"ema", "unc"}`` buffers shaped like the state that receive the new state (None: ``state``
     is updated in place). With ``out``, its I lives in ``out["unc"]`` until U replaces it, and
-    S = Ī·U is formed in row blocks of at most ``CHUNK`` elements for its sums. Elementwise results
-    and row sums are bitwise those of whole-tensor ops; column sums of a weight above ``CHUNK``
-    elements add per-block partials.
+    S = Ī·U is formed in row blocks of at most ``CHUNK`` elements for its sums, as is ``product``'s S.
+    Elementwise results and row sums are bitwise those of whole-tensor ops; column sums of a weight
+    above ``CHUNK`` elements add per-block partials. ``sums=False`` (``ema_uncertainty`` only): the
+    state moves, nothing is summed, None is returned.
     """
-    if score not in SCORES:
-        raise ValueError(f"unknown element score {score!r} (known: {', '.join(SCORES)})")
-    if score != "square" and grad is None:
-        raise ValueError(f"score {score!r} needs a gradient")
+    _check_score(score, grad, sums)
     n = weight.shape[0]
     k = weight.shape[1] if weight.dim() == 2 else 1
     w = _matrix(weight, n, k).float()
+    if score == "product":
+        return _product_sums(w, _matrix(grad, n, k).float(), rows, cols)
     if score == "ema_uncertainty" and out is not None:
         ipt = _matrix(out["unc"], n, k)  # I, then U
     else:
@@ -91,17 +96,40 @@ def importance_reference(
     torch.lerp(ema0, ipt, 1 - beta1, out=ema1)  # Ī
     ipt.sub_(ema1).abs_()  # |I − Ī|
     torch.lerp(unc0, ipt, 1 - beta2, out=unc1)  # U (into I's buffer when ``out`` is given)
+    if not sums:
+        return None
     if out is None:  # I's own buffer is free: S in one pass, as before
         s = torch.mul(ema1, unc1, out=ipt)
         return s.sum(dim=1), s.sum(dim=0)
-    row_sum = torch.empty(n, dtype=torch.float32, device=weight.device)
-    col_sum = torch.zeros(k, dtype=torch.float32, device=weight.device)
+    return _product_sums(ema1, unc1)
+
+
+def _check_score(score: str, grad: torch.Tensor | None, sums: bool) -> None:
+    if score not in SCORES:
+        raise ValueError(f"unknown element score {score!r} (known: {', '.join(SCORES)})")
+    if score != "square" and grad is None:
+        raise ValueError(f"score {score!r} needs a gradient")
+    if not sums and score != "ema_uncertainty":
+        raise ValueError(f"sums=False only moves PLATON's state; score {score!r} has none")
+
+
+def _product_sums(a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor | None = None,
+                  cols: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row (N,) and column (K,) sums of S = a·b for fp32 (N, K) ``a``, ``b``, formed in row blocks of at most
+    ``CHUNK`` elements (no weight-sized temporary); ``rows``/``cols``: live vectors, as for the other scores."""
+    n, k = a.shape
+    row_sum = torch.empty(n, dtype=torch.float32, device=a.device)
+    col_sum = torch.zeros(k, dtype=torch.float32, device=a.device)
     step = max(1, CHUNK // max(k, 1))  # whole rows per block
-    scratch = torch.empty(min(n, step) * k, dtype=torch.float32, device=weight.device)
-    for a in range(0, n, step):
-        b = min(n, a + step)
-        s = torch.mul(ema1[a:b], unc1[a:b], out=scratch[:(b - a) * k].view(b - a, k))  # S, (rows, K)
-        row_sum[a:b] = s.sum(dim=1)
+    scratch = torch.empty(min(n, step) * k, dtype=torch.float32, device=a.device)
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        s = torch.mul(a[lo:hi], b[lo:hi], out=scratch[:(hi - lo) * k].view(hi - lo, k))  # S, (rows, K)
+        if rows is not None:
+            s.mul_(rows[lo:hi].view(-1, 1))
+        if cols is not None:
+            s.mul_(cols.view(1, -1))
+        row_sum[lo:hi] = s.sum(dim=1)
         col_sum += s.sum(dim=0)
     return row_sum, col_sum
 
@@ -116,11 +144,12 @@ def _importance_kernel(
     unc_out_ptr,  # (N, K) fp32 new U, written (may be unc_ptr)
     rows_ptr,  # (N,) fp32 live rows, 1 or 0 (placeholder unless HAS_ROWS)
     cols_ptr,  # (K,) fp32 live columns (placeholder unless HAS_COLS)
-    row_part_ptr,  # (cdiv(K, BLOCK_K), N) fp32 out: row sums of each column tile
-    col_part_ptr,  # (cdiv(N, BLOCK_N), K) fp32 out: column sums of each row tile
+    row_part_ptr,  # (cdiv(K, BLOCK_K), N) fp32 out: row sums of each column tile (placeholder unless SUMS)
+    col_part_ptr,  # (cdiv(N, BLOCK_N), K) fp32 out: column sums of each row tile (placeholder unless SUMS)
     N, K,
     beta1, one_minus_beta1, beta2, one_minus_beta2,  # fp32; 1 − β precomputed, as torch's alpha
-    SCORE: tl.constexpr,  # index into SCORES: 0 square, 1 abs_product, 2 ema_uncertainty
+    SCORE: tl.constexpr,  # index into SCORES: 0 square, 1 abs_product, 2 ema_uncertainty, 3 product
+    SUMS: tl.constexpr,  # write the partial sums (False: PLATON's state moves, nothing is summed)
     HAS_ROWS: tl.constexpr, HAS_COLS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -143,6 +172,8 @@ def _importance_kernel(
         ipt = tl.abs(w * g)
         if SCORE == 1:
             score = ipt
+        elif SCORE == 3:
+            score = w * g
         else:
             ema = tl.load(ema_ptr + offs, mask=ok, other=0.0) * beta1 + one_minus_beta1 * ipt
             unc = (tl.load(unc_ptr + offs, mask=ok, other=0.0) * beta2
@@ -150,9 +181,10 @@ def _importance_kernel(
             tl.store(ema_out_ptr + offs, ema, mask=ok)
             tl.store(unc_out_ptr + offs, unc, mask=ok)
             score = ema * unc
-    score = tl.where(ok, score, 0.0)
-    tl.store(row_part_ptr + pid_k * N + r, tl.sum(score, axis=1), mask=r < N)
-    tl.store(col_part_ptr + pid_n * K + c, tl.sum(score, axis=0), mask=c < K)
+    if SUMS:
+        score = tl.where(ok, score, 0.0)
+        tl.store(row_part_ptr + pid_k * N + r, tl.sum(score, axis=1), mask=r < N)
+        tl.store(col_part_ptr + pid_n * K + c, tl.sum(score, axis=0), mask=c < K)
 
 
 def _blocks(n: int, k: int, interpreted: bool) -> tuple[int, int]:
@@ -194,25 +226,23 @@ def importance_triton(
     rows: torch.Tensor | None = None,
     cols: torch.Tensor | None = None,
     out: dict[str, torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    sums: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Triton path; same contract as :func:`importance_reference`.
 
     An empty weight goes to the reference (a Triton grid cannot be empty).
     """
-    if score not in SCORES:
-        raise ValueError(f"unknown element score {score!r} (known: {', '.join(SCORES)})")
+    _check_score(score, grad, sums)
     if weight.dim() not in (1, 2) or not weight.is_floating_point():
         raise ValueError(f"weight must be a 1-D or 2-D float tensor, got {weight.dtype} "
                          f"{tuple(weight.shape)}")
     if weight.numel() == 0:
-        return importance_reference(weight, grad, score, state, beta1, beta2, rows, cols, out)
+        return importance_reference(weight, grad, score, state, beta1, beta2, rows, cols, out, sums)
     interpreted = check_launchable(_importance_kernel, weight)
     n, k = weight.shape if weight.dim() == 2 else (weight.shape[0], 1)
     w = weight.contiguous()
     g = ema = unc = ema_out = unc_out = w  # placeholders for the operands this score does not touch
     if score != "square":
-        if grad is None:
-            raise ValueError(f"score {score!r} needs a gradient")
         if grad.numel() != w.numel() or grad.device != w.device or not grad.is_floating_point():
             raise ValueError(f"grad ({grad.dtype} {tuple(grad.shape)} on {grad.device}) does not "
                              f"match weight ({tuple(weight.shape)} on {weight.device})")
@@ -226,20 +256,22 @@ def importance_triton(
     _check_live(cols, k, w, "cols")
     block_n, block_k = _blocks(n, k, interpreted)
     grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
-    row_part = torch.empty((grid[1], n), dtype=torch.float32, device=w.device)
-    col_part = torch.empty((grid[0], k), dtype=torch.float32, device=w.device)
+    row_part = col_part = w  # placeholders where nothing is summed
+    if sums:
+        row_part = torch.empty((grid[1], n), dtype=torch.float32, device=w.device)
+        col_part = torch.empty((grid[0], k), dtype=torch.float32, device=w.device)
     _importance_kernel[grid](w, g, ema, unc, ema_out, unc_out, w if rows is None else rows,
                              w if cols is None else cols, row_part, col_part, n, k,
-                             beta1, 1 - beta1, beta2, 1 - beta2, SCORE=SCORES.index(score),
+                             beta1, 1 - beta1, beta2, 1 - beta2, SCORE=SCORES.index(score), SUMS=sums,
                              HAS_ROWS=rows is not None, HAS_COLS=cols is not None,
                              BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8)
-    return row_part.sum(dim=0), col_part.sum(dim=0)
+    return (row_part.sum(dim=0), col_part.sum(dim=0)) if sums else None
 
 
-def importance(weight, grad, score, state, beta1=0.85, beta2=0.95, rows=None, cols=None, out=None):
+def importance(weight, grad, score, state, beta1=0.85, beta2=0.95, rows=None, cols=None, out=None, sums=True):
     """Dispatching entry point: the fused Triton kernel on CUDA (or when forced), else the
     reference."""
     with kernel_range("importance", weight):
         if kernel_backend(weight) == "torch":
-            return importance_reference(weight, grad, score, state, beta1, beta2, rows, cols, out)
-        return importance_triton(weight, grad, score, state, beta1, beta2, rows, cols, out)
+            return importance_reference(weight, grad, score, state, beta1, beta2, rows, cols, out, sums)
+        return importance_triton(weight, grad, score, state, beta1, beta2, rows, cols, out, sums)

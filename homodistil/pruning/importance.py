@@ -69,6 +69,11 @@ class Importance:
         score and the ``observed`` folds since the last mask update."""
         return score
 
+    def state_sums(self, frag: Fragment, state: dict[str, torch.Tensor]) -> Sums | None:
+        """The row and column sums the state alone determines (a fold due at a step the optimizer
+        skipped), or None where the metric's sums need a measurement."""
+        return None
+
 
 class Magnitude(Importance):
     """S = w²; a group scores the square root of its sum (the L2 norm of its weights)."""
@@ -101,9 +106,11 @@ class Platon(Importance):
     """PLATON (Zhang et al., ICML 2022): EMAs Ī of I = |w·g| and U of |I − Ī|; S = Ī·U.
 
     ``window`` = 1: both EMAs move every step; the step's new Ī and U are written beside the state
-    (``spare``) and swapped in at commit, so a skipped step leaves no trace. ``window`` > 1: each
-    step's I goes into a running mean (state ``window``), and the window's end (the caller's
-    ``fold``) folds the mean into the EMAs as one PLATON step; scores change only then.
+    (``spare``) and swapped in at commit, so a skipped step leaves no trace. The group scores are the
+    latest S's sums, so S is formed only at the caller's ``fold`` (where the scores are read): at the
+    other steps the pass only moves the EMAs. ``window`` > 1: each step's I goes into a running mean
+    (state ``window``), and the window's end (the caller's ``fold``) folds the mean into the EMAs as
+    one PLATON step; scores change only then.
     """
 
     name, title = "platon", "PLATON"
@@ -138,13 +145,19 @@ class Platon(Importance):
             return (ipt,)
         if not spare:  # allocated once, reused every step
             spare.update({k: torch.empty_like(state[k]) for k in ("ema", "unc")})
-        return frag.sums("ema_uncertainty", weight, grad, state, out=spare, betas=(self.beta1, self.beta2))
+        frag.sums("ema_uncertainty", weight, grad, state, out=spare, betas=(self.beta1, self.beta2), sums=False)
+        return ()
+
+    def state_sums(self, frag, state):
+        if self.windowed:  # the window's mean is not in the EMAs yet
+            return None
+        return frag.sums("product", state["ema"], state["unc"], masked=False)  # Ī, U ≥ 0: S = Ī·U
 
     def commit(self, frag, pending, state, spare, steps, fold):
         if not self.windowed:  # measure wrote the new EMAs beside the state: swap them in
             for k in ("ema", "unc"):
                 state[k], spare[k] = spare[k], state[k]
-            return pending
+            return self.state_sums(frag, state) if fold else None
         (ipt,) = pending
         state["window"].mul_(steps / (steps + 1)).add_(ipt, alpha=1 / (steps + 1))
         if not fold:

@@ -78,25 +78,27 @@ class Fragment:
 
     def sums(self, score: str, weight: torch.Tensor, grad: torch.Tensor | None,
              state: dict[str, torch.Tensor] | None = None, out: dict[str, torch.Tensor] | None = None,
-             betas: tuple[float, float] = (0.85, 0.95), masked: bool = True) -> Sums:
+             betas: tuple[float, float] = (0.85, 0.95), masked: bool = True, sums: bool = True) -> Sums | None:
         """Row (R,) and column (C,) sums of the element ``score`` (``kernels.importance.SCORES``) over the
         fragment (its other rows/columns 0), one kernel call per block of :func:`pieces` on views of the
         flat ``weight``, ``grad``, ``state`` and ``out`` buffers; at ``masked`` a dead entry counts with
-        w = 0, as if shrunk away."""
+        w = 0, as if shrunk away. ``sums=False``: PLATON's state moves, nothing is summed (None)."""
         state = state or {}
-        rows = torch.zeros(self.shape[0], dtype=torch.float32, device=weight.device)
-        cols = torch.zeros(self.shape[1] if len(self.shape) == 2 else 1, dtype=torch.float32, device=weight.device)
+        rows = torch.zeros(self.shape[0], dtype=torch.float32, device=weight.device) if sums else None
+        cols = torch.zeros(self.shape[1] if len(self.shape) == 2 else 1, dtype=torch.float32,
+                           device=weight.device) if sums else None
         live_rows, live_cols = self.live if masked else (None, None)
         for offset, row, n_rows, col, n_cols in pieces(self.shape, self.start, self.numel):
             span = slice(offset, offset + n_rows * n_cols)
-            r, c = importance(weight[span].view(n_rows, n_cols), None if grad is None else grad[span], score,
-                              {k: t[span] for k, t in state.items()}, *betas,
-                              None if live_rows is None else live_rows[row:row + n_rows],
-                              None if live_cols is None else live_cols[col:col + n_cols],
-                              None if out is None else {k: t[span] for k, t in out.items()})
-            rows[row:row + n_rows] += r
-            cols[col:col + n_cols] += c
-        return rows, cols
+            got = importance(weight[span].view(n_rows, n_cols), None if grad is None else grad[span], score,
+                             {k: t[span] for k, t in state.items()}, *betas,
+                             None if live_rows is None else live_rows[row:row + n_rows],
+                             None if live_cols is None else live_cols[col:col + n_cols],
+                             None if out is None else {k: t[span] for k, t in out.items()}, sums)
+            if sums:
+                rows[row:row + n_rows] += got[0]
+                cols[col:col + n_cols] += got[1]
+        return (rows, cols) if sums else None
 
     def zero_dead(self, flat: torch.Tensor) -> None:
         """Zero the fragment's dead entries of ``flat`` (numel,) in place (:func:`zero_dead`)."""
@@ -187,9 +189,17 @@ class Pruner:
             self.live[name] = (None, None) if units is None else live_vectors(units, self.shapes[name], device)
         return self.live[name]
 
-    def discard(self) -> None:
-        """Forget the measured step (the optimizer skipped it: no importance state moves)."""
-        self.pending = {}
+    def discard(self, fold: bool = False, reduce=None) -> None:
+        """Forget the measured step (the optimizer skipped it: no importance state moves). At ``fold`` (the
+        caller's: the scores are due now) a metric whose scores are a function of its state
+        (:meth:`Importance.state_sums`) folds them from the state as it stands: the scores the last applied
+        step would have folded, as if every step folded (``reduce``: as for :meth:`commit`)."""
+        pending, self.pending = self.pending, {}
+        if not fold or not pending:
+            return
+        sums = {name: self.importance.state_sums(frag, self.state[name]) for name, (frag, _) in pending.items()}
+        if all(s is not None for s in sums.values()):
+            self._fold(sums, reduce)
 
     @torch.no_grad()
     def commit(self, fold: bool = True, reduce=None) -> None:
@@ -198,9 +208,9 @@ class Pruner:
         ``reduce(t)``: sums a 1-D fp32 tensor over the ranks in place (None: the fragments are
         whole tensors, identical wherever this runs); one call per committed step, on the partial
         sums of every parameter concatenated. The metric moves its state (:meth:`Importance.commit`)
-        and folds the group sums into the scores (:meth:`Importance.fold`). A windowed metric (PLATON
-        with ``platon_window`` > 1) folds only at ``fold`` (the caller's: this step ends a window);
-        until then the scores stay those of the last fold (and nothing is reduced).
+        and folds the group sums into the scores (:meth:`Importance.fold`). PLATON folds only at ``fold``
+        (the caller's, ``PruningSchedule.folds``: a window ends, or the scores are read); until then the
+        scores stay those of the last fold (and nothing is summed or reduced).
         """
         assert set(self.pending) == set(self.params), sorted(set(self.params) - set(self.pending))[:3]
         self.partitioned = reduce is not None
@@ -212,7 +222,10 @@ class Pruner:
             self.window_steps += 1
             return
         self.window_steps = 0
-        pending = sums
+        self._fold(sums, reduce)
+
+    def _fold(self, pending: dict[str, Sums], reduce) -> None:
+        """Fold every parameter's row and column sums (``reduce``d over the ranks) into the group scores."""
         flat = torch.cat([t for name in self.params for t in pending[name]])  # (Σ R + C,)
         if reduce is not None:
             reduce(flat)

@@ -83,6 +83,13 @@ def budget_cadence(t_i: int, t_f: int, s_final: float, max_drop: float) -> tuple
 Widths = dict[str, int]  # per kind ("ffn", "attention", "hidden"): units kept per block
 
 
+def folds_at(step: int, window: int, read: bool) -> bool:
+    """Whether PLATON folds its state into the group scores after ``step``: where the scores are ``read``, and
+    where a window of ``window`` > 1 steps ends (its mean moves the EMAs then). At window 1 the scores are the
+    latest step's S, so a fold anywhere else would be overwritten unread."""
+    return read or (window > 1 and step % window == 0)
+
+
 @dataclass(frozen=True)
 class PruningSchedule:
     """When a run of ``max_steps`` steps scores, folds, masks and shrinks, and the kept widths at every step.
@@ -136,8 +143,9 @@ class PruningSchedule:
         return self.prunes and max(self.t_i - self.mask_interval, self.score_after + 1) <= step <= self.t_f
 
     def folds(self, step: int) -> bool:
-        """A PLATON window ends at ``step`` (every step at platon_window 1), and always at t_f."""
-        return step % self.platon_window == 0 or step == self.t_f
+        """PLATON's state is folded into the group scores at ``step``: where they are read (a mask update), where
+        a window ends (platon_window > 1), and always at t_f (:func:`folds_at`)."""
+        return folds_at(step, self.platon_window, self.masks(step) or step == self.t_f)
 
     def masks(self, step: int) -> bool:
         """The masks follow the schedule at ``step``: every mask_interval steps and at t_f, inside (t_i, t_f]
