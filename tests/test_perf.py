@@ -96,7 +96,12 @@ def test_profiled_run_writes_trace_and_perf_scalars(tmp_path):
     per_token = last["perf/tflops"] * 1e12 * last["perf/step_s"] / (4 * 32)
     assert per_token == pytest.approx(step_flops_per_token(cfg, t, final), rel=1e-5)
     assert any("kernels/masked_linear.forward/calls" in r for r in rows)
-    assert rows[0]["kernels/importance/calls"] == len(recipe.pruner.params)  # one per scored tensor and step
+    # one per scored tensor and step, and one more where PLATON folds (its S = Ī·U, only where the scores are read)
+    folds = [r["step"] for r in rows if recipe.schedule.scores(r["step"]) and recipe.schedule.folds(r["step"])]
+    assert folds == [1, 2, 3, 4]  # a mask update every step up to t_f = 4 (test_pruner: steps that do not fold)
+    for r in rows:
+        if recipe.schedule.scores(r["step"]):
+            assert r["kernels/importance/calls"] == len(recipe.pruner.params) * (1 + (r["step"] in folds)), r["step"]
 
     # the report draws throughput and the phase breakdown from metrics.jsonl
     from homodistil.apps.report import write_report

@@ -349,7 +349,8 @@ def test_plan_prints_the_streamed_shrink_and_the_score_all_reduce():
     assert plan.shrink_host == (12 * psi / 8 + 12 * 30522 * 64, 12.0 * psi)
     text = format_plan(cfg, "a100-80gb", 1)
     assert f"{plan.shrink_host[0] / 2**30:.2f} GiB of host memory per rank" in text
-    assert f"score vectors per step: {plan.importance_traffic[0] / 2**20:.2f} MiB per rank" in text
+    assert f"score vectors per fold (PLATON: only where a mask update reads them; other metrics: every scored step): " \
+           f"{plan.importance_traffic[0] / 2**20:.2f} MiB per rank" in text
     assert plan.importance_traffic[0] < plan.importance_traffic[1] / 100
 
 
