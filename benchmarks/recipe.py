@@ -227,11 +227,9 @@ def main() -> int:
         out = Path(tempfile.mkdtemp(prefix="bench-importance-")) if rank == 0 else None
         shared = [str(out)]
         dist.broadcast_object_list(shared, src=0)
-        tmp = Path(shared[0])
-        base = [b for b in base if not b.startswith("trainer.max_steps=")]
+        tmp = Path(shared[0])  # (a later key=value wins: the interleaved run sets its own max_steps)
         ratio, steps = interleaved_importance(base, tmp, args.warmup, args.interleaved_pairs)
-        runs = importance_cost(base + [f"trainer.max_steps={total}"], tmp, args.warmup, total,
-                               args.importance_pairs) if args.importance_pairs else None
+        runs = importance_cost(base, tmp, args.warmup, total, args.importance_pairs) if args.importance_pairs else None
         if rank == 0:
             print(f"\nshape: {args.family}, hidden {args.hidden}, {args.layers} layers, {args.heads} heads, FFN {args.ffn}; "
                   f"batch {args.batch} x {args.seq} tokens per rank; world size {world}")

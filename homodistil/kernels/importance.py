@@ -169,12 +169,12 @@ def _importance_kernel(
         score = w * w
     else:
         g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        ipt = tl.abs(w * g)
-        if SCORE == 1:
-            score = ipt
-        elif SCORE == 3:
+        if SCORE == 3:
             score = w * g
+        elif SCORE == 1:
+            score = tl.abs(w * g)
         else:
+            ipt = tl.abs(w * g)
             ema = tl.load(ema_ptr + offs, mask=ok, other=0.0) * beta1 + one_minus_beta1 * ipt
             unc = (tl.load(unc_ptr + offs, mask=ok, other=0.0) * beta2
                    + one_minus_beta2 * tl.abs(ipt - ema))

@@ -70,8 +70,8 @@ class Importance:
         return score
 
     def state_sums(self, frag: Fragment, state: dict[str, torch.Tensor]) -> Sums | None:
-        """The row and column sums the state alone determines (a fold due at a step the optimizer
-        skipped), or None where the metric's sums need a measurement."""
+        """The row and column sums the state alone determines (PLATON's S = Ī·U at a fold, including
+        one due at a step the optimizer skipped), or None where the metric's sums need a measurement."""
         return None
 
 
