@@ -183,6 +183,108 @@ def test_rejects_bad_arguments(force_triton, score, grad, state, match):
         importance(torch.ones(3, 5, device=DEVICE), grad, score, state)
 
 
+# PLATON's every-step CPU pass, compiled by torch.compile (inductor's C++ loop), against the reference. The two
+# round differently (FMA contraction: observed ≤ 1.2e-7 of the state's scale per step; U = lerp of |I − Ī|,
+# which cancels where I ≈ Ī, ≤ 3e-5 of an element but not of the scale); 1e-6 of the scale leaves a wide
+# margin, and a wrong β, mask or write is O(1e-2).
+COMPILED_RTOL = 1e-6
+
+
+def assert_close_to_scale(got, want, what):
+    err = ((got - want).abs().max() / want.abs().max()).item()
+    assert err <= COMPILED_RTOL, f"{what}: max difference {err:.2e} of the scale"
+
+
+@pytest.mark.parametrize("dtype, masked", [(torch.float32, True), (torch.bfloat16, False)], ids=["fp32-masked", "bf16"])
+def test_compiled_platon_pass_matches_reference(dtype, masked):
+    """Over 4 steps from a non-zero state, at an odd shape, into ``out`` buffers: the compiled pass moves Ī and U
+    as the reference does, leaves ``state`` as it was (a skipped step), and in place equals it too."""
+    import homodistil.kernels.importance as imp
+
+    weight, grads = make_steps((37, 53), dtype, seed=31)
+    weight, grads = weight.cpu(), [g.cpu() for g in grads]
+    gen = torch.Generator().manual_seed(8)
+    rows = (torch.rand(37, generator=gen) > 0.3).float() if masked else None
+    cols = (torch.rand(53, generator=gen) > 0.3).float() if masked else None
+    state = {k: torch.rand(37, 53, generator=gen) * 0.1 for k in ("ema", "unc")}
+    ref, inplace = ({k: t.clone() for k, t in state.items()} for _ in range(2))
+    for step, g in enumerate(grads):
+        before = {k: t.clone() for k, t in state.items()}
+        out = {k: torch.full_like(t, float("nan")) for k, t in state.items()}
+        imp.importance_compiled(weight, g, state, 0.8, 0.9, rows, cols, out)
+        assert all(torch.equal(state[k], before[k]) for k in state)
+        imp.importance_reference(weight, g, "ema_uncertainty", ref, 0.8, 0.9, rows, cols, sums=False)
+        imp.importance_compiled(weight, g, inplace, 0.8, 0.9, rows, cols)
+        for k in state:
+            assert_close_to_scale(out[k], ref[k], f"{k}, step {step}")
+            assert_close_to_scale(inplace[k], ref[k], f"{k} in place, step {step}")
+        state = out
+    assert imp._compiled_step not in (None, False)  # it compiled: the figures above are the compiled loop's
+
+
+def test_compiled_pass_is_chosen_per_parameter_and_partitions_bitwise(monkeypatch):
+    """On CPU, PLATON's state-only pass compiles for a parameter of at least COMPILE_MIN elements, by the
+    parameter's size, not the block's: fragments of any partitioning take the one path, so the state is the same
+    bitwise as the whole tensor's. ``HOMODISTIL_KERNELS=torch`` keeps the reference; sums and small parameters
+    stay eager."""
+    import homodistil.kernels.importance as imp
+    from homodistil.pruning.pruner import Fragment
+
+    monkeypatch.delenv("HOMODISTIL_KERNELS", raising=False)
+    monkeypatch.setattr(imp, "COMPILE_MIN", 37 * 53)  # the whole (37, 53) parameter, not its fragments
+    compiled_calls = []
+    real = imp.importance_compiled
+    monkeypatch.setattr(imp, "importance_compiled", lambda *a, **k: compiled_calls.append(a[0].numel()) or real(*a, **k))
+    w = torch.randn(37, 53, generator=torch.Generator().manual_seed(4))
+    assert imp.compiles(w, "ema_uncertainty", False)
+    assert not imp.compiles(w, "ema_uncertainty", True) and not imp.compiles(w[:5], "ema_uncertainty", False)
+    assert imp.compiles(w[:5], "ema_uncertainty", False, numel=w.numel())
+    g = torch.randn(37, 53, generator=torch.Generator().manual_seed(5)) * 1e-2
+    flat_w, flat_g = w.reshape(-1), g.reshape(-1)
+    live = (torch.ones(37), (torch.rand(53, generator=torch.Generator().manual_seed(6)) > 0.2).float())
+    results = []
+    for cuts in ([0, 37 * 53], [0, 7, 980, 37 * 53]):  # whole; three fragments with partial rows
+        new = {k: torch.empty(37 * 53) for k in ("ema", "unc")}
+        old = {k: torch.full((37 * 53,), 0.05) for k in ("ema", "unc")}
+        for lo, hi in zip(cuts, cuts[1:]):
+            frag = Fragment((37, 53), lo, hi - lo, (live[0], live[1]))
+            frag.sums("ema_uncertainty", flat_w[lo:hi], flat_g[lo:hi], {k: t[lo:hi] for k, t in old.items()},
+                      {k: t[lo:hi] for k, t in new.items()}, betas=(0.8, 0.9), sums=False)
+        results.append(new)
+    assert compiled_calls and max(compiled_calls) == 37 * 53 and min(compiled_calls) < imp.COMPILE_MIN
+    for k in ("ema", "unc"):
+        assert torch.equal(results[0][k], results[1][k]), k
+    monkeypatch.setenv("HOMODISTIL_KERNELS", "torch")
+    assert not imp.compiles(w, "ema_uncertainty", False)
+
+
+def test_compiled_pass_falls_back_once_where_torch_cannot_compile(monkeypatch, caplog):
+    """Where compiling fails (here: a stand-in that raises as inductor does without a C++ compiler), the call
+    gives the reference's state bitwise, says so once at WARNING, and later calls go straight to the reference."""
+    import logging
+
+    import homodistil.kernels.importance as imp
+
+    def no_compiler(*args):
+        raise RuntimeError("InductorError: CppCompileError: C++ compile error\n(details)")
+
+    monkeypatch.delenv("HOMODISTIL_KERNELS", raising=False)
+    monkeypatch.setattr(imp, "_compiled_step", None)
+    monkeypatch.setattr(imp, "_build_compiled_step", lambda: no_compiler)
+    monkeypatch.setattr(imp, "COMPILE_MIN", 1)
+    w, g = torch.randn(9, 11), torch.randn(9, 11)
+    state = {k: torch.rand(9, 11) for k in ("ema", "unc")}
+    got, want = ({k: torch.empty(9, 11) for k in state} for _ in range(2))
+    with caplog.at_level(logging.WARNING, logger="homodistil.kernels"):
+        imp.importance(w, g, "ema_uncertainty", state, out=got, sums=False)
+        imp.importance(w, g, "ema_uncertainty", state, out=got, sums=False)
+    imp.importance_reference(w, g, "ema_uncertainty", state, out=want, sums=False)
+    assert all(torch.equal(got[k], want[k]) for k in state)
+    warned = [r.getMessage() for r in caplog.records if "torch.compile failed" in r.getMessage()]
+    assert len(warned) == 1 and "CppCompileError" in warned[0] and "(details)" not in warned[0], warned
+    assert imp._compiled_step is False and not imp.compiles(w, "ema_uncertainty", False)
+
+
 # The interpreter never compiles: compile the kernel for an H100 (sm_90; Triton's front-end,
 # LLVM and the bundled ptxas, no GPU needed) in a fresh process without TRITON_INTERPRET, at
 # the tile sizes the GPU path picks for a 2-D matrix and for a bias vector.

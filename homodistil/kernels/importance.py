@@ -25,20 +25,35 @@ program sums its tile into per-tile partial row and column sums, which torch the
 fixed order, no atomics); the torch reference's PLATON works in the ``out`` buffers and forms
 Ī·U (and ``product``'s w·g) for its sums in blocks of at most ``CHUNK`` elements (64 MiB; its other uses
 take one fp32 buffer of the weight's size, as before).
+
+On CPU, PLATON's every-step pass (``ema_uncertainty`` with ``sums=False``) on a block of at least
+``COMPILE_MIN`` elements runs compiled (:func:`importance_compiled`, ``torch.compile``): inductor's C++
+backend fuses it into one loop, where the reference's six torch ops read and write sixteen
+weight-sized tensors. It falls back to the reference, said once, where torch cannot compile.
 """
 from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
 
-from homodistil.kernels._dispatch import check_launchable, kernel_backend, kernel_range
+from homodistil.kernels._dispatch import check_launchable, forced_backend, kernel_backend, kernel_range
 
 SCORES = ("square", "abs_product", "ema_uncertainty", "product")  # the Triton kernel's SCORE index
 # elements per row block of the reference's S = Ī·U (64 MiB of fp32): bounded, yet few blocks, since on a
 # loaded CPU each op's thread hand-off costs milliseconds (1 Mi-element blocks made a 31M-element PLATON
 # pass 3x slower than whole-tensor ops)
 CHUNK = 1 << 24
+# elements of a parameter from which PLATON's CPU pass is compiled: one fused loop is about 2x faster than the
+# six torch ops on 2 cores (benchmarks/importance_cpu.py), but compiling costs seconds once per process (about
+# 20 s cold, a few warm), which small models never win back. 4 Mi: a 1024 × 4096 FFN matrix and an embedding
+# of hidden ≥ 138 compile; test-sized models (configs/tiny.yaml: 30,522 × 64) stay eager
+COMPILE_MIN = 1 << 22
+logger = logging.getLogger("homodistil.kernels")
 
 
 def _matrix(t: torch.Tensor, n: int, k: int) -> torch.Tensor:
@@ -132,6 +147,75 @@ def _product_sums(a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor | None = 
         row_sum[lo:hi] = s.sum(dim=1)
         col_sum += s.sum(dim=0)
     return row_sum, col_sum
+
+
+def _platon_step(weight, grad, ema, unc, ema_out, unc_out, rows, cols, beta1: float, beta2: float) -> None:
+    """PLATON's state step as one expression, the reference's formula (operands (N, K); ``rows`` (N,),
+    ``cols`` (K,) live vectors or None): Ī → ``ema_out``, U → ``unc_out``, which may be ``ema``, ``unc``.
+    Compiled, it is one loop over the elements with no temporary (:func:`importance_compiled`)."""
+    ipt = weight.float() * grad.float()
+    if rows is not None:  # a dead row or column counts with w = 0, as in the reference
+        ipt = ipt * rows.view(-1, 1)
+    if cols is not None:
+        ipt = ipt * cols.view(1, -1)
+    ipt = ipt.abs()  # I = |w·g|
+    new_ema = torch.lerp(ema, ipt, 1 - beta1)
+    unc_out.copy_(torch.lerp(unc, (ipt - new_ema).abs(), 1 - beta2))
+    ema_out.copy_(new_ema)
+
+
+_compiled_step = None  # torch.compile(_platon_step), built at the first compiled call; False: torch cannot
+
+
+def _build_compiled_step():
+    """The compiled step (dynamic shapes: one compilation per live-vector combination and dtype, not per
+    weight shape). Inductor's cache goes to ``~/.cache/homodistil/inductor`` unless TORCHINDUCTOR_CACHE_DIR
+    says otherwise: a private folder, not the shared /tmp one another user could fill first."""
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        cache = Path.home() / ".cache" / "homodistil" / "inductor"
+        cache.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
+    return torch.compile(_platon_step, dynamic=True, fullgraph=True)
+
+
+def compiles(weight: torch.Tensor, score: str, sums: bool, numel: int | None = None) -> bool:
+    """Whether :func:`importance` takes the compiled CPU path: PLATON's state-only pass on CPU for a parameter
+    of at least ``COMPILE_MIN`` elements (``numel``, default the block's: every block of a parameter, at any
+    world size, takes the same path, so the state is the same bitwise however it is partitioned), no backend
+    forced (``HOMODISTIL_KERNELS=torch`` keeps the reference) and torch able to compile here."""
+    return (score == "ema_uncertainty" and not sums and weight.device.type == "cpu"
+            and (weight.numel() if numel is None else numel) >= COMPILE_MIN and forced_backend() is None
+            and _compiled_step is not False)
+
+
+def importance_compiled(weight, grad, state, beta1=0.85, beta2=0.95, rows=None, cols=None, out=None) -> None:
+    """PLATON's state-only pass (``ema_uncertainty``, ``sums=False``), compiled by ``torch.compile``: the
+    reference's contract and formula, one fused loop on CPU. Where compiling fails (no C++ compiler, an
+    unwritable cache) the reference runs, and from then on in this process: said once at WARNING."""
+    global _compiled_step
+    _check_score("ema_uncertainty", grad, False)
+    n = weight.shape[0]
+    k = weight.shape[1] if weight.dim() == 2 else 1
+    if grad.numel() != weight.numel():
+        raise ValueError(f"grad ({tuple(grad.shape)}) does not match weight ({tuple(weight.shape)})")
+    _check_state(state, weight, "state")
+    _check_state(state if out is None else out, weight, "out")
+    _check_live(rows, n, weight, "rows")
+    _check_live(cols, k, weight, "cols")
+    new = state if out is None else out
+    view = {key: _matrix(t, n, k) for key, t in (*state.items(), *(("out_" + key, t) for key, t in new.items()))}
+    try:
+        if _compiled_step is None:
+            _compiled_step = _build_compiled_step()
+            logger.info("homodistil kernels: PLATON's CPU pass is compiled (torch.compile) for blocks of >= %d "
+                        "elements", COMPILE_MIN)
+        _compiled_step(_matrix(weight, n, k), _matrix(grad, n, k), view["ema"], view["unc"], view["out_ema"],
+                       view["out_unc"], rows, cols, beta1, beta2)
+    except Exception as e:  # torch cannot compile here: the reference, which raises what is not about compiling
+        _compiled_step = False
+        logger.warning("homodistil kernels: torch.compile failed (%s: %s); PLATON's CPU pass runs as torch ops",
+                       type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        importance_reference(weight, grad, "ema_uncertainty", state, beta1, beta2, rows, cols, out, sums=False)
 
 
 @triton.jit
@@ -268,10 +352,14 @@ def importance_triton(
     return (row_part.sum(dim=0), col_part.sum(dim=0)) if sums else None
 
 
-def importance(weight, grad, score, state, beta1=0.85, beta2=0.95, rows=None, cols=None, out=None, sums=True):
-    """Dispatching entry point: the fused Triton kernel on CUDA (or when forced), else the
-    reference."""
+def importance(weight, grad, score, state, beta1=0.85, beta2=0.95, rows=None, cols=None, out=None, sums=True,
+               numel=None):
+    """Dispatching entry point: the fused Triton kernel on CUDA (or when forced); on CPU PLATON's state-only
+    pass for a large parameter compiled (:func:`compiles`; ``numel``: the elements of the parameter the block
+    belongs to, default the block's); else the reference."""
     with kernel_range("importance", weight):
         if kernel_backend(weight) == "torch":
+            if compiles(weight, score, sums, numel):
+                return importance_compiled(weight, grad, state, beta1, beta2, rows, cols, out)
             return importance_reference(weight, grad, score, state, beta1, beta2, rows, cols, out, sums)
         return importance_triton(weight, grad, score, state, beta1, beta2, rows, cols, out, sums)

@@ -94,7 +94,8 @@ class Fragment:
                              {k: t[span] for k, t in state.items()}, *betas,
                              None if live_rows is None else live_rows[row:row + n_rows],
                              None if live_cols is None else live_cols[col:col + n_cols],
-                             None if out is None else {k: t[span] for k, t in out.items()}, sums)
+                             None if out is None else {k: t[span] for k, t in out.items()}, sums,
+                             numel=math.prod(self.shape))  # (dispatch by the parameter, not the block)
             if sums:
                 rows[row:row + n_rows] += got[0]
                 cols[col:col + n_cols] += got[1]
