@@ -23,6 +23,11 @@ Reports, on the machine it runs on:
    just this, ends with the line ``importance overhead: R`` (R: the interleaved figure), and under
    ``torchrun --nproc_per_node 2`` measures it at world size 2 (rank 0 prints). PLATON forms its
    scores only where a mask update reads them: in both runs that is the last step, which is not timed.
+6. the CPU step with glibc keeping freed blocks (``trainer.keep_freed_memory``, the default) vs glibc's own
+   handling (every block above 32 MiB mapped afresh and page-faulted in every step): alternating whole
+   runs in fresh processes (the setting is process-wide), the median ratio of their median steps, with
+   each run's page faults, system CPU time and peak resident set (``wait4``); ``--host-memory-only`` runs
+   just this.
 ``--family llama`` times a tiny Llama teacher of the given shape instead of BERT (grouped-query
 attention with ``--kv-heads``, default a quarter of the heads, which default to hidden / 64;
 attention is not pruned in the Llama family, so its sparsity is 0).
@@ -109,6 +114,32 @@ def perf_cost(tmp: Path, steps: int, pairs: int) -> tuple[float, list[float]]:
     return statistics.median(ratios), ratios
 
 
+def host_memory_cost(base: list[str], tmp: Path, warmup: int, pairs: int) -> tuple[float, list[dict]]:
+    """Median over ``pairs`` of (median step, freed blocks kept) / (median step, glibc's defaults), each run a
+    fresh ``homodistil distill`` process; and every run's figures (step s, minor faults, system s, peak RSS)."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    runs = []
+    for k in range(pairs):
+        for keep in (True, False):
+            out = tmp / f"host{k}{keep}"
+            cmd = [sys.executable, "-m", "homodistil.cli", "distill", str(REPO / "configs" / "tiny.yaml"), *base,
+                   f"trainer.keep_freed_memory={str(keep).lower()}", f"data.cache_dir={tmp / 'cache'}",
+                   f"trainer.output_dir={out}"]
+            child = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     text=True)
+            stderr = child.stderr.read()
+            _, status, usage = os.wait4(child.pid, 0)
+            if status:
+                raise RuntimeError(f"{' '.join(cmd)} failed:\n{stderr[-2000:]}")
+            rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+            runs.append({"keep": keep, "step_s": statistics.median(r["time/step_s"] for r in rows[warmup:-1]),
+                         "faults": usage.ru_minflt, "sys_s": usage.ru_stime, "peak_mib": usage.ru_maxrss / 1024})
+    ratios = [a["step_s"] / b["step_s"] for a, b in zip(runs[::2], runs[1::2])]
+    return statistics.median(ratios), runs
+
+
 def _scored_overrides(total: int) -> list[str]:
     """PLATON scored on every step of a ``total``-step run, its one mask update (and fold) at the last step."""
     return ["pruning.metric=platon", f"pruning.t_i={total - 1}", f"pruning.t_f={total}",
@@ -184,6 +215,9 @@ def main() -> int:
     ap.add_argument("--perf-cost-only", action="store_true", help="measure only the cost of the perf scalars")
     ap.add_argument("--importance-only", action="store_true",
                     help="measure only distill with PLATON every step / without importance (any world size)")
+    ap.add_argument("--host-memory-only", action="store_true",
+                    help="measure only the step with freed blocks kept / with glibc's defaults (CPU)")
+    ap.add_argument("--host-memory-pairs", type=int, default=2, help="alternating kept/default run pairs")
     ap.add_argument("--importance-pairs", type=int, default=1, help="alternating with/without importance runs "
                     "(0: only the interleaved run)")
     ap.add_argument("--interleaved-pairs", type=int, default=8, help="timed (with, without) step pairs of the "
@@ -217,6 +251,17 @@ def main() -> int:
 
     def median_step(rows, first):
         return statistics.median(r["time/step_s"] for r in rows[first:])
+
+    if args.host_memory_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            ratio, runs = host_memory_cost(base, Path(tmp), args.warmup, args.host_memory_pairs)
+        print(f"\nshape: {args.family}, hidden {args.hidden}, {args.layers} layers, {args.heads} heads, FFN {args.ffn}; "
+              f"batch {args.batch} x {args.seq} tokens; world size 1")
+        for r in runs:
+            print(f"  freed blocks {'kept      ' if r['keep'] else 'glibc own '}: median step {r['step_s']:.2f} s, "
+                  f"{r['faults'] / 1e6:.2f}M page faults, system CPU {r['sys_s']:.0f} s, peak RSS {r['peak_mib']:.0f} MiB")
+        print(f"{'distill step, freed blocks kept / glibc defaults (CPU)':62s} {ratio:8.3f}")
+        return 0
 
     if args.importance_only:
         import torch.distributed as dist

@@ -291,6 +291,11 @@ class TrainerConfig(_Strict):
         "the MLM loss on evaluate.heldout_blocks fixed held-out blocks; written to heldout.jsonl and "
         "TensorBoard (0: never)."
     )
+    keep_freed_memory: bool = Field(
+        True, description="On CPU, have glibc keep freed blocks for reuse (mallopt: no mmap, no trim) instead of "
+        "handing every large tensor back to the OS and faulting fresh pages in at the next step: 35% of a CPU step "
+        "at a Llama shape of hidden 1024 (docs/profiling.md). The resident set then stays at its peak. Not applied "
+        "on a GPU, nor where MALLOC_* or GLIBC_TUNABLES already set glibc's allocator.")
     perf_every: int = Field(
         50, ge=0, description="Write the perf/* and kernels/* scalars (throughput, TFLOP/s, MFU, per-phase and "
         "per-kernel times) every N steps, averaged over those N steps; on a GPU the timers' CUDA events are read "

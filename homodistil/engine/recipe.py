@@ -96,6 +96,8 @@ class Recipe:
         models), so a user mistake costs seconds."""
         cfg = self.cfg
         self.rank, self.world, self.device, self.host_group = self._setup_process()
+        # on CPU, before the first large tensor: freed blocks are reused, not faulted in afresh every step
+        host_memory = hostmem.keep_freed_memory() if self.device.type == "cpu" and cfg.trainer.keep_freed_memory else None
         armed = faults.configure(self.rank)  # the faults a test injects (faults.py); none unless asked for
         self.out = self._setup_output_dir()
         self.ckpt_root = self.out / "checkpoints"
@@ -157,7 +159,7 @@ class Recipe:
         # progress bar, TensorBoard and metrics files; perf timers (each on self as soon as made: close() closes it)
         self.monitor = Monitor(self.out, self.rank, cfg.trainer.max_steps, self.step, cfg.trainer.progress)
         self.perf = Perf(cfg, self.device, self.world, self.out, self.rank)
-        self._note_start(self.resumed_tag, removed, armed, damaged)
+        self._note_start(self.resumed_tag, removed, armed, damaged, host_memory)
         return self
 
     def _setup_process(self) -> tuple[int, int, torch.device, dist.ProcessGroup | None]:
@@ -238,8 +240,10 @@ class Recipe:
             pruner.origin = None  # a scratch student's units are none of the teacher's: no kept_units.json
         return pruner
 
-    def _note_start(self, tag: str | None, removed: list[str], armed: list, damaged: list[str]) -> None:
-        """The run's opening lines: what runs where, from which checkpoint, what was cleaned up or injected."""
+    def _note_start(self, tag: str | None, removed: list[str], armed: list, damaged: list[str],
+                    host_memory: str | None) -> None:
+        """The run's opening lines: what runs where, from which checkpoint, what was cleaned up or injected, how
+        host memory is handled."""
         cfg = self.cfg
         self.monitor.note(f"world size {self.world}, ZeRO stage {cfg.zero_stage}, "
                           f"{'bf16' if cfg.bf16 else 'fp32'}, teacher {cfg.model.teacher} "
@@ -250,7 +254,7 @@ class Recipe:
                           + (f"; injected faults {armed}" if armed else ""))
         self.monitor.note(f"perf/mfu against {self.perf.peak:.4g} TFLOP/s per device ({self.perf.peak_source})"
                           if self.perf.peak else f"no perf/mfu: {self.perf.peak_source}")
-        for line in damaged:
+        for line in [*damaged, *([host_memory] if host_memory else [])]:
             self.monitor.note(line)
 
     def _teacher_path(self, tokenizer, objective: str, data: BatchSource) -> str | None:
