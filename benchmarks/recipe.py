@@ -116,7 +116,8 @@ def perf_cost(tmp: Path, steps: int, pairs: int) -> tuple[float, list[float]]:
 
 def host_memory_cost(base: list[str], tmp: Path, warmup: int, pairs: int) -> tuple[float, list[dict]]:
     """Median over ``pairs`` of (median step, freed blocks kept) / (median step, glibc's defaults), each run a
-    fresh ``homodistil distill`` process; and every run's figures (step s, minor faults, system s, peak RSS)."""
+    fresh ``homodistil distill`` process of ``base`` (the steps after ``warmup`` but the last, which masks and
+    shrinks); and every run's figures (step s, minor faults, system s, peak RSS)."""
     import subprocess
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
@@ -254,7 +255,7 @@ def main() -> int:
 
     if args.host_memory_only:
         with tempfile.TemporaryDirectory() as tmp:
-            ratio, runs = host_memory_cost(base, Path(tmp), args.warmup, args.host_memory_pairs)
+            ratio, runs = host_memory_cost(base + _scored_overrides(total), Path(tmp), args.warmup, args.host_memory_pairs)
         print(f"\nshape: {args.family}, hidden {args.hidden}, {args.layers} layers, {args.heads} heads, FFN {args.ffn}; "
               f"batch {args.batch} x {args.seq} tokens; world size 1")
         for r in runs:
